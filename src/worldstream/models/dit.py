@@ -1,0 +1,316 @@
+"""The Wan / LingBot-World diffusion transformer, one implementation for every variant.
+
+Parameter names are upstream's (`blocks.{i}.self_attn.q.weight`, ...), so an upstream state dict loads as is.
+
+Precision follows upstream's layout (shared/spec/wan-architecture.md section 2): parameters are stored in one
+dtype (bf16 on GPU, fp32 for CPU tests); matmuls run in that dtype; the time embedding, modulation, norms,
+residual stream and head run in float32. Upstream gets the same numbers from `autocast(bf16)` around the
+model and `autocast(float32)` regions inside; here the casts are written out, so no autocast is needed.
+
+One deliberate difference: RoPE is applied in complex64 (frequencies computed in float64, then rounded)
+rather than complex128. Its result is cast to bf16 for attention either way; the float32 rounding is ~1e-7
+relative, far below that cast.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import attention
+from .configs import DiTConfig
+
+
+def linear32(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """A Linear computed in float32 whatever the stored dtype (upstream's autocast(float32) regions)."""
+    bias = layer.bias.float() if layer.bias is not None else None
+    return F.linear(x.float(), layer.weight.float(), bias)
+
+
+def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """A Linear computed in the dtype its weight is stored in (upstream's bf16 autocast)."""
+    return layer(x.to(layer.weight.dtype))
+
+
+class LayerNorm32(nn.LayerNorm):
+    """LayerNorm computed in float32, result cast back to the input's dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.float() if self.weight is not None else None
+        b = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    """RMS norm over the whole width: normalized in float32, cast back, then scaled (upstream WanRMSNorm)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+def sinusoid(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """cat(cos, sin) of t * 10000^(-i/half), computed in float64, returned as float32."""
+    half = dim // 2
+    t = t.to(torch.float64)
+    freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    angles = t[..., None] * freqs
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1).float()
+
+
+def rope_table(cfg: DiTConfig, device=None) -> list[torch.Tensor]:
+    """Per axis (frame, row, column): complex rotations [max_len, n/2] with frequencies 1/10000^(2i/n)."""
+    tables = []
+    for n in cfg.rope_split:
+        inv = 1.0 / torch.pow(10000.0, torch.arange(0, n, 2, dtype=torch.float64) / n)
+        angles = torch.outer(torch.arange(cfg.rope_max_len, dtype=torch.float64), inv)
+        tables.append(torch.polar(torch.ones_like(angles), angles).to(torch.complex64).to(device))
+    return tables
+
+
+def rope_grid(tables: list[torch.Tensor], f: int, h: int, w: int) -> torch.Tensor:
+    """Rotations for every token of an f x h x w grid, tokens in (f, h, w) order: [L, 1, head_dim/2]."""
+    tf, th, tw = tables
+    grid = torch.cat([
+        tf[:f].view(f, 1, 1, -1).expand(f, h, w, -1),
+        th[:h].view(1, h, 1, -1).expand(f, h, w, -1),
+        tw[:w].view(1, 1, w, -1).expand(f, h, w, -1),
+    ], dim=-1)
+    return grid.reshape(f * h * w, 1, -1)
+
+
+def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """Rotate consecutive pairs of x [B, L, H, D] by rot [L, 1, D/2]; float32 out."""
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(xc * rot).flatten(-2)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        dim = cfg.dim
+        self.num_heads = cfg.num_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q = RMSNorm(dim, cfg.eps) if cfg.qk_norm else nn.Identity()
+        self.norm_k = RMSNorm(dim, cfg.eps) if cfg.qk_norm else nn.Identity()
+
+    def forward(self, x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+        heads = (self.num_heads, -1)
+        x = x.to(self.q.weight.dtype)  # one cast shared by q, k, v
+        q = self.norm_q(linear(self.q, x)).unflatten(-1, heads)
+        k = self.norm_k(linear(self.k, x)).unflatten(-1, heads)
+        v = linear(self.v, x).unflatten(-1, heads)
+        dt = v.dtype
+        out = attention(apply_rope(q, rot).to(dt), apply_rope(k, rot).to(dt), v)
+        return linear(self.o, out.flatten(2))
+
+
+class CrossAttention(nn.Module):
+    """Attention from video tokens to the text context (and, for Wan2.1 I2V, to the CLIP image tokens)."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        dim = cfg.dim
+        self.num_heads = cfg.num_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q = RMSNorm(dim, cfg.eps) if cfg.qk_norm else nn.Identity()
+        self.norm_k = RMSNorm(dim, cfg.eps) if cfg.qk_norm else nn.Identity()
+        if cfg.has_image_branch:
+            self.k_img, self.v_img = nn.Linear(dim, dim), nn.Linear(dim, dim)
+            self.norm_k_img = RMSNorm(dim, cfg.eps) if cfg.qk_norm else nn.Identity()
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, context_img: torch.Tensor | None) -> torch.Tensor:
+        heads = (self.num_heads, -1)
+        x, context = x.to(self.q.weight.dtype), context.to(self.k.weight.dtype)
+        q = self.norm_q(linear(self.q, x)).unflatten(-1, heads)
+        k = self.norm_k(linear(self.k, context)).unflatten(-1, heads)
+        v = linear(self.v, context).unflatten(-1, heads)
+        out = attention(q, k, v)
+        if context_img is not None:
+            k_img = self.norm_k_img(linear(self.k_img, context_img)).unflatten(-1, heads)
+            v_img = linear(self.v_img, context_img).unflatten(-1, heads)
+            out = out + attention(q, k_img, v_img)
+        return linear(self.o, out.flatten(2))
+
+
+class CameraInjector(nn.Module):
+    """LingBot-World: per-block scale and shift of the residual stream from the camera features."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.cam_injector_layer1 = nn.Linear(dim, dim)
+        self.cam_injector_layer2 = nn.Linear(dim, dim)
+        self.cam_scale_layer = nn.Linear(dim, dim)
+        self.cam_shift_layer = nn.Linear(dim, dim)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        dim = cfg.dim
+        self.norm1 = LayerNorm32(dim, eps=cfg.eps, elementwise_affine=False)
+        self.self_attn = SelfAttention(cfg)
+        self.norm3 = LayerNorm32(dim, eps=cfg.eps) if cfg.cross_attn_norm else nn.Identity()
+        self.cross_attn = CrossAttention(cfg)
+        self.norm2 = LayerNorm32(dim, eps=cfg.eps, elementwise_affine=False)
+        self.ffn = nn.Sequential(nn.Linear(dim, cfg.ffn_dim), nn.GELU(approximate="tanh"),
+                                 nn.Linear(cfg.ffn_dim, dim))
+        self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+        self.has_camera = cfg.has_camera
+        if cfg.has_camera:  # upstream keeps these four directly on the block
+            for name, layer in CameraInjector(dim).named_children():
+                self.add_module(name, layer)
+
+    def forward(self, x, e0, rot, context, context_img=None, cam=None):
+        """x [B, L, dim]; e0 [B, 1 or L, 6, dim] float32; cam [B or 1, L, dim] or None."""
+        shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.float() + e0).unbind(2)
+
+        y = self.self_attn(self.norm1(x).float() * (1 + scale_sa) + shift_sa, rot)
+        x = x + y.float() * gate_sa
+
+        if cam is not None:
+            h = linear(self.cam_injector_layer2, F.silu(linear(self.cam_injector_layer1, cam))) + cam
+            x = (1.0 + linear(self.cam_scale_layer, h)) * x + linear(self.cam_shift_layer, h)
+
+        x = x + self.cross_attn(self.norm3(x), context, context_img)
+
+        h = self.norm2(x).float() * (1 + scale_ff) + shift_ff
+        y = linear(self.ffn[2], self.ffn[1](linear(self.ffn[0], h)))
+        return x + y.float() * gate_ff
+
+
+class Head(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.norm = LayerNorm32(cfg.dim, eps=cfg.eps, elementwise_affine=False)
+        self.head = nn.Linear(cfg.dim, math.prod(cfg.patch_size) * cfg.out_dim)
+        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        shift, scale = (self.modulation.float() + e.unsqueeze(2)).unbind(2)
+        return linear32(self.head, self.norm(x.float()) * (1 + scale) + shift)
+
+
+class ImageEmbedding(nn.Module):
+    """Wan2.1 I2V: CLIP penultimate features [B, 257, 1280] -> context tokens (upstream img_emb.proj)."""
+
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.proj = nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, in_dim), nn.GELU(),
+                                  nn.Linear(in_dim, dim), nn.LayerNorm(dim))
+
+    def forward(self, clip: torch.Tensor) -> torch.Tensor:
+        ln0, fc1, act, fc2, ln1 = self.proj
+        h = F.layer_norm(clip.float(), ln0.normalized_shape, ln0.weight.float(), ln0.bias.float(), ln0.eps)
+        h = linear(fc2, act(linear(fc1, h)))
+        return F.layer_norm(h.float(), ln1.normalized_shape, ln1.weight.float(), ln1.bias.float(), ln1.eps)
+
+
+class WanDiT(nn.Module):
+    """forward(x, t, context, y=None, clip=None, camera=None) -> velocity [B, out_dim, F, H, W] float32.
+
+    x: noisy latents [B, 16, F, H, W]; y: conditioning [B, 20, F, H, W] (I2V: mask + image latents);
+    t: timesteps [B] (one per sample) or [B, L] (one per token); context: text embeddings
+    [B, <=text_len, text_dim] (zero-padded to text_len here, as upstream does); clip: CLIP features
+    [B, 257, image_dim] (Wan2.1 I2V); camera: folded camera rays [B or 1, control_dim*64, F, H, W]
+    (LingBot; a batch of 1 serves every sample, e.g. CFG's cond and uncond).
+    """
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.cfg = cfg
+        dim = cfg.dim
+        self.patch_embedding = nn.Conv3d(cfg.in_dim, dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, dim), nn.GELU(approximate="tanh"),
+                                            nn.Linear(dim, dim))
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        if cfg.has_image_branch:
+            self.img_emb = ImageEmbedding(cfg.image_dim, dim)
+        if cfg.has_camera:
+            self.patch_embedding_wancamctrl = nn.Linear(cfg.control_in, dim)
+            self.c2ws_hidden_states_layer1 = nn.Linear(dim, dim)
+            self.c2ws_hidden_states_layer2 = nn.Linear(dim, dim)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.head = Head(cfg)
+        self._rope: list[torch.Tensor] | None = None
+
+    # ---- pieces of the forward, in order -------------------------------------------------------------
+    def embed_time(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """t [B] or [B, L] -> e [B, 1 or L, dim], e0 [B, 1 or L, 6, dim], both float32.
+
+        One timestep per sample stays one row per sample (broadcast over tokens): the same numbers as
+        upstream's per-token expansion without a [B, L, 6, dim] float32 tensor.
+        """
+        if t.dim() == 1:
+            t = t[:, None]
+        e = linear32(self.time_embedding[2], F.silu(linear32(self.time_embedding[0], sinusoid(t, self.cfg.freq_dim))))
+        e0 = linear32(self.time_projection[1], F.silu(e)).unflatten(-1, (6, self.cfg.dim))
+        return e, e0
+
+    def embed_text(self, context: torch.Tensor) -> torch.Tensor:
+        pad = self.cfg.text_len - context.shape[1]
+        if pad < 0:
+            raise ValueError(f"text context has {context.shape[1]} tokens; the model takes at most {self.cfg.text_len}")
+        context = F.pad(context, (0, 0, 0, pad))
+        return linear(self.text_embedding[2], self.text_embedding[1](linear(self.text_embedding[0], context)))
+
+    def embed_camera(self, camera: torch.Tensor) -> torch.Tensor:
+        """Fold each 1x2x2 latent patch of the camera map into one token's features, then embed."""
+        pt, ph, pw = self.cfg.patch_size
+        b, c, f, h, w = camera.shape
+        tokens = (camera.view(b, c, f // pt, pt, h // ph, ph, w // pw, pw)
+                  .permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(b, (f // pt) * (h // ph) * (w // pw), c * pt * ph * pw))
+        c0 = linear(self.patch_embedding_wancamctrl, tokens)
+        return c0 + linear(self.c2ws_hidden_states_layer2, F.silu(linear(self.c2ws_hidden_states_layer1, c0)))
+
+    def rope(self, f: int, h: int, w: int, device) -> torch.Tensor:
+        if self._rope is None or self._rope[0].device != torch.device(device):
+            self._rope = rope_table(self.cfg, device)
+        return rope_grid(self._rope, f, h, w)
+
+    def unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        pt, ph, pw = self.cfg.patch_size
+        f, h, w = grid
+        b, c = x.shape[0], self.cfg.out_dim
+        x = x.view(b, f, h, w, pt, ph, pw, c).permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return x.reshape(b, c, f * pt, h * ph, w * pw)
+
+    def prepare(self, x, t, context, y=None, clip=None, camera=None):
+        """Everything before the blocks: returns (tokens, block kwargs, head inputs)."""
+        cfg = self.cfg
+        if y is not None:
+            x = torch.cat([x, y], dim=1)
+        if x.shape[1] != cfg.in_dim:
+            raise ValueError(f"{cfg.name} takes {cfg.in_dim} input channels (latents + conditioning), got {x.shape[1]}")
+        wdt = self.patch_embedding.weight.dtype
+        x = self.patch_embedding(x.to(wdt))
+        grid = tuple(x.shape[2:])
+        x = x.flatten(2).transpose(1, 2)
+        e, e0 = self.embed_time(t)
+        kwargs = dict(e0=e0, rot=self.rope(*grid, device=x.device), context=self.embed_text(context))
+        if cfg.has_image_branch:
+            if clip is None:
+                raise ValueError(f"{cfg.name} needs CLIP image features (clip=...)")
+            kwargs["context_img"] = self.img_emb(clip)
+        if camera is not None:
+            if not cfg.has_camera:
+                raise ValueError(f"{cfg.name} has no camera layers; camera input given")
+            kwargs["cam"] = self.embed_camera(camera.to(wdt))
+        return x, kwargs, (e, grid)
+
+    def finish(self, x: torch.Tensor, e: torch.Tensor, grid) -> torch.Tensor:
+        return self.unpatchify(self.head(x, e), grid)
+
+    def forward(self, x, t, context, y=None, clip=None, camera=None) -> torch.Tensor:
+        x, kwargs, (e, grid) = self.prepare(x, t, context, y=y, clip=clip, camera=camera)
+        for block in self.blocks:
+            x = block(x, **kwargs)
+        return self.finish(x, e, grid)
