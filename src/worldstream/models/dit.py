@@ -249,6 +249,8 @@ class WanDiT(nn.Module):
         One timestep per sample stays one row per sample (broadcast over tokens): the same numbers as
         upstream's per-token expansion without a [B, L, 6, dim] float32 tensor.
         """
+        if t.dim() == 2 and bool((t == t[:, :1]).all()):
+            t = t[:, 0]   # upstream's per-token form with one value per sample: one row (one host sync)
         if t.dim() == 1:
             t = t[:, None]
         e = linear32(self.time_embedding[2], F.silu(linear32(self.time_embedding[0], sinusoid(t, self.cfg.freq_dim))))
