@@ -29,9 +29,14 @@ def linear32(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x.float(), layer.weight.float(), bias)
 
 
+def compute_dtype(layer: nn.Module) -> torch.dtype:
+    """The dtype a layer computes in: its weight's, or a compressed layer's declared `compute_dtype`."""
+    return getattr(layer, "compute_dtype", None) or layer.weight.dtype
+
+
 def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """A Linear computed in the dtype its weight is stored in (upstream's bf16 autocast)."""
-    return layer(x.to(layer.weight.dtype))
+    return layer(x.to(compute_dtype(layer)))
 
 
 class LayerNorm32(nn.LayerNorm):
@@ -103,7 +108,7 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
         heads = (self.num_heads, -1)
-        x = x.to(self.q.weight.dtype)  # one cast shared by q, k, v
+        x = x.to(compute_dtype(self.q))  # one cast shared by q, k, v
         q = self.norm_q(linear(self.q, x)).unflatten(-1, heads)
         k = self.norm_k(linear(self.k, x)).unflatten(-1, heads)
         v = linear(self.v, x).unflatten(-1, heads)
@@ -128,7 +133,7 @@ class CrossAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, context_img: torch.Tensor | None) -> torch.Tensor:
         heads = (self.num_heads, -1)
-        x, context = x.to(self.q.weight.dtype), context.to(self.k.weight.dtype)
+        x, context = x.to(compute_dtype(self.q)), context.to(compute_dtype(self.k))
         q = self.norm_q(linear(self.q, x)).unflatten(-1, heads)
         k = self.norm_k(linear(self.k, context)).unflatten(-1, heads)
         v = linear(self.v, context).unflatten(-1, heads)
@@ -163,6 +168,7 @@ class Block(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(dim, cfg.ffn_dim), nn.GELU(approximate="tanh"),
                                  nn.Linear(cfg.ffn_dim, dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+        self.ffn_chunk: int | None = None   # tokens per FFN chunk (memory), set by WanDiT.set_ffn_chunk
         self.has_camera = cfg.has_camera
         if cfg.has_camera:  # upstream keeps these four directly on the block
             for name, layer in CameraInjector(dim).named_children():
@@ -181,9 +187,18 @@ class Block(nn.Module):
 
         x = x + self.cross_attn(self.norm3(x), context, context_img)
 
-        h = self.norm2(x).float() * (1 + scale_ff) + shift_ff
-        y = linear(self.ffn[2], self.ffn[1](linear(self.ffn[0], h)))
-        return x + y.float() * gate_ff
+        if self.ffn_chunk is None or x.shape[1] <= self.ffn_chunk:
+            return x + self._ffn(x, shift_ff, scale_ff) * gate_ff
+        # Token-chunked FFN: the same per-token math with a hidden tensor of ffn_chunk rows, not L.
+        for s in range(0, x.shape[1], self.ffn_chunk):
+            rows = slice(s, s + self.ffn_chunk)
+            part = [m if m.shape[1] == 1 else m[:, rows] for m in (shift_ff, scale_ff, gate_ff)]
+            x[:, rows] += self._ffn(x[:, rows], part[0], part[1]) * part[2]
+        return x
+
+    def _ffn(self, x, shift, scale):
+        h = self.norm2(x).float() * (1 + scale) + shift
+        return linear(self.ffn[2], self.ffn[1](linear(self.ffn[0], h))).float()
 
 
 class Head(nn.Module):
@@ -307,6 +322,11 @@ class WanDiT(nn.Module):
                 raise ValueError(f"{cfg.name} has no camera layers; camera input given")
             kwargs["cam"] = self.embed_camera(camera.to(wdt))
         return x, kwargs, (e, grid)
+
+    def set_ffn_chunk(self, tokens: int | None) -> None:
+        """Run each block's FFN over at most `tokens` rows at a time (bounds the [L, ffn_dim] hidden tensor)."""
+        for block in self.blocks:
+            block.ffn_chunk = tokens
 
     def finish(self, x: torch.Tensor, e: torch.Tensor, grid) -> torch.Tensor:
         return self.unpatchify(self.head(x, e), grid)

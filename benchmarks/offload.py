@@ -1,0 +1,424 @@
+"""Offload benchmark: one CFG denoising step of a full-size expert under VRAM caps, side by side.
+
+Methods (each point runs in a fresh subprocess per method/model, so peak host RAM is that method's own):
+  resident      worldstream's DiT fully on the GPU (no cap)
+  worldstream   the streaming engine under the planner's plan for the cap
+  accelerate    the recipe of shared/seeds/000: infer_auto_device_map(max_memory) + dispatch_model,
+                no_split_module_classes = the block class, on worldstream's DiT (pageable CPU weights)
+  group         diffusers group offloading (block_level, use_stream=True)
+  sequential    diffusers/accelerate sequential CPU offload
+  diffusers     diffusers' WanTransformer3DModel fully on the GPU (no cap)
+Diffusers baselines run diffusers' WanTransformer3DModel for Wan2.2; for LingBot (camera layers diffusers does not
+have) group offloading is applied to worldstream's DiT. Baselines run cond and uncond as two forwards, as their
+pipelines do; worldstream batches them when the plan says so.
+
+Random bf16 weights are generated on the GPU block by block (no checkpoint). Usage:
+  python benchmarks/offload.py --models wan2.2-i2v-a14b --out $OUT/offload.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import zlib
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+
+from worldstream.models.configs import get_config  # noqa: E402
+from worldstream.models.dit import WanDiT  # noqa: E402
+from worldstream.runtime.memory import rss_bytes  # noqa: E402
+
+GB = 1e9
+H, W = 480, 832
+
+
+# ---- measurement helpers -----------------------------------------------------------------------------------
+
+class RssPeak:
+    """Samples this process's RSS every 20 ms; .peak is the maximum seen since start()."""
+
+    def __init__(self):
+        self.peak = 0
+        self._stop = threading.Event()
+
+    def __enter__(self):
+        self.peak = rss_bytes()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_bytes())
+            time.sleep(0.02)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, rss_bytes())
+
+
+def fill_(name: str, p: torch.Tensor, dim: int) -> None:
+    """Deterministic random values per parameter name (same weights for every method)."""
+    g = torch.Generator(device=p.device).manual_seed(zlib.crc32(name.encode()))
+    with torch.no_grad():
+        if "norm" in name and name.endswith("weight"):
+            p.copy_(1 + 0.02 * torch.randn(p.shape, generator=g, device=p.device, dtype=torch.float32))
+        elif "modulation" in name or "scale_shift_table" in name:
+            p.copy_(torch.randn(p.shape, generator=g, device=p.device, dtype=torch.float32) / dim**0.5)
+        else:
+            p.copy_(0.02 * torch.randn(p.shape, generator=g, device=p.device, dtype=torch.float32))
+
+
+def materialize_(module, prefix: str, device, dtype, dim: int, keep_fp32=()):
+    module.to_empty(device=device)
+    for n, p in module.named_parameters():
+        full = prefix + n
+        if p.dtype != dtype and not any(k in full for k in keep_fp32):
+            p.data = torch.empty(p.shape, dtype=dtype, device=device)
+        fill_(full, p.data, dim)
+
+
+def build_worldstream(cfg, blocks_on: str):
+    """WanDiT with random bf16 weights; non-block on the GPU; blocks on 'cuda', 'pinned' (host slabs) or
+    'cpu' (plain pageable, like a model loaded with device_map='cpu')."""
+    from worldstream.runtime.slab import BlockLayout
+    from worldstream.runtime.streaming import host_slabs_from_blocks
+    with torch.device("meta"):
+        m = WanDiT(cfg)
+    for name, child in m.named_children():
+        if name != "blocks":
+            materialize_(child, name + ".", "cuda", torch.bfloat16, cfg.dim)
+    sources = {}
+    layout = None
+    for i, block in enumerate(m.blocks):
+        materialize_(block, f"blocks.{i}.", "cuda", torch.bfloat16, cfg.dim)
+        if blocks_on == "pinned":
+            layout = layout or BlockLayout.of(block)
+            sources.update(host_slabs_from_blocks(m.blocks, [i], layout))
+        elif blocks_on == "cpu":
+            block.to("cpu")
+    torch.cuda.empty_cache()
+    return m, sources
+
+
+def build_diffusers(cfg, where: str):
+    from diffusers import WanTransformer3DModel
+
+    from worldstream.models.keymap import diffusers_config, diffusers_to_upstream
+    kw = {k: v for k, v in diffusers_config(cfg).items() if not k.startswith("_") and k != "control_dim"}
+    with torch.device("meta"):
+        m = WanTransformer3DModel(**kw)
+    keep = WanTransformer3DModel._keep_in_fp32_modules
+    from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
+    with torch.device("cpu"):  # its cos/sin buffers must be computed, not left uninitialized by to_empty
+        m.rope = WanRotaryPosEmbed(kw["attention_head_dim"], tuple(kw["patch_size"]), kw["rope_max_seq_len"])
+    for name, child in m.named_children():
+        if name in ("blocks", "rope"):
+            continue
+        child.to_empty(device="cuda")
+        for n, p in child.named_parameters():
+            full = f"{name}.{n}"
+            if not any(k in full for k in keep):
+                p.data = torch.empty(p.shape, dtype=torch.bfloat16, device="cuda")
+            fill_(diffusers_to_upstream(full), p.data, cfg.dim)
+    for i, block in enumerate(m.blocks):
+        block.to_empty(device="cuda")
+        for n, p in block.named_parameters():
+            full = f"blocks.{i}.{n}"
+            if not any(k in full for k in keep):
+                p.data = torch.empty(p.shape, dtype=torch.bfloat16, device="cuda")
+            fill_(diffusers_to_upstream(full), p.data, cfg.dim)
+        if where == "cpu":
+            block.to("cpu")
+    if where == "cpu":
+        m.to("cpu")
+    m.rope.to("cuda" if where == "cuda" else "cpu")
+    torch.cuda.empty_cache()
+    return m
+
+
+def inputs(cfg, frames: int, batch: int, diffusers: bool = False):
+    lat_f = (frames - 1) // 4 + 1
+    g = torch.Generator(device="cuda").manual_seed(frames)
+    shape = (batch, cfg.in_dim, lat_f, H // 8, W // 8)
+    x = torch.randn(shape, generator=g, device="cuda")
+    ctx = torch.randn(batch, 512, cfg.text_dim, generator=g, device="cuda").to(torch.bfloat16)
+    t = torch.full((batch,), 900.0, device="cuda")
+    if diffusers:
+        return dict(hidden_states=x.to(torch.bfloat16), timestep=t, encoder_hidden_states=ctx, return_dict=False)
+    kw = dict(x=x[:, :16], y=x[:, 16:], t=t, context=ctx)
+    if cfg.has_camera:
+        kw["camera"] = torch.randn(1, cfg.control_dim * 64, lat_f, H // 8, W // 8, generator=g, device="cuda")
+    return kw
+
+
+def time_step(run_step, reps: int) -> float:
+    run_step()  # warm-up (also the first wrap-around of the prefetch ring)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        run_step()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def cap_vram(cap: float | None) -> None:
+    torch.cuda.empty_cache()
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(1.0 if cap is None else min(1.0, cap / total))
+    torch.cuda.reset_peak_memory_stats()
+
+
+def reps_for(frames: int) -> int:
+    return 2 if frames <= 9 else 1
+
+
+# ---- jobs ---------------------------------------------------------------------------------------------------
+
+def pinned_bandwidth() -> dict:
+    from worldstream.runtime.memory import pinned_empty
+    n = 912 * 2**20
+    host = pinned_empty(n)
+    host.fill_(1)
+    dev = torch.empty(n, dtype=torch.uint8, device="cuda")
+    pageable = torch.ones(n, dtype=torch.uint8)
+    out = {}
+    for name, src in [("pinned", host), ("pageable", pageable)]:
+        for _ in range(2):
+            dev.copy_(src, non_blocking=True)
+        torch.cuda.synchronize()
+        ts = []
+        for _ in range(8):
+            t0 = time.perf_counter()
+            dev.copy_(src, non_blocking=True)
+            torch.cuda.synchronize()
+            ts.append(time.perf_counter() - t0)
+        out[name + "_h2d_GBps"] = n / statistics.median(ts) / GB
+    return out
+
+
+def job(spec: dict) -> list[dict]:
+    method, model_name, points = spec["method"], spec["model"], spec["points"]
+    cfg = get_config(model_name)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    base_rss = rss_bytes()
+    torch.cuda.init()
+    torch.empty(1, device="cuda")
+    ctx_rss = rss_bytes()
+    results = []
+    with torch.no_grad():
+        if method == "bandwidth":
+            return [pinned_bandwidth()]
+        if method in ("resident", "worldstream"):
+            results += run_worldstream(cfg, method, points, spec)
+        elif method == "accelerate":
+            results += run_accelerate(cfg, points)
+        elif method in ("group", "sequential", "diffusers"):
+            results += run_diffusers(cfg, method, points)
+    for r in results:
+        r.update(method=method, model=model_name, rss_before_cuda_GB=base_rss / GB, rss_after_cuda_GB=ctx_rss / GB)
+    return results
+
+
+def run_worldstream(cfg, method, points, spec):
+    from worldstream.runtime.planner import Hardware, PlanError, Workload, plan
+    from worldstream.runtime.streaming import place, unplace
+    out = []
+    if method == "resident":
+        m, _ = build_worldstream(cfg, "cuda")
+        for frames, _cap in points:
+            for batched in (True, False):
+                kw = inputs(cfg, frames, 2 if batched else 1)
+                step = (lambda: m(**kw)) if batched else (lambda: (m(**kw), m(**kw)))
+                torch.cuda.reset_peak_memory_stats()
+                with RssPeak() as rp:
+                    s = time_step(step, reps_for(frames))
+                out.append(dict(frames=frames, cap_GB=None, cfg_batched=batched, s_per_step=s,
+                                peak_vram_GB=torch.cuda.max_memory_reserved() / GB,
+                                peak_alloc_GB=torch.cuda.max_memory_allocated() / GB, peak_rss_GB=rp.peak / GB))
+                del kw
+        return out
+    with RssPeak() as rp_build:
+        m, sources = build_worldstream(cfg, "pinned")
+    weights_ram = sum(s.buf.numel() for s in sources.values())
+    hw = Hardware(pcie_bw=spec.get("pcie_bw", Hardware.pcie_bw))
+    for frames, cap in points:
+        try:
+            p = plan(cfg, Workload(frames=frames, experts=1), cap * GB, None, hw)
+        except PlanError as e:
+            out.append(dict(frames=frames, cap_GB=cap, error=str(e)))
+            continue
+        m.set_ffn_chunk(spec.get("ffn_chunk") if cap * GB < 16e9 else None)
+        cap_vram(cap * GB)
+        engine, handle = place(m, "cuda", sources, p.resident, p.prefetch)
+        kw = inputs(cfg, frames, 2 if p.cfg_batched else 1)
+        step = (lambda: m(**kw)) if p.cfg_batched else (lambda: (m(**kw), m(**kw)))
+        with RssPeak() as rp:
+            s = time_step(step, reps_for(frames))
+        streamed_bytes = len(p.streamed) * p.block_bytes * (1 if p.cfg_batched else 2)
+        out.append(dict(frames=frames, cap_GB=cap, cfg_batched=p.cfg_batched, s_per_step=s,
+                        predicted_s=p.step_seconds, predicted_vram_GB=p.vram_peak / GB,
+                        resident_blocks=len(p.resident), prefetch=p.prefetch,
+                        streamed_GB_per_step=streamed_bytes / GB,
+                        peak_vram_GB=torch.cuda.max_memory_reserved() / GB,
+                        peak_alloc_GB=torch.cuda.max_memory_allocated() / GB,
+                        peak_rss_GB=max(rp.peak, rp_build.peak) / GB, weights_in_ram_GB=weights_ram / GB,
+                        resyncs=engine.stats["resyncs"] if engine else 0))
+        del kw
+        unplace(m, sources, engine, handle)
+        del engine, handle
+        cap_vram(None)
+    return out
+
+
+def run_accelerate(cfg, points):
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.hooks import remove_hook_from_module
+
+    from worldstream.runtime.planner import activation_bytes
+    out = []
+    with RssPeak() as rp_build:
+        m, _ = build_worldstream(cfg, "cpu")
+        m.to("cpu")
+    for frames, cap in points:
+        L = (frames - 1) // 4 * 1560 + 1560
+        # The recipe leaves the card's activations room: 20 GiB of a 24 GB L4. Here: cap - activations - 1 GB.
+        gpu_weights = max(1.0, cap - activation_bytes(cfg, L, 1) / GB - 1.0)
+        dm = infer_auto_device_map(m, max_memory={0: f"{gpu_weights:.2f}GB", "cpu": "200GB"},
+                                   no_split_module_classes=["Block"])
+        cap_vram(cap * GB)
+        mm = dispatch_model(m, device_map=dm)
+        kw = inputs(cfg, frames, 1)
+        with RssPeak() as rp:
+            s = time_step(lambda: (mm(**kw), mm(**kw)), 1)
+        on_gpu = sum(1 for k, v in dm.items() if k.startswith("blocks.") and v == 0)
+        out.append(dict(frames=frames, cap_GB=cap, cfg_batched=False, s_per_step=s, gpu_blocks=on_gpu,
+                        max_memory_gpu_GB=gpu_weights, peak_vram_GB=torch.cuda.max_memory_reserved() / GB,
+                        peak_alloc_GB=torch.cuda.max_memory_allocated() / GB,
+                        peak_rss_GB=max(rp.peak, rp_build.peak) / GB))
+        remove_hook_from_module(mm, recurse=True)
+        m.to("cpu")
+        cap_vram(None)
+    return out
+
+
+def run_diffusers(cfg, method, points):
+    from diffusers.hooks import apply_group_offloading
+    camera = cfg.has_camera
+    out = []
+    with RssPeak() as rp_build:
+        if camera:   # diffusers has no LingBot: its group offloading on worldstream's DiT
+            assert method == "group"
+            m, _ = build_worldstream(cfg, "cpu")
+            m.to("cpu")
+        else:
+            m = build_diffusers(cfg, "cuda" if method == "diffusers" else "cpu")
+    if method == "group":
+        apply_group_offloading(m, onload_device=torch.device("cuda"), offload_device=torch.device("cpu"),
+                               offload_type="block_level", num_blocks_per_group=1, use_stream=True)
+    elif method == "sequential":
+        from accelerate import cpu_offload
+        cpu_offload(m, execution_device=torch.device("cuda"))
+    for frames, cap in points:
+        cap_vram(None if cap is None else cap * GB)
+        kw = inputs(cfg, frames, 1, diffusers=not camera)
+        with RssPeak() as rp:
+            s = time_step(lambda: (m(**kw), m(**kw)), reps_for(frames) if method == "diffusers" else 1)
+        out.append(dict(frames=frames, cap_GB=cap, cfg_batched=False, s_per_step=s,
+                        peak_vram_GB=torch.cuda.max_memory_reserved() / GB,
+                        peak_alloc_GB=torch.cuda.max_memory_allocated() / GB,
+                        peak_rss_GB=max(rp.peak, rp_build.peak) / GB))
+        cap_vram(None)
+    return out
+
+
+# ---- driver ---------------------------------------------------------------------------------------------------
+
+def suite(model: str, quick: bool) -> list[dict]:
+    grid = [(f, c) for f in (9, 33, 81) for c in (24, 12, 8)]
+    jobs = [
+        dict(method="resident", model=model, points=[(9, None), (33, None), (81, None)]),
+        dict(method="worldstream", model=model, points=grid, ffn_chunk=8192),
+        # dispatch_model leaves offloaded weights on `meta` after its hooks are removed: one point per process
+        dict(method="accelerate", model=model, points=[(9, 24)]),
+        dict(method="accelerate", model=model, points=[(9, 8)]),
+        dict(method="group", model=model, points=[(9, 24), (9, 12), (9, 8)] + ([] if quick else [(81, 12)])),
+    ]
+    if not get_config(model).has_camera:
+        jobs.append(dict(method="diffusers", model=model, points=[(9, None), (33, None), (81, None)]))
+        if not quick:
+            jobs.append(dict(method="sequential", model=model, points=[(9, 8)]))
+    return jobs
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default="wan2.2-i2v-a14b,lingbot-cam")
+    ap.add_argument("--methods", default=None, help="comma list to restrict the suite")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "offload.json"))
+    ap.add_argument("--job", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.job:
+        for r in job(json.loads(args.job)):
+            print("RESULT " + json.dumps(r), flush=True)
+        return
+
+    def spawn(spec):
+        t0 = time.time()
+        p = subprocess.run([sys.executable, __file__, "--job", json.dumps(spec)], capture_output=True, text=True)
+        rows = [json.loads(line[7:]) for line in p.stdout.splitlines() if line.startswith("RESULT ")]
+        print(f"[{spec['method']} {spec['model']}] {time.time() - t0:.0f} s, rc {p.returncode}", flush=True)
+        if p.returncode != 0:
+            print(p.stderr[-3000:], flush=True)
+        return rows
+
+    bw = spawn(dict(method="bandwidth", model="wan2.2-i2v-a14b", points=[]))
+    pcie = bw[0]["pinned_h2d_GBps"] * GB if bw else None
+    print(json.dumps(bw), flush=True)
+    results = {"date": time.strftime("%Y-%m-%d"), "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+               "torch": torch.__version__, "bandwidth": bw[0] if bw else None, "rows": []}
+    for model in args.models.split(","):
+        for spec in suite(model, args.quick):
+            if args.methods and spec["method"] not in args.methods.split(","):
+                continue
+            if pcie:
+                spec["pcie_bw"] = pcie
+            results["rows"] += spawn(spec)
+            os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+            with open(args.out, "w") as f:
+                json.dump(results, f, indent=1)
+    print_table(results)
+
+
+def print_table(results):
+    print(f"\n{'model':16} {'method':12} {'fr':>3} {'cap':>4} {'s/step':>7} {'pred':>6} {'VRAM':>6} {'RSS':>6}  notes")
+    for r in results["rows"]:
+        if "error" in r:
+            print(f"{r['model'][:16]:16} {r['method']:12} {r['frames']:>3} {r['cap_GB']:>4}  ERROR {r['error'][:120]}")
+            continue
+        note = ""
+        if r["method"] == "worldstream":
+            note = f"res={r['resident_blocks']} P={r['prefetch']} b2={r['cfg_batched']} bus={r['streamed_GB_per_step']:.1f}GB ram_w={r['weights_in_ram_GB']:.1f}"
+        elif r["method"] == "resident":
+            note = f"b2={r['cfg_batched']}"
+        elif r["method"] == "accelerate":
+            note = f"gpu_blocks={r['gpu_blocks']}"
+        pred = f"{r['predicted_s']:.2f}" if "predicted_s" in r else ""
+        cap = "-" if r["cap_GB"] is None else str(r["cap_GB"])
+        print(f"{r['model'][:16]:16} {r['method']:12} {r['frames']:>3} {cap:>4} {r['s_per_step']:>7.2f} {pred:>6}"
+              f" {r['peak_vram_GB']:>6.1f} {r['peak_rss_GB']:>6.1f}  {note}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,241 @@
+"""The planner: from the model, the workload and the machine, decide what stays on the GPU and what streams.
+
+`plan(config, workload, vram_budget, ram_budget, hardware)` returns a `Plan`: which blocks stay resident (spread
+evenly), the prefetch depth (slots = prefetch + 1), whether CFG's cond/uncond run batched, which host tier each
+streamed block comes from (pinned RAM or the user's safetensors shards on disk), and its predictions: peak VRAM,
+peak host RAM, seconds per denoising step. A budget that cannot work raises `PlanError` saying what is needed.
+
+Seconds per step come from simulating the schedule the engine runs (copy engine and compute stream as two
+servers with the slot dependencies), with block compute time from a FLOP / byte model of the block and transfer
+time from the measured pinned bandwidth. The constants below were measured on an H100 PCIe-Gen5 host
+(BENCHMARKS.md); pass a `Hardware` measured on your machine (`measure_hardware()`) for yours.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from ..models.configs import DiTConfig
+from .memory import fmt_bytes
+from .streaming import spread_resident
+
+
+class PlanError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Hardware:
+    name: str = "H100 80GB (PCIe Gen5)"
+    pcie_bw: float = 53e9            # pinned host->device bytes/s
+    disk_bw: float = 1.5e9           # sequential read bytes/s
+    matmul_flops: float = 760e12     # bf16 GEMM at DiT shapes
+    attn_flops: float = 520e12       # SDPA at DiT shapes
+    hbm_bw: float = 2.6e12           # elementwise traffic
+    vram_reserve: float = 0.6e9      # CUDA context, allocator slack, cuBLAS workspaces
+    host_overhead: float = 2.5e9     # process RSS before weights: torch, CUDA libraries
+
+
+@dataclass(frozen=True)
+class Workload:
+    frames: int = 81
+    height: int = 480
+    width: int = 832
+    cfg: bool = True                 # classifier-free guidance: cond + uncond per step
+    experts: int = 1                 # 2 for Wan2.2 / LingBot (high + low noise)
+
+    @property
+    def tokens(self) -> int:
+        lat_f = (self.frames - 1) // 4 + 1
+        return lat_f * (self.height // 16) * (self.width // 16)
+
+
+@dataclass
+class Plan:
+    n_blocks: int
+    block_bytes: int
+    resident: list[int]
+    prefetch: int
+    cfg_batched: bool
+    ram_blocks: list[int]
+    disk_blocks: list[int]
+    vram_peak: float
+    ram_peak: float
+    weights_in_ram: float
+    step_seconds: float
+    resident_step_seconds: float
+    block_compute_s: float
+    block_copy_s: float
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def slots(self) -> int:
+        return self.prefetch + 1 if self.streamed else 0
+
+    @property
+    def streamed(self) -> list[int]:
+        return [i for i in range(self.n_blocks) if i not in set(self.resident)]
+
+    def describe(self) -> str:
+        lines = [
+            f"blocks: {self.n_blocks} of {fmt_bytes(self.block_bytes)}; resident {len(self.resident)}"
+            f" {self.resident if len(self.resident) < self.n_blocks else '(all)'}",
+            f"streamed: {len(self.streamed)} blocks through {self.slots} GPU slots (prefetch depth {self.prefetch})",
+            f"host tiers: {len(self.ram_blocks)} blocks pinned in RAM, {len(self.disk_blocks)} read from disk",
+            f"CFG: {'cond+uncond batched in one forward' if self.cfg_batched else 'cond and uncond as two forwards'}",
+            f"block compute {self.block_compute_s * 1e3:.1f} ms vs copy {self.block_copy_s * 1e3:.1f} ms",
+            f"predicted: {self.step_seconds:.2f} s/step (resident would be {self.resident_step_seconds:.2f} s),"
+            f" peak VRAM {fmt_bytes(self.vram_peak)}, peak host RAM {fmt_bytes(self.ram_peak)}"
+            f" ({fmt_bytes(self.weights_in_ram)} of it weights)",
+        ]
+        return "\n".join(lines + [f"note: {n}" for n in self.notes])
+
+
+# ---- sizes ---------------------------------------------------------------------------------------------------
+
+def param_counts(cfg: DiTConfig) -> tuple[int, int]:
+    """(parameters of one block, parameters outside the blocks), from the module definitions."""
+    import torch
+
+    from ..models.dit import WanDiT
+    with torch.device("meta"):
+        m = WanDiT(cfg)
+    per_block = sum(p.numel() for p in m.blocks[0].parameters())
+    total = sum(p.numel() for p in m.parameters())
+    return per_block, total - cfg.num_layers * per_block
+
+
+def activation_bytes(cfg: DiTConfig, tokens: int, batch: int) -> float:
+    """Peak activation memory of a forward (residual stream + the largest block intermediate).
+
+    Per token and sample: the float32 residual (4*dim) lives throughout; inside a block the peak is the FFN
+    (float32 modulated input, its bf16 cast, two bf16 hidden tensors: 6*dim + 4*ffn bytes) or self-attention
+    (q, k, v, RoPE temporaries: about 22*dim bytes); the camera features (2*dim, batch 1) live throughout.
+    """
+    per_token = 4 * cfg.dim + max(6 * cfg.dim + 4 * cfg.ffn_dim, 22 * cfg.dim)
+    cam = 2 * cfg.dim * tokens if cfg.has_camera else 0
+    text = batch * cfg.text_len * cfg.dim * 2 * 4
+    return batch * tokens * per_token + cam + text
+
+
+def block_flops(cfg: DiTConfig, tokens: int, batch: int) -> tuple[float, float]:
+    """(matmul FLOPs, attention FLOPs) of one block forward."""
+    d, f, L = cfg.dim, cfg.ffn_dim, tokens
+    mm = 2 * batch * L * (6 * d * d + 2 * d * f) + 2 * batch * cfg.text_len * 2 * d * d
+    if cfg.has_camera:
+        mm += 2 * 1 * L * 4 * d * d          # camera layers run once for the whole CFG batch
+    attn = 4 * batch * L * L * d + 4 * batch * L * cfg.text_len * d
+    return mm, attn
+
+
+def block_seconds(cfg: DiTConfig, tokens: int, batch: int, hw: Hardware) -> float:
+    mm, attn = block_flops(cfg, tokens, batch)
+    elementwise = 12 * batch * tokens * cfg.dim * 4   # ~12 float32 passes over [B, L, dim] per block
+    return mm / hw.matmul_flops + attn / hw.attn_flops + elementwise / hw.hbm_bw
+
+
+# ---- the schedule ----------------------------------------------------------------------------------------------
+
+def simulate(n_blocks: int, resident: set[int], prefetch: int, compute_s: float, copy_s: float,
+             forwards: int = 3) -> float:
+    """Seconds of the last of `forwards` back-to-back forwards under the engine's schedule.
+
+    Two servers: the copy engine takes streamed blocks in execution order (wrapping into the next forward);
+    copy j may start when copy j-1 is done and the block that used its slot (streamed item j - slots) has
+    finished computing. Block b computes after block b-1 and, if streamed, after its copy."""
+    slots = prefetch + 1
+    copy_end: list[float] = []
+    comp_end_streamed: list[float] = []
+    t = 0.0
+    starts = []
+    for _ in range(forwards):
+        starts.append(t)
+        for b in range(n_blocks):
+            if b in resident:
+                t += compute_s
+                continue
+            j = len(copy_end)
+            start = max(copy_end[-1] if copy_end else 0.0,
+                        comp_end_streamed[j - slots] if j - slots >= 0 else 0.0)
+            copy_end.append(start + copy_s)
+            t = max(t, copy_end[j]) + compute_s
+            comp_end_streamed.append(t)
+    return t - starts[-1]
+
+
+# ---- the plan ------------------------------------------------------------------------------------------------
+
+def plan(cfg: DiTConfig, workload: Workload, vram_budget: float | None, ram_budget: float | None = None,
+         hardware: Hardware | None = None, bytes_per_param: float = 2.0, max_prefetch: int = 4) -> Plan:
+    hw = hardware or Hardware()
+    per_block, non_block = param_counts(cfg)
+    block_bytes = int(per_block * bytes_per_param)
+    n = cfg.num_layers
+    L = workload.tokens
+    fixed = non_block * 2 + hw.vram_reserve
+
+    options = [True, False] if workload.cfg else [False]
+    best: Plan | None = None
+    needs = []
+    for batched in options:
+        batch = 2 if batched else 1
+        forwards = 2 if (workload.cfg and not batched) else 1
+        act = activation_bytes(cfg, L, batch)
+        comp = block_seconds(cfg, L, batch, hw)
+        copy = block_bytes / hw.pcie_bw
+        resident_step = forwards * n * comp
+        budget = float("inf") if vram_budget is None else vram_budget
+        for prefetch in range(1, max_prefetch + 1):
+            slots = prefetch + 1
+            room = budget - fixed - act - slots * block_bytes
+            if room < 0:
+                needs.append(fixed + act + slots * block_bytes)
+                continue
+            r = n if room >= n * block_bytes else int(room // block_bytes)
+            resident = spread_resident(n, r)
+            step = resident_step if r == n else forwards * simulate(n, set(resident), prefetch, comp, copy)
+            vram = fixed + act + (r + (0 if r == n else slots)) * block_bytes
+            cand = Plan(n, block_bytes, resident, prefetch, batched, [], [], vram, 0.0, 0.0, step,
+                        resident_step, comp, copy)
+            if best is None or step < best.step_seconds * 0.995 or (
+                    step <= best.step_seconds * 1.005 and vram < best.vram_peak):
+                best = cand
+            if r == n:
+                break
+    if best is None:
+        raise PlanError(
+            f"{cfg.name} at {workload.frames} frames {workload.height}x{workload.width} needs at least "
+            f"{fmt_bytes(min(needs))} of VRAM (non-block weights {fmt_bytes(non_block * 2)}, activations "
+            f"{fmt_bytes(activation_bytes(cfg, L, 1))}, two block slots {fmt_bytes(2 * block_bytes)}); "
+            f"the budget is {fmt_bytes(vram_budget)}. Use fewer frames, a smaller size, or compressed weights.")
+
+    _assign_host_tiers(best, cfg, workload, ram_budget, hw)
+    return best
+
+
+def _assign_host_tiers(p: Plan, cfg: DiTConfig, workload: Workload, ram_budget: float | None, hw: Hardware) -> None:
+    streamed = p.streamed
+    ram_for_weights = float("inf") if ram_budget is None else ram_budget - hw.host_overhead
+    ring = 0
+    if len(streamed) * p.block_bytes <= ram_for_weights:
+        p.ram_blocks = streamed
+    else:
+        ring = (p.prefetch + 2) * p.block_bytes
+        fit = max(0, int((ram_for_weights - ring) // p.block_bytes))
+        if ram_budget is not None and ram_for_weights - ring < 0:
+            raise PlanError(f"host RAM budget {fmt_bytes(ram_budget)} cannot hold even the disk tier's read ring "
+                            f"({fmt_bytes(ring)}) plus the process ({fmt_bytes(hw.host_overhead)})")
+        keep = set(spread_resident(len(streamed), fit))
+        p.ram_blocks = [b for k, b in enumerate(streamed) if k in keep]
+        p.disk_blocks = [b for k, b in enumerate(streamed) if k not in keep]
+        disk_s = p.block_bytes / hw.disk_bw
+        forwards = 1 if (p.cfg_batched or not workload.cfg) else 2
+        disk_step = forwards * len(p.disk_blocks) * disk_s
+        if disk_step > p.step_seconds:
+            p.step_seconds = disk_step
+            p.notes.append(f"disk-bound: {len(p.disk_blocks)} blocks per forward read at "
+                           f"{hw.disk_bw / 1e9:.1f} GB/s; more RAM or compressed weights would help")
+    p.weights_in_ram = len(p.ram_blocks) * p.block_bytes + ring
+    p.ram_peak = p.weights_in_ram + hw.host_overhead
+    if workload.experts == 2:
+        p.notes.append("two experts: only the active expert is held close to the GPU; the other waits on disk")
