@@ -1,0 +1,429 @@
+"""Find, check and load DiT checkpoints as users have them on disk (upstream or diffusers layout).
+
+Everything is checked before anything big is allocated: safetensors headers are parsed here (so every
+tensor's absolute byte range is known, which the disk-streaming tier reuses), keys and shapes are compared
+with `WanDiT(cfg)` built on the `meta` device, and only then are tensors read, one at a time, converted to the
+target dtype and moved to the target device. Peak host RAM is the loaded model plus about one tensor.
+
+The variant is detected from config.json and the weight shapes, never from folder names: e.g. Cam vs Act
+from the in-features of `patch_embedding_wancamctrl` (6*256 vs 7*256).
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+import torch.nn as nn
+
+from . import keymap
+from .configs import TWO_EXPERTS, VARIANTS, DiTConfig
+from .dit import WanDiT
+
+INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
+# Companion files that sit next to a Wan2.1 DiT at the checkpoint root and are not the DiT.
+_NOT_DIT = ("models_t5", "models_clip", "Wan2.1_VAE", "Wan2.2_VAE")
+_SHARD_RE = re.compile(r"^(.*)-(\d+)-of-(\d+)\.safetensors$")
+_MAX_HEADER = 100 * 2**20  # the safetensors format's own limit
+
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used as is; the message names the file (and key) at fault."""
+
+
+@dataclass(frozen=True)
+class TensorLocation:
+    """Where one tensor lives. `offset` is the absolute byte offset in `file` (-1 for `.pth` files, which
+    are read through torch.load); `key` is the name as stored in the file (diffusers or upstream)."""
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+    key: str
+
+
+@dataclass
+class Checkpoint:
+    root: Path
+    layout: str                 # "upstream" or "diffusers"
+    experts: dict[str, Path]    # {"main": ...} | {"high": ..., "low": ...} | {"fast": ...}
+    config: DiTConfig
+
+
+# ---- reading files ------------------------------------------------------------------------------------
+
+def read_safetensors_header(path: str | Path) -> dict[str, TensorLocation]:
+    """Parse a safetensors header (u64 little-endian length + JSON) into absolute byte locations."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size < 8:
+        raise CheckpointError(f"{path}: {size} bytes, too short for a safetensors file")
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if n > min(size - 8, _MAX_HEADER):
+            raise CheckpointError(f"{path}: header length {n} exceeds the file size {size} or the 100 MB limit "
+                                  "(corrupt or not safetensors)")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: safetensors header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: safetensors header is not a JSON object")
+    out = {}
+    for key, e in header.items():
+        if key == "__metadata__":
+            continue
+        where = f"{path}: tensor {key!r}"
+        try:
+            dtype_s, shape, (begin, end) = e["dtype"], e["shape"], e["data_offsets"]
+            ok = all(type(v) is int and v >= 0 for v in [*shape, begin, end]) and begin <= end
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise CheckpointError(f"{where}: malformed header entry {e!r}")
+        if dtype_s not in _DTYPES:
+            raise CheckpointError(f"{where}: unknown dtype {dtype_s!r}")
+        dtype = _DTYPES[dtype_s]
+        if 8 + n + end > size:
+            raise CheckpointError(f"{where}: data ends at byte {8 + n + end}, the file has {size} (truncated?)")
+        if end - begin != math.prod(shape) * dtype.itemsize:
+            raise CheckpointError(f"{where}: {end - begin} bytes do not match shape {tuple(shape)} of {dtype_s}")
+        out[key] = TensorLocation(path, dtype, tuple(shape), 8 + n + begin, end - begin, key)
+    return out
+
+
+def read_tensor(loc: TensorLocation) -> torch.Tensor:
+    """Read one safetensors tensor's byte range into a fresh CPU tensor (stored dtype)."""
+    if loc.offset < 0:
+        raise CheckpointError(f"{loc.file}: {loc.key!r} is not byte-addressable (.pth); use iter_tensors")
+    if loc.nbytes == 0:
+        return torch.empty(loc.shape, dtype=loc.dtype)
+    buf = bytearray(loc.nbytes)
+    with open(loc.file, "rb") as f:
+        f.seek(loc.offset)
+        if f.readinto(buf) != loc.nbytes:
+            raise CheckpointError(f"{loc.file}: short read for {loc.key!r} (file changed or truncated)")
+    return torch.frombuffer(buf, dtype=torch.uint8).view(loc.dtype).reshape(loc.shape)
+
+
+def _load_pth(path: Path) -> dict[str, torch.Tensor]:
+    """A `.pth` state dict, unpickled safely (weights_only) and memory-mapped where the format allows."""
+    try:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            sd = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
+        raise CheckpointError(f"{path}: cannot be loaded as a weights-only state dict ({e})") from None
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"{path}: expected a flat dict of name -> tensor, found a {type(sd).__name__}")
+    for k, v in sd.items():
+        if not isinstance(k, str) or not isinstance(v, torch.Tensor):
+            raise CheckpointError(f"{path}: expected a flat dict of name -> tensor; "
+                                  f"entry {k!r} is a {type(v).__name__}")
+    return sd
+
+
+def _weight_files(d: Path) -> list[Path]:
+    """The DiT weight files of a folder: the index json, else *.safetensors, else one .pth/.pt/.bin."""
+    if (d / INDEX_NAME).is_file():
+        return [d / INDEX_NAME]
+    for pattern in ("*.safetensors.index.json", "*.safetensors"):
+        if found := sorted(d.glob(pattern)):
+            return found
+    return sorted(p for ext in ("*.pth", "*.pt", "*.bin") for p in d.glob(ext) if not p.name.startswith(_NOT_DIT))
+
+
+def _shard_name(index: Path, name) -> Path:
+    if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+        raise CheckpointError(f"{index}: shard name {name!r} is not a plain file name in the same folder")
+    return index.parent / name
+
+
+def _raw_index(model_dir: Path) -> dict[str, TensorLocation]:
+    """Keys as stored in the files -> locations."""
+    if not model_dir.is_dir():
+        raise CheckpointError(f"{model_dir}: not a folder")
+    files = _weight_files(model_dir)
+    if not files:
+        raise CheckpointError(f"{model_dir}: no DiT weights (looked for {INDEX_NAME}, *.safetensors, *.pth)")
+    out: dict[str, TensorLocation] = {}
+
+    def add(locs: dict[str, TensorLocation]):
+        for k, loc in locs.items():
+            if k in out:
+                raise CheckpointError(f"{loc.file}: key {k!r} is also in {out[k].file.name} (duplicate across shards)")
+            out[k] = loc
+
+    if files[0].name.endswith(".index.json"):
+        if len(files) > 1:
+            raise CheckpointError(f"{model_dir}: several index files {[f.name for f in files]}; expected one")
+        index = files[0]
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            assert isinstance(weight_map, dict)
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"{index}: not a safetensors index (JSON with a 'weight_map' object): "
+                                  f"{e!r}") from None
+        shards = {}
+        for key, name in weight_map.items():
+            shard = _shard_name(index, name)
+            if shard not in shards:
+                if not shard.is_file():
+                    raise CheckpointError(f"{index}: shard {name} (holding {key!r}) does not exist in {model_dir}")
+                shards[shard] = read_safetensors_header(shard)
+                add(shards[shard])
+            if key not in shards[shard]:
+                raise CheckpointError(f"{shard}: key {key!r} is listed for this shard in {index.name} "
+                                      "but is not in it")
+    elif files[0].suffix == ".safetensors":
+        by_set: dict[tuple[str, str], set[int]] = {}
+        for f in files:
+            if m := _SHARD_RE.match(f.name):
+                by_set.setdefault((m[1], m[3]), set()).add(int(m[2]))
+        for (stem, total), got in by_set.items():
+            for k in sorted(set(range(1, int(total) + 1)) - got):
+                name = f"{stem}-{k:0{len(total)}d}-of-{total}.safetensors"
+                raise CheckpointError(f"{model_dir}: shard {name} is missing")
+        for f in files:
+            add(read_safetensors_header(f))
+    else:
+        if len(files) > 1:
+            raise CheckpointError(f"{model_dir}: several .pth files {[f.name for f in files]}; "
+                                  "cannot tell which is the DiT")
+        sd = _load_pth(files[0])
+        add({k: TensorLocation(files[0], v.dtype, tuple(v.shape), -1, v.nbytes, k) for k, v in sd.items()})
+    return out
+
+
+def _layout(model_dir: Path, keys) -> str:
+    if "condition_embedder.time_embedder.linear_1.weight" in keys:
+        return "diffusers"
+    if "time_embedding.0.weight" in keys:
+        return "upstream"
+    raise CheckpointError(f"{model_dir}: weights are neither a Wan DiT in upstream nor diffusers naming "
+                          "(no time_embedding.0.weight / condition_embedder.time_embedder.linear_1.weight)")
+
+
+def _index(model_dir: Path) -> tuple[dict[str, TensorLocation], str]:
+    raw = _raw_index(model_dir)
+    layout = _layout(model_dir, raw)
+    if layout == "upstream":
+        return raw, layout
+    out = {}
+    for k, loc in raw.items():
+        up = keymap.diffusers_to_upstream(k)
+        if up in out:
+            raise CheckpointError(f"{loc.file}: keys {out[up].key!r} and {k!r} both map to {up!r}")
+        out[up] = loc
+    return out, layout
+
+
+def index_model_dir(model_dir: str | Path) -> dict[str, TensorLocation]:
+    """Upstream key -> location for every tensor of one DiT folder (diffusers names are mapped)."""
+    return _index(Path(model_dir))[0]
+
+
+# ---- variant detection ----------------------------------------------------------------------------------
+
+def _read_config(model_dir: Path) -> dict:
+    path = model_dir / "config.json"
+    if not path.is_file():
+        return {}
+    try:
+        cfg = json.loads(path.read_text())
+        assert isinstance(cfg, dict)
+        return cfg
+    except Exception:  # noqa: BLE001
+        raise CheckpointError(f"{path}: not a JSON object") from None
+
+
+def detect_config(model_dir: str | Path, locations: dict[str, TensorLocation],
+                  causal: bool | None = None) -> DiTConfig:
+    """The DiTConfig of a folder from its weight shapes plus config.json (heads, eps, text length).
+
+    Named after the matching VARIANTS entry or its tiny sibling, else "custom". `causal` (LingBot Fast) is
+    not visible in the weights: it comes from the argument, or config.json's `_class_name` WanModelFast.
+    """
+    model_dir = Path(model_dir)
+    js = _read_config(model_dir)
+
+    def shape(key: str) -> tuple[int, ...]:
+        if key not in locations:
+            raise CheckpointError(f"{model_dir}: weight {key!r} is missing; cannot tell the model's shape")
+        return locations[key].shape
+
+    pe = shape("patch_embedding.weight")
+    if len(pe) != 5:
+        raise CheckpointError(f"{locations['patch_embedding.weight'].file}: 'patch_embedding.weight' "
+                              f"has shape {pe}, expected 5-D")
+    patch = tuple(pe[2:])
+    known = dict(dim=pe[0], in_dim=pe[1], patch_size=patch, ffn_dim=shape("blocks.0.ffn.0.weight")[0],
+                 num_layers=1 + max(int(k.split(".")[1]) for k in locations if k.startswith("blocks.")),
+                 out_dim=shape("head.head.weight")[0] // math.prod(patch),
+                 text_dim=shape("text_embedding.0.weight")[1], freq_dim=shape("time_embedding.0.weight")[1],
+                 qk_norm="blocks.0.self_attn.norm_q.weight" in locations,
+                 cross_attn_norm="blocks.0.norm3.weight" in locations,
+                 image_dim=shape("img_emb.proj.0.weight")[0] if "img_emb.proj.0.weight" in locations else None,
+                 control_dim=None, causal=bool(causal) or js.get("_class_name") == "WanModelFast")
+    if "patch_embedding_wancamctrl.weight" in locations:
+        n_in, cell = shape("patch_embedding_wancamctrl.weight")[1], 64 * math.prod(patch)
+        if n_in % cell:
+            raise CheckpointError(f"{locations['patch_embedding_wancamctrl.weight'].file}: "
+                                  f"'patch_embedding_wancamctrl.weight' has {n_in} in-features, not a multiple "
+                                  f"of {cell} (6*{cell} = camera, 7*{cell} = action)")
+        known["control_dim"] = n_in // cell
+    # config.json: upstream names, else diffusers names. Sizes it declares must agree with the weights.
+    declared = {"dim": js.get("dim"), "ffn_dim": js.get("ffn_dim"), "num_layers": js.get("num_layers"),
+                "in_dim": js.get("in_dim", js.get("in_channels")), "text_dim": js.get("text_dim"),
+                "out_dim": js.get("out_dim", js.get("out_channels")), "freq_dim": js.get("freq_dim")}
+    if js.get("num_attention_heads") and js.get("attention_head_dim"):
+        declared["dim"] = js["num_attention_heads"] * js["attention_head_dim"]
+    for name, value in declared.items():
+        if value is not None and value != known[name]:
+            raise CheckpointError(f"{model_dir / 'config.json'}: {name} = {value} but the weights have {known[name]}")
+    heads = js.get("num_heads", js.get("num_attention_heads"))
+    if heads is not None:
+        if not isinstance(heads, int) or heads <= 0 or known["dim"] % heads:
+            raise CheckpointError(f"{model_dir / 'config.json'}: {heads} heads do not divide dim {known['dim']}")
+        known["num_heads"] = heads
+    for src, dst in (("eps", "eps"), ("text_len", "text_len"), ("rope_max_seq_len", "rope_max_len")):
+        if js.get(src) is not None:
+            known[dst] = js[src]
+    for base in VARIANTS.values():
+        for cand in (base, base.tiny()):
+            if replace(cand, **known) == cand:
+                return cand
+    if "num_heads" not in known:
+        raise CheckpointError(f"{model_dir}: no config.json (needed for the head count of a non-standard DiT)")
+    return DiTConfig(name="custom", **known)
+
+
+# ---- finding the experts of a checkpoint folder -------------------------------------------------------
+
+_ROLE = {"high": "high-noise expert", "low": "low-noise expert", "fast": "LingBot Fast model", "main": "DiT"}
+
+
+def find_checkpoint(ckpt_dir: str | Path, fast: bool | None = None) -> Checkpoint:
+    """Locate the DiT folders of a checkpoint and detect its variant (both experts must agree).
+
+    Wan2.1: DiT at the root (upstream) or in transformer/ (diffusers). Two experts: high_noise_model/ and
+    low_noise_model/, or transformer/ and transformer_2/. LingBot Fast: lingbot_world_fast/ (taken when
+    `fast` is True, or when there are no two-expert folders).
+    """
+    root = Path(ckpt_dir)
+    if not root.is_dir():
+        raise CheckpointError(f"{root}: checkpoint folder does not exist")
+    up_hi, up_lo = root / "high_noise_model", root / "low_noise_model"
+    df_hi, df_lo = root / "transformer", root / "transformer_2"
+    fast_dir = root / "lingbot_world_fast"
+    two = up_hi.is_dir() or up_lo.is_dir()
+    if fast or (fast is None and fast_dir.is_dir() and not two):
+        experts = {"fast": fast_dir}
+    elif two:
+        experts = {"high": up_hi, "low": up_lo}
+    elif df_hi.is_dir() or df_lo.is_dir():
+        experts = {"high": df_hi, "low": df_lo} if df_lo.is_dir() else {"main": df_hi}
+    else:
+        experts = {"main": root}
+    for name, d in experts.items():
+        if not d.is_dir():
+            raise CheckpointError(f"{root}: {d.name}/ is missing (the {_ROLE[name]})")
+    configs, layouts = {}, set()
+    for name, d in experts.items():
+        locations, layout = _index(d)
+        layouts.add(layout)
+        configs[name] = detect_config(d, locations, causal=True if name == "fast" else None)
+    if len(layouts) > 1:
+        raise CheckpointError(f"{root}: the experts mix upstream and diffusers key naming")
+    layout, cfg = layouts.pop(), next(iter(configs.values()))
+    if any(c != cfg for c in configs.values()):
+        raise CheckpointError(f"{root}: the experts disagree: " +
+                              "; ".join(f"{experts[n].name}/ is {c}" for n, c in configs.items()))
+    base = cfg.name.removesuffix("-tiny")
+    if len(experts) == 2 and base not in TWO_EXPERTS:
+        raise CheckpointError(f"{root}: two expert folders, but the weights are {cfg.name}, a single model")
+    if "main" in experts and base in TWO_EXPERTS:
+        missing = "transformer_2/" if layout == "diffusers" else "high_noise_model/ and low_noise_model/"
+        raise CheckpointError(f"{root}: {missing} missing: the DiT in {experts['main']} is "
+                              f"one {cfg.name} expert of two")
+    return Checkpoint(root, layout, experts, cfg)
+
+
+# ---- validating and loading ------------------------------------------------------------------------------
+
+def validate(cfg: DiTConfig, locations: dict[str, TensorLocation], model_dir: str | Path) -> None:
+    """Compare keys, shapes and dtypes with WanDiT(cfg) built on `meta`; raise one error listing all problems."""
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in WanDiT(cfg).state_dict().items()}
+    problems = []
+    for k in expected.keys() - locations.keys():
+        problems.append(f"{model_dir}: missing key {k!r}")
+    for k in locations.keys() - expected.keys():
+        problems.append(f"{locations[k].file}: unexpected key {locations[k].key!r} (not in a {cfg.name} DiT)")
+    for k in expected.keys() & locations.keys():
+        loc = locations[k]
+        if loc.shape != expected[k]:
+            problems.append(f"{loc.file}: key {loc.key!r}: expected shape {expected[k]}, found {loc.shape}")
+        elif not loc.dtype.is_floating_point:
+            problems.append(f"{loc.file}: key {loc.key!r} is {loc.dtype}, expected a floating-point tensor")
+    if problems:
+        problems.sort()
+        more = f"\n... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise CheckpointError(f"{len(problems)} problem(s) with the DiT weights in {model_dir}:\n"
+                              + "\n".join(problems[:20]) + more)
+
+
+def iter_tensors(locations: dict[str, TensorLocation], dtype: torch.dtype | None = None,
+                 device: str | torch.device = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
+    """(key, tensor) one at a time, in file order, converted to `dtype` (None: as stored) and moved to `device`."""
+    pth: dict[Path, dict[str, torch.Tensor]] = {}
+    for key, loc in sorted(locations.items(), key=lambda kv: (str(kv[1].file), kv[1].offset, kv[0])):
+        if loc.offset < 0:
+            if loc.file not in pth:
+                pth.clear()   # keep at most one (memory-mapped) .pth open
+                pth[loc.file] = _load_pth(loc.file)
+            t = pth[loc.file][loc.key].clone()  # own memory, not a view of the mapped file
+        else:
+            t = read_tensor(loc)
+        yield key, t.to(device=device, dtype=dtype or t.dtype).contiguous()
+
+
+def load_dit(model_dir: str | Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
+             cfg: DiTConfig | None = None, progress: Callable[[int, int], None] | None = None) -> WanDiT:
+    """Build WanDiT on meta, validate the folder, then fill it tensor by tensor (no full-size host copy).
+
+    Pass `cfg=find_checkpoint(...).config` for an expert of a checkpoint: a folder alone cannot always tell
+    LingBot Fast (causal) from Cam, since their weights have the same shapes.
+    """
+    model_dir = Path(model_dir)
+    locations = index_model_dir(model_dir)
+    cfg = cfg or detect_config(model_dir, locations)
+    validate(cfg, locations, model_dir)
+    with torch.device("meta"):
+        model = WanDiT(cfg)
+    for i, (key, t) in enumerate(iter_tensors(locations, dtype, device)):
+        module_name, _, name = key.rpartition(".")
+        module = model.get_submodule(module_name)
+        if name in module._parameters:
+            module._parameters[name] = nn.Parameter(t, requires_grad=False)
+        else:
+            module._buffers[name] = t
+        if progress:
+            progress(i + 1, len(locations))
+    assert not any(p.is_meta for p in model.parameters()), "validate() let a missing key through"
+    return model.eval().requires_grad_(False)
