@@ -27,6 +27,8 @@ import threading
 import time
 import zlib
 
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # every method, same allocator
+
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
@@ -110,37 +112,27 @@ def build_worldstream(cfg, blocks_on: str):
 
 
 def build_diffusers(cfg, where: str):
+    """diffusers' WanTransformer3DModel with the same random weights (by upstream key name), bf16 except the
+    modules diffusers keeps in float32 (`_keep_in_fp32_modules`), on the GPU or in pageable CPU memory."""
     from diffusers import WanTransformer3DModel
+    from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
 
     from worldstream.models.keymap import diffusers_config, diffusers_to_upstream
     kw = {k: v for k, v in diffusers_config(cfg).items() if not k.startswith("_") and k != "control_dim"}
     with torch.device("meta"):
         m = WanTransformer3DModel(**kw)
+    m.rope = WanRotaryPosEmbed(kw["attention_head_dim"], tuple(kw["patch_size"]), kw["rope_max_seq_len"])
     keep = WanTransformer3DModel._keep_in_fp32_modules
-    from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
-    with torch.device("cpu"):  # its cos/sin buffers must be computed, not left uninitialized by to_empty
-        m.rope = WanRotaryPosEmbed(kw["attention_head_dim"], tuple(kw["patch_size"]), kw["rope_max_seq_len"])
-    for name, child in m.named_children():
-        if name in ("blocks", "rope"):
-            continue
-        child.to_empty(device="cuda")
-        for n, p in child.named_parameters():
-            full = f"{name}.{n}"
-            if not any(k in full for k in keep):
-                p.data = torch.empty(p.shape, dtype=torch.bfloat16, device="cuda")
-            fill_(diffusers_to_upstream(full), p.data, cfg.dim)
-    for i, block in enumerate(m.blocks):
-        block.to_empty(device="cuda")
-        for n, p in block.named_parameters():
-            full = f"blocks.{i}.{n}"
-            if not any(k in full for k in keep):
-                p.data = torch.empty(p.shape, dtype=torch.bfloat16, device="cuda")
-            fill_(diffusers_to_upstream(full), p.data, cfg.dim)
-        if where == "cpu":
-            block.to("cpu")
-    if where == "cpu":
-        m.to("cpu")
-    m.rope.to("cuda" if where == "cuda" else "cpu")
+    for mod_name, mod in m.named_modules():
+        for pn, p in list(mod._parameters.items()):
+            if p is None:
+                continue
+            full = f"{mod_name}.{pn}" if mod_name else pn
+            dt = torch.float32 if any(k in full for k in keep) else torch.bfloat16
+            t = torch.empty(p.shape, dtype=dt, device="cuda")
+            fill_(diffusers_to_upstream(full), t, cfg.dim)
+            mod._parameters[pn] = torch.nn.Parameter(t, requires_grad=False)
+    m.to("cuda" if where == "cuda" else "cpu")
     torch.cuda.empty_cache()
     return m
 
@@ -235,6 +227,8 @@ def run_worldstream(cfg, method, points, spec):
     from worldstream.runtime.streaming import place, unplace
     out = []
     if method == "resident":
+        import worldstream.models.dit as dit
+        dit.FUSE = spec.get("fuse", True)
         m, _ = build_worldstream(cfg, "cuda")
         for frames, _cap in points:
             for batched in (True, False):
@@ -243,7 +237,7 @@ def run_worldstream(cfg, method, points, spec):
                 torch.cuda.reset_peak_memory_stats()
                 with RssPeak() as rp:
                     s = time_step(step, reps_for(frames))
-                out.append(dict(frames=frames, cap_GB=None, cfg_batched=batched, s_per_step=s,
+                out.append(dict(frames=frames, cap_GB=None, cfg_batched=batched, s_per_step=s, fused=dit.FUSE,
                                 peak_vram_GB=torch.cuda.max_memory_reserved() / GB,
                                 peak_alloc_GB=torch.cuda.max_memory_allocated() / GB, peak_rss_GB=rp.peak / GB))
                 del kw
@@ -258,7 +252,7 @@ def run_worldstream(cfg, method, points, spec):
         except PlanError as e:
             out.append(dict(frames=frames, cap_GB=cap, error=str(e)))
             continue
-        m.set_ffn_chunk(spec.get("ffn_chunk") if cap * GB < 16e9 else None)
+        m.set_ffn_chunk(p.ffn_chunk)
         cap_vram(cap * GB)
         engine, handle = place(m, "cuda", sources, p.resident, p.prefetch)
         kw = inputs(cfg, frames, 2 if p.cfg_batched else 1)
@@ -348,7 +342,8 @@ def suite(model: str, quick: bool) -> list[dict]:
     grid = [(f, c) for f in (9, 33, 81) for c in (24, 12, 8)]
     jobs = [
         dict(method="resident", model=model, points=[(9, None), (33, None), (81, None)]),
-        dict(method="worldstream", model=model, points=grid, ffn_chunk=8192),
+        dict(method="resident", model=model, points=[(9, None), (81, None)], fuse=False),
+        dict(method="worldstream", model=model, points=grid),
         # dispatch_model leaves offloaded weights on `meta` after its hooks are removed: one point per process
         dict(method="accelerate", model=model, points=[(9, 24)]),
         dict(method="accelerate", model=model, points=[(9, 8)]),
@@ -411,7 +406,7 @@ def print_table(results):
         if r["method"] == "worldstream":
             note = f"res={r['resident_blocks']} P={r['prefetch']} b2={r['cfg_batched']} bus={r['streamed_GB_per_step']:.1f}GB ram_w={r['weights_in_ram_GB']:.1f}"
         elif r["method"] == "resident":
-            note = f"b2={r['cfg_batched']}"
+            note = f"b2={r['cfg_batched']} fused={r.get('fused')}"
         elif r["method"] == "accelerate":
             note = f"gpu_blocks={r['gpu_blocks']}"
         pred = f"{r['predicted_s']:.2f}" if "predicted_s" in r else ""

@@ -153,15 +153,20 @@ def test_streamed_is_bit_identical_to_resident_on_gpu():
               context=torch.randn(2, 512, 4096, device="cuda").bfloat16(),
               camera=torch.randn(1, 384, f, h, w, device="cuda"))
     ref_h, ref_l = high(**kw), low(**kw)
+    assert torch.equal(high(**kw), ref_h), "the resident forward itself is not deterministic"
+    bad = []
     for resident, prefetch in [([], 1), ([], 2), ([2, 4], 1), ([1], 3)]:
         for m, ref in ((high, ref_h), (low, ref_l)):
             layout = BlockLayout.of(m.blocks[0])
             sources = host_slabs_from_blocks(m.blocks, range(cfg.num_layers), layout)
             engine, handle = place(m, "cuda", sources, resident, prefetch)
-            for _ in range(3):
-                assert torch.equal(m(**kw), ref), (resident, prefetch)
+            for k in range(3):
+                out = m(**kw)
+                if not torch.equal(out, ref):
+                    bad.append((resident, prefetch, k, (out - ref).abs().max().item()))
             unplace(m, sources, engine, handle)
             m.blocks.to("cuda")
+    assert not bad, bad
     # Two experts sharing one ring, switching with prefetch across the switch.
     sh = host_slabs_from_blocks(high.blocks, range(6), BlockLayout.of(high.blocks[0]))
     sl = host_slabs_from_blocks(low.blocks, range(6), BlockLayout.of(low.blocks[0]))

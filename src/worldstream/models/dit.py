@@ -7,13 +7,19 @@ dtype (bf16 on GPU, fp32 for CPU tests); matmuls run in that dtype; the time emb
 residual stream and head run in float32. Upstream gets the same numbers from `autocast(bf16)` around the
 model and `autocast(float32)` regions inside; here the casts are written out, so no autocast is needed.
 
-One deliberate difference: RoPE is applied in complex64 (frequencies computed in float64, then rounded)
-rather than complex128. Its result is cast to bf16 for attention either way; the float32 rounding is ~1e-7
-relative, far below that cast.
+One deliberate difference: RoPE is applied in float32 (cos/sin computed in float64, then rounded) rather than
+complex128. Its result is cast to bf16 for attention either way; the float32 rounding is ~1e-7 relative, far
+below that cast.
+
+Speed: the float32 residual stream makes the elementwise work (norms, modulation, RoPE, gated residuals) a
+large share of a block's time at long sequences. The small functions marked `@fused` are that work; on CUDA they
+are compiled with torch.compile (one kernel each instead of 3-6 passes over [B, L, dim] in float32), keeping
+every explicit cast (`emulate_precision_casts`). Set WORLDSTREAM_FUSE=0 to run them eagerly.
 """
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn as nn
@@ -22,11 +28,58 @@ import torch.nn.functional as F
 from .attention import attention
 from .configs import DiTConfig
 
+FUSE = os.environ.get("WORLDSTREAM_FUSE", "1") != "0"
 
-def linear32(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+
+def fused(fn):
+    """Run `fn` compiled (torch.compile, dynamic shapes) on CUDA tensors when FUSE is on, eagerly otherwise."""
+    compiled = []
+
+    def call(*args):
+        if FUSE and args[0].is_cuda:
+            if not compiled:
+                import torch._inductor.config as inductor_config
+                if hasattr(inductor_config, "emulate_precision_casts"):
+                    inductor_config.emulate_precision_casts = True
+                compiled.append(torch.compile(fn, dynamic=True, fullgraph=True))
+            return compiled[0](*args)
+        return fn(*args)
+    call.__name__, call.__doc__ = fn.__name__, fn.__doc__
+    return call
+
+
+@fused
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, dtype: torch.dtype):
+    """LayerNorm (no affine, float32, cast back to x's dtype) * (1 + scale) + shift, cast to `dtype`."""
+    n = F.layer_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype).float()
+    return (n * (1 + scale) + shift).to(dtype)
+
+
+@fused
+def gate_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """x + y * gate in float32 (the residual stream)."""
+    return x + y.float() * gate
+
+
+@fused
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+
+
+@fused
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Rotate consecutive pairs of x [B, L, H, D] by angles with cos/sin [L, 1, D/2], in float32; cast to dtype."""
+    even, odd = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    return torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1).flatten(-2).to(dtype)
+
+
+class Linear32(nn.Linear):
     """A Linear computed in float32 whatever the stored dtype (upstream's autocast(float32) regions)."""
-    bias = layer.bias.float() if layer.bias is not None else None
-    return F.linear(x.float(), layer.weight.float(), bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.bias.float() if self.bias is not None else None
+        return F.linear(x.float(), self.weight.float(), bias)
 
 
 def compute_dtype(layer: nn.Module) -> torch.dtype:
@@ -57,8 +110,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+        return rms_norm(x, self.weight, self.eps)
 
 
 def sinusoid(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -71,30 +123,23 @@ def sinusoid(t: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def rope_table(cfg: DiTConfig, device=None) -> list[torch.Tensor]:
-    """Per axis (frame, row, column): complex rotations [max_len, n/2] with frequencies 1/10000^(2i/n)."""
+    """Per axis (frame, row, column): rotation angles [max_len, n/2] with frequencies 1/10000^(2i/n), float64."""
     tables = []
     for n in cfg.rope_split:
         inv = 1.0 / torch.pow(10000.0, torch.arange(0, n, 2, dtype=torch.float64) / n)
-        angles = torch.outer(torch.arange(cfg.rope_max_len, dtype=torch.float64), inv)
-        tables.append(torch.polar(torch.ones_like(angles), angles).to(torch.complex64).to(device))
+        tables.append(torch.outer(torch.arange(cfg.rope_max_len, dtype=torch.float64), inv).to(device))
     return tables
 
 
-def rope_grid(tables: list[torch.Tensor], f: int, h: int, w: int) -> torch.Tensor:
-    """Rotations for every token of an f x h x w grid, tokens in (f, h, w) order: [L, 1, head_dim/2]."""
+def rope_grid(tables: list[torch.Tensor], f: int, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of the angles of every token of an f x h x w grid, tokens in (f, h, w) order: [L, 1, head_dim/2]."""
     tf, th, tw = tables
-    grid = torch.cat([
+    angles = torch.cat([
         tf[:f].view(f, 1, 1, -1).expand(f, h, w, -1),
         th[:h].view(1, h, 1, -1).expand(f, h, w, -1),
         tw[:w].view(1, 1, w, -1).expand(f, h, w, -1),
-    ], dim=-1)
-    return grid.reshape(f * h * w, 1, -1)
-
-
-def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
-    """Rotate consecutive pairs of x [B, L, H, D] by rot [L, 1, D/2]; float32 out."""
-    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
-    return torch.view_as_real(xc * rot).flatten(-2)
+    ], dim=-1).reshape(f * h * w, 1, -1)
+    return torch.cos(angles).float(), torch.sin(angles).float()
 
 
 class SelfAttention(nn.Module):
@@ -112,8 +157,7 @@ class SelfAttention(nn.Module):
         q = self.norm_q(linear(self.q, x)).unflatten(-1, heads)
         k = self.norm_k(linear(self.k, x)).unflatten(-1, heads)
         v = linear(self.v, x).unflatten(-1, heads)
-        dt = v.dtype
-        out = attention(apply_rope(q, rot).to(dt), apply_rope(k, rot).to(dt), v)
+        out = attention(rope(q, *rot, v.dtype), rope(k, *rot, v.dtype), v)
         return linear(self.o, out.flatten(2))
 
 
@@ -178,8 +222,8 @@ class Block(nn.Module):
         """x [B, L, dim]; e0 [B, 1 or L, 6, dim] float32; cam [B or 1, L, dim] or None."""
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.float() + e0).unbind(2)
 
-        y = self.self_attn(self.norm1(x).float() * (1 + scale_sa) + shift_sa, rot)
-        x = x + y.float() * gate_sa
+        y = self.self_attn(modulate(x, shift_sa, scale_sa, self.norm1.eps, compute_dtype(self.self_attn.q)), rot)
+        x = gate_residual(x, y, gate_sa)
 
         if cam is not None:
             h = linear(self.cam_injector_layer2, F.silu(linear(self.cam_injector_layer1, cam))) + cam
@@ -188,29 +232,29 @@ class Block(nn.Module):
         x = x + self.cross_attn(self.norm3(x), context, context_img)
 
         if self.ffn_chunk is None or x.shape[1] <= self.ffn_chunk:
-            return x + self._ffn(x, shift_ff, scale_ff) * gate_ff
+            return gate_residual(x, self._ffn(x, shift_ff, scale_ff), gate_ff)
         # Token-chunked FFN: the same per-token math with a hidden tensor of ffn_chunk rows, not L.
         for s in range(0, x.shape[1], self.ffn_chunk):
             rows = slice(s, s + self.ffn_chunk)
             part = [m if m.shape[1] == 1 else m[:, rows] for m in (shift_ff, scale_ff, gate_ff)]
-            x[:, rows] += self._ffn(x[:, rows], part[0], part[1]) * part[2]
+            x[:, rows] = gate_residual(x[:, rows], self._ffn(x[:, rows], part[0], part[1]), part[2])
         return x
 
     def _ffn(self, x, shift, scale):
-        h = self.norm2(x).float() * (1 + scale) + shift
-        return linear(self.ffn[2], self.ffn[1](linear(self.ffn[0], h))).float()
+        h = modulate(x, shift, scale, self.norm2.eps, compute_dtype(self.ffn[0]))
+        return linear(self.ffn[2], self.ffn[1](linear(self.ffn[0], h)))
 
 
 class Head(nn.Module):
     def __init__(self, cfg: DiTConfig):
         super().__init__()
         self.norm = LayerNorm32(cfg.dim, eps=cfg.eps, elementwise_affine=False)
-        self.head = nn.Linear(cfg.dim, math.prod(cfg.patch_size) * cfg.out_dim)
+        self.head = Linear32(cfg.dim, math.prod(cfg.patch_size) * cfg.out_dim)
         self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
 
     def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         shift, scale = (self.modulation.float() + e.unsqueeze(2)).unbind(2)
-        return linear32(self.head, self.norm(x.float()) * (1 + scale) + shift)
+        return self.head(self.norm(x.float()) * (1 + scale) + shift)
 
 
 class ImageEmbedding(nn.Module):
@@ -218,14 +262,12 @@ class ImageEmbedding(nn.Module):
 
     def __init__(self, in_dim: int, dim: int):
         super().__init__()
-        self.proj = nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, in_dim), nn.GELU(),
-                                  nn.Linear(in_dim, dim), nn.LayerNorm(dim))
+        self.proj = nn.Sequential(LayerNorm32(in_dim, eps=1e-5), nn.Linear(in_dim, in_dim), nn.GELU(),
+                                  nn.Linear(in_dim, dim), LayerNorm32(dim, eps=1e-5))
 
     def forward(self, clip: torch.Tensor) -> torch.Tensor:
-        ln0, fc1, act, fc2, ln1 = self.proj
-        h = F.layer_norm(clip.float(), ln0.normalized_shape, ln0.weight.float(), ln0.bias.float(), ln0.eps)
-        h = linear(fc2, act(linear(fc1, h)))
-        return F.layer_norm(h.float(), ln1.normalized_shape, ln1.weight.float(), ln1.bias.float(), ln1.eps)
+        ln0, fc1, act, fc2, ln1 = self.proj   # LayerNorms in float32, the MLP in the compute dtype
+        return ln1(linear(fc2, act(linear(fc1, ln0(clip.float())))).float())
 
 
 class WanDiT(nn.Module):
@@ -245,8 +287,8 @@ class WanDiT(nn.Module):
         self.patch_embedding = nn.Conv3d(cfg.in_dim, dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, dim), nn.GELU(approximate="tanh"),
                                             nn.Linear(dim, dim))
-        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
-        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.time_embedding = nn.Sequential(Linear32(cfg.freq_dim, dim), nn.SiLU(), Linear32(dim, dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), Linear32(dim, 6 * dim))
         if cfg.has_image_branch:
             self.img_emb = ImageEmbedding(cfg.image_dim, dim)
         if cfg.has_camera:
@@ -268,8 +310,8 @@ class WanDiT(nn.Module):
             t = t[:, 0]   # upstream's per-token form with one value per sample: one row (one host sync)
         if t.dim() == 1:
             t = t[:, None]
-        e = linear32(self.time_embedding[2], F.silu(linear32(self.time_embedding[0], sinusoid(t, self.cfg.freq_dim))))
-        e0 = linear32(self.time_projection[1], F.silu(e)).unflatten(-1, (6, self.cfg.dim))
+        e = self.time_embedding(sinusoid(t, self.cfg.freq_dim))
+        e0 = self.time_projection(e).unflatten(-1, (6, self.cfg.dim))
         return e, e0
 
     def embed_text(self, context: torch.Tensor) -> torch.Tensor:
@@ -277,7 +319,7 @@ class WanDiT(nn.Module):
         if pad < 0:
             raise ValueError(f"text context has {context.shape[1]} tokens; the model takes at most {self.cfg.text_len}")
         context = F.pad(context, (0, 0, 0, pad))
-        return linear(self.text_embedding[2], self.text_embedding[1](linear(self.text_embedding[0], context)))
+        return self.text_embedding(context.to(compute_dtype(self.text_embedding[0])))
 
     def embed_camera(self, camera: torch.Tensor) -> torch.Tensor:
         """Fold each 1x2x2 latent patch of the camera map into one token's features, then embed."""
@@ -288,7 +330,7 @@ class WanDiT(nn.Module):
         c0 = linear(self.patch_embedding_wancamctrl, tokens)
         return c0 + linear(self.c2ws_hidden_states_layer2, F.silu(linear(self.c2ws_hidden_states_layer1, c0)))
 
-    def rope(self, f: int, h: int, w: int, device) -> torch.Tensor:
+    def rope_angles(self, f: int, h: int, w: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         if self._rope is None or self._rope[0].device != torch.device(device):
             self._rope = rope_table(self.cfg, device)
         return rope_grid(self._rope, f, h, w)
@@ -312,7 +354,7 @@ class WanDiT(nn.Module):
         grid = tuple(x.shape[2:])
         x = x.flatten(2).transpose(1, 2)
         e, e0 = self.embed_time(t)
-        kwargs = dict(e0=e0, rot=self.rope(*grid, device=x.device), context=self.embed_text(context))
+        kwargs = dict(e0=e0, rot=self.rope_angles(*grid, device=x.device), context=self.embed_text(context))
         if cfg.has_image_branch:
             if clip is None:
                 raise ValueError(f"{cfg.name} needs CLIP image features (clip=...)")

@@ -50,9 +50,11 @@ def pinned_empty(nbytes: int) -> torch.Tensor:
 
 
 def unpin(buf: torch.Tensor) -> None:
-    if buf.data_ptr() in _REGISTERED:
-        torch.cuda.cudart().cudaHostUnregister(buf.data_ptr())
-        _REGISTERED.discard(buf.data_ptr())
+    """Undo `pinned_empty`'s page-locking (before the memory is freed, so the address can be pinned again)."""
+    ptr = buf.data_ptr()
+    if ptr in _REGISTERED:
+        _REGISTERED.discard(ptr)
+        torch.cuda.cudart().cudaHostUnregister(ptr)
 
 
 _REGISTERED: set[int] = set()

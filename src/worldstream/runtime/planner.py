@@ -24,15 +24,19 @@ class PlanError(ValueError):
     pass
 
 
+FFN_CHUNK = 8192   # tokens per FFN chunk when the plan needs the memory (WanDiT.set_ffn_chunk)
+
+
 @dataclass(frozen=True)
 class Hardware:
     name: str = "H100 80GB (PCIe Gen5)"
     pcie_bw: float = 53e9            # pinned host->device bytes/s
     disk_bw: float = 1.5e9           # sequential read bytes/s
-    matmul_flops: float = 760e12     # bf16 GEMM at DiT shapes
-    attn_flops: float = 520e12       # SDPA at DiT shapes
+    matmul_flops: float = 700e12     # bf16 GEMM at DiT shapes
+    attn_flops: float = 500e12       # SDPA at DiT shapes
     hbm_bw: float = 2.6e12           # elementwise traffic
-    vram_reserve: float = 0.6e9      # CUDA context, allocator slack, cuBLAS workspaces
+    block_overhead_s: float = 1e-3   # launches and small kernels per block
+    vram_reserve: float = 0.8e9      # allocator slack, cuBLAS workspaces, compiled-kernel scratch
     host_overhead: float = 2.5e9     # process RSS before weights: torch, CUDA libraries
 
 
@@ -57,6 +61,7 @@ class Plan:
     resident: list[int]
     prefetch: int
     cfg_batched: bool
+    ffn_chunk: int | None
     ram_blocks: list[int]
     disk_blocks: list[int]
     vram_peak: float
@@ -82,7 +87,8 @@ class Plan:
             f" {self.resident if len(self.resident) < self.n_blocks else '(all)'}",
             f"streamed: {len(self.streamed)} blocks through {self.slots} GPU slots (prefetch depth {self.prefetch})",
             f"host tiers: {len(self.ram_blocks)} blocks pinned in RAM, {len(self.disk_blocks)} read from disk",
-            f"CFG: {'cond+uncond batched in one forward' if self.cfg_batched else 'cond and uncond as two forwards'}",
+            f"CFG: {'cond+uncond batched in one forward' if self.cfg_batched else 'cond and uncond as two forwards'}"
+            + (f"; FFN in chunks of {self.ffn_chunk} tokens" if self.ffn_chunk else ""),
             f"block compute {self.block_compute_s * 1e3:.1f} ms vs copy {self.block_copy_s * 1e3:.1f} ms",
             f"predicted: {self.step_seconds:.2f} s/step (resident would be {self.resident_step_seconds:.2f} s),"
             f" peak VRAM {fmt_bytes(self.vram_peak)}, peak host RAM {fmt_bytes(self.ram_peak)}"
@@ -105,17 +111,19 @@ def param_counts(cfg: DiTConfig) -> tuple[int, int]:
     return per_block, total - cfg.num_layers * per_block
 
 
-def activation_bytes(cfg: DiTConfig, tokens: int, batch: int) -> float:
+def activation_bytes(cfg: DiTConfig, tokens: int, batch: int, ffn_chunk: int | None = None) -> float:
     """Peak activation memory of a forward (residual stream + the largest block intermediate).
 
-    Per token and sample: the float32 residual (4*dim) lives throughout; inside a block the peak is the FFN
-    (float32 modulated input, its bf16 cast, two bf16 hidden tensors: 6*dim + 4*ffn bytes) or self-attention
-    (q, k, v, RoPE temporaries: about 22*dim bytes); the camera features (2*dim, batch 1) live throughout.
+    Per token and sample: the float32 residual (4*dim bytes) lives throughout; inside a block the peak is the
+    FFN (bf16 modulated input and two bf16 hidden tensors: 2*dim + 4*ffn bytes, over `ffn_chunk` tokens when
+    the FFN is chunked) or self-attention (modulated input, q, k, v, rotated q, k, output: about 18*dim bytes);
+    the camera features (2*dim, batch 1) live throughout. Calibrated against H100 peaks (x1.1, BENCHMARKS.md).
     """
-    per_token = 4 * cfg.dim + max(6 * cfg.dim + 4 * cfg.ffn_dim, 22 * cfg.dim)
+    ffn_tokens = tokens if ffn_chunk is None else min(tokens, ffn_chunk)
+    peak = max(ffn_tokens * (2 * cfg.dim + 4 * cfg.ffn_dim), tokens * 18 * cfg.dim)
     cam = 2 * cfg.dim * tokens if cfg.has_camera else 0
     text = batch * cfg.text_len * cfg.dim * 2 * 4
-    return batch * tokens * per_token + cam + text
+    return 1.1 * (batch * (tokens * 4 * cfg.dim + peak) + cam + text)
 
 
 def block_flops(cfg: DiTConfig, tokens: int, batch: int) -> tuple[float, float]:
@@ -131,7 +139,7 @@ def block_flops(cfg: DiTConfig, tokens: int, batch: int) -> tuple[float, float]:
 def block_seconds(cfg: DiTConfig, tokens: int, batch: int, hw: Hardware) -> float:
     mm, attn = block_flops(cfg, tokens, batch)
     elementwise = 12 * batch * tokens * cfg.dim * 4   # ~12 float32 passes over [B, L, dim] per block
-    return mm / hw.matmul_flops + attn / hw.attn_flops + elementwise / hw.hbm_bw
+    return mm / hw.matmul_flops + attn / hw.attn_flops + elementwise / hw.hbm_bw + hw.block_overhead_s
 
 
 # ---- the schedule ----------------------------------------------------------------------------------------------
@@ -177,10 +185,10 @@ def plan(cfg: DiTConfig, workload: Workload, vram_budget: float | None, ram_budg
     options = [True, False] if workload.cfg else [False]
     best: Plan | None = None
     needs = []
-    for batched in options:
+    for batched, chunk in [(b, c) for b in options for c in (None, FFN_CHUNK)]:
         batch = 2 if batched else 1
         forwards = 2 if (workload.cfg and not batched) else 1
-        act = activation_bytes(cfg, L, batch)
+        act = activation_bytes(cfg, L, batch, chunk)
         comp = block_seconds(cfg, L, batch, hw)
         copy = block_bytes / hw.pcie_bw
         resident_step = forwards * n * comp
@@ -195,7 +203,7 @@ def plan(cfg: DiTConfig, workload: Workload, vram_budget: float | None, ram_budg
             resident = spread_resident(n, r)
             step = resident_step if r == n else forwards * simulate(n, set(resident), prefetch, comp, copy)
             vram = fixed + act + (r + (0 if r == n else slots)) * block_bytes
-            cand = Plan(n, block_bytes, resident, prefetch, batched, [], [], vram, 0.0, 0.0, step,
+            cand = Plan(n, block_bytes, resident, prefetch, batched, chunk, [], [], vram, 0.0, 0.0, step,
                         resident_step, comp, copy)
             if best is None or step < best.step_seconds * 0.995 or (
                     step <= best.step_seconds * 1.005 and vram < best.vram_peak):
@@ -206,7 +214,7 @@ def plan(cfg: DiTConfig, workload: Workload, vram_budget: float | None, ram_budg
         raise PlanError(
             f"{cfg.name} at {workload.frames} frames {workload.height}x{workload.width} needs at least "
             f"{fmt_bytes(min(needs))} of VRAM (non-block weights {fmt_bytes(non_block * 2)}, activations "
-            f"{fmt_bytes(activation_bytes(cfg, L, 1))}, two block slots {fmt_bytes(2 * block_bytes)}); "
+            f"{fmt_bytes(activation_bytes(cfg, L, 1, FFN_CHUNK))}, two block slots {fmt_bytes(2 * block_bytes)}); "
             f"the budget is {fmt_bytes(vram_budget)}. Use fewer frames, a smaller size, or compressed weights.")
 
     _assign_host_tiers(best, cfg, workload, ram_budget, hw)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from .memory import pinned_empty
+from .memory import pinned_empty, unpin
 from .slab import BlockLayout
 
 
@@ -51,6 +51,9 @@ class RamSource:
 
     def release(self, copied_event) -> None:
         pass
+
+    def __del__(self):   # the slab's page-locking ends with its owner (views keep plain memory alive)
+        unpin(self.buf)
 
 
 @dataclass
