@@ -32,17 +32,28 @@ FUSE = os.environ.get("WORLDSTREAM_FUSE", "1") != "0"
 
 
 def fused(fn):
-    """Run `fn` compiled (torch.compile, dynamic shapes) on CUDA tensors when FUSE is on, eagerly otherwise."""
+    """Run `fn` compiled (torch.compile, dynamic shapes) on CUDA tensors when FUSE is on, eagerly otherwise.
+
+    Arguments are made contiguous (views at different storage offsets would each compile anew); if compiling
+    fails (no Triton, a recompile limit), the function runs eagerly from then on."""
     compiled = []
 
     def call(*args):
-        if FUSE and args[0].is_cuda:
+        if FUSE and args[0].is_cuda and compiled != [None]:
             if not compiled:
+                import torch._dynamo.config as dynamo_config
                 import torch._inductor.config as inductor_config
                 if hasattr(inductor_config, "emulate_precision_casts"):
                     inductor_config.emulate_precision_casts = True
-                compiled.append(torch.compile(fn, dynamic=True, fullgraph=True))
-            return compiled[0](*args)
+                dynamo_config.cache_size_limit = max(dynamo_config.cache_size_limit, 64)
+                compiled.append(torch.compile(fn, dynamic=True))
+            args = tuple(a.contiguous() if isinstance(a, torch.Tensor) else a for a in args)
+            try:
+                return compiled[0](*args)
+            except Exception as e:  # noqa: BLE001 - any compiler failure: same math, eagerly
+                import warnings
+                warnings.warn(f"worldstream: {fn.__name__} runs eagerly ({type(e).__name__}: {e})")
+                compiled[:] = [None]
         return fn(*args)
     call.__name__, call.__doc__ = fn.__name__, fn.__doc__
     return call
