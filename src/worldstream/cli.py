@@ -26,10 +26,245 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- generate / demo ------------------------------------------------------------------------------------
+
+def _fail(msg: object) -> int:
+    """Bad input: one `worldstream: error: ...` line on stderr, exit code 2, no traceback."""
+    print(f"worldstream: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def _str2bool(v: str) -> bool:
+    if v.lower() in ("1", "true", "yes", "y", "on"):
+        return True
+    if v.lower() in ("0", "false", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {v!r}")
+
+
+def _guide_scale(text: str) -> float | tuple[float, float]:
+    """'5.0' -> 5.0; '3.5,4.0' -> (3.5, 4.0) = (low-noise, high-noise), upstream's tuple order."""
+    try:
+        vals = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or two numbers low,high; got {text!r}") from None
+    if len(vals) == 1:
+        return vals[0]
+    if len(vals) == 2:
+        return vals[0], vals[1]
+    raise argparse.ArgumentTypeError(f"expected one or two values, got {len(vals)}")
+
+
+def _device(text: str | None):
+    import torch
+
+    from .pipelines.generate import GenerationError, default_device
+
+    if text is None:
+        return default_device()
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise GenerationError(f"--device {text!r}: not a device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise GenerationError(f"--device {text}: CUDA is not available on this machine (use --device cpu)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise GenerationError(f"--device {text}: there are {torch.cuda.device_count()} CUDA device(s)")
+    if device.type not in ("cpu", "cuda"):
+        raise GenerationError(f"--device {text}: only cpu and cuda are supported")
+    return device
+
+
+def _budget(flag: str, text: str | None) -> int | None:
+    from .pipelines.generate import GenerationError
+    from .runtime.memory import parse_bytes
+
+    try:
+        n = parse_bytes(text)
+    except ValueError as e:
+        raise GenerationError(f"{flag}: {e}") from None
+    if n is not None and n <= 0:
+        raise GenerationError(f"{flag} must be positive, got {text}")
+    return n
+
+
+def _output_path(save_file: str | None, default_name: str):
+    """The MP4 path, its folder created and checked writable now (before any model is loaded)."""
+    import os
+    from pathlib import Path
+
+    from .pipelines.generate import GenerationError
+
+    path = Path(save_file) if save_file else Path("outputs") / default_name
+    if path.is_dir():
+        raise GenerationError(f"--save_file {path}: is a folder; give a file name like {path / default_name}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise GenerationError(f"--save_file {path}: cannot create the folder {path.parent} ({e.strerror})") from None
+    if not os.access(path.parent, os.W_OK):
+        raise GenerationError(f"--save_file {path}: the folder {path.parent} is not writable")
+    return path
+
+
+def _write_and_report(result, path) -> None:
+    import time
+
+    from .pipelines.generate import format_report
+    from .pipelines.video import FPS, write_mp4
+
+    t0 = time.perf_counter()
+    write_mp4(result.frames, path, fps=FPS)
+    result.timings["write"] = time.perf_counter() - t0
+    f, h, w, _ = result.frames.shape
+    print(f"wrote {path}: {f} frames {w}x{h}, H.264 {FPS} fps")
+    print(format_report(result))
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import re
+    import time
+
+    import torch
+
+    from .models.loader import CheckpointError
+    from .models.text_encoder import PromptCache
+    from .pipelines.generate import GenerationError, prepare, run
+    from .runtime.planner import PlanError
+
+    try:
+        if args.ckpt_dir is None:
+            raise GenerationError("--ckpt_dir is required (the folder with the downloaded checkpoint)")
+        if args.prompt is None:
+            raise GenerationError("--prompt is required")
+        device = _device(args.device)
+        vram, ram = _budget("--vram", args.vram), _budget("--ram", args.ram)
+        if device.type == "cpu" and (vram or ram):
+            print("note: --vram / --ram place the DiT on a GPU; on the CPU every weight stays in RAM")
+        job = prepare(args.ckpt_dir, args.prompt, task=args.task, image=args.image, size=args.size,
+                      frame_num=args.frame_num, action_path=args.action_path, action_string=args.action_string,
+                      negative_prompt=args.negative_prompt, steps=args.sample_steps, shift=args.sample_shift,
+                      guide_scale=args.sample_guide_scale, seed=args.base_seed, solver=args.sample_solver,
+                      notice=lambda m: print(f"note: {m}"))
+        slug = re.sub(r"[^A-Za-z0-9]+", "_", job.prompt)[:40].strip("_") or "video"
+        name = f"{job.task}_{job.width}x{job.height}_{slug}_{time.strftime('%Y%m%d_%H%M%S')}.mp4"
+        path = _output_path(args.save_file, name)
+        print(job.describe())
+        dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(args.dtype)
+        result = run(job, device=device, dtype=dtype, t5_cpu=args.t5_cpu,
+                     vae_cpu=args.vae_cpu, vram=vram, ram=ram,
+                     prompt_cache=None if args.no_prompt_cache else PromptCache())
+        _write_and_report(result, path)
+    except (GenerationError, CheckpointError, PlanError) as e:
+        return _fail(e)
+    except KeyboardInterrupt:
+        print("\nworldstream: interrupted; no video written", file=sys.stderr)
+        return 130
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from .pipelines.generate import GenerationError, prepare, run
+    from .testing.checkpoint import DEMO_HEIGHT, DEMO_PROMPT, DEMO_VARIANT, DEMO_WIDTH, demo_image, write_demo_checkpoint
+
+    print(f"worldstream demo: the whole generation path (umt5 text encoder, VAE, two-expert DiT with camera "
+          f"control, UniPC sampler, MP4) on a tiny {DEMO_VARIANT} model.\n"
+          "The weights are RANDOM: the video shows that the machinery runs, not a world. "
+          "For real videos download a checkpoint and use `worldstream generate`.")
+    try:
+        device = _device(args.device or "cpu")
+        path = _output_path(args.save_file, "demo.mp4")
+        with tempfile.TemporaryDirectory(prefix="worldstream-demo-") as ckpt:
+            write_demo_checkpoint(ckpt)
+            job = prepare(ckpt, DEMO_PROMPT, image=demo_image(), size=f"{DEMO_WIDTH}*{DEMO_HEIGHT}",
+                          frame_num=args.frame_num, action_string=args.action_string, steps=args.sample_steps,
+                          seed=args.base_seed, notice=lambda m: print(f"note: {m}"))
+            print(job.describe())
+            result = run(job, device=device)
+        _write_and_report(result, path)
+    except GenerationError as e:
+        return _fail(e)
+    except KeyboardInterrupt:
+        print("\nworldstream: interrupted; no video written", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _add_generate_parser(sub) -> None:
+    g = sub.add_parser(
+        "generate", help="generate a video from a checkpoint (upstream generate.py flags)",
+        description="Generate a video with Wan2.1 T2V, Wan2.2 I2V A14B or LingBot-World (Cam / Act) from their "
+                    "official checkpoint folders. The model is detected from the weights; bad input is reported "
+                    "before anything large is loaded.")
+    a = g.add_argument
+    a("--task", help="upstream task name, checked against the checkpoint: i2v-A14B (Wan2.2 I2V, LingBot-World), "
+                     "t2v-14B, t2v-1.3B (Wan2.1), i2v-14B (Wan2.1 I2V: not supported yet). Default: detected")
+    a("--ckpt_dir", help="checkpoint folder (DiT weights, Wan2.1_VAE.pth, models_t5_umt5-xxl-enc-bf16.pth, "
+                         "google/umt5-xxl/)")
+    a("--prompt", help="what the video shows")
+    a("--negative_prompt", default=None, help="what to steer away from (default: Wan's Chinese negative prompt)")
+    a("--image", help="first frame (image-to-video models); the output keeps its aspect ratio")
+    a("--size", help="width*height: 1280*720, 720*1280, 832*480, 480*832 (t2v-1.3B: 832*480, 480*832). "
+                     "Image-to-video uses it as the pixel budget. Default 1280*720")
+    a("--frame_num", type=int, help="frames, 4n+1 (others are rounded down with a notice). Default 81, or the "
+                                    "length of --action_string")
+    a("--action_path", help="LingBot-World: folder with poses.npy [N,4,4] and intrinsics.npy [N,4] "
+                            "(Act models also action.npy [N,4] WASD)")
+    a("--action_string", help="LingBot-World: keyboard schedule, e.g. 'w-10,iw-15,none-10' (W/A/S/D move, "
+                              "I/K pitch, J/L yaw; <keys>-<frames> segments). Intrinsics from --action_path if "
+                              "given, else a built-in 480x832 camera")
+    a("--sample_steps", type=int, help="denoising steps (default: LingBot 70, Wan2.2 40, Wan2.1 T2V 50)")
+    a("--sample_shift", type=float, help="flow schedule shift (default: LingBot 10, Wan 5)")
+    a("--sample_guide_scale", type=_guide_scale,
+      help="classifier-free guidance scale, or low,high for the two experts (default: LingBot 5, Wan2.2 3.5, "
+           "Wan2.1 5); 1 skips the unconditional pass")
+    a("--sample_solver", default="unipc", choices=["unipc", "euler"], help="sampler (default unipc)")
+    a("--base_seed", type=int, help="noise seed; the same seed gives the same video (default: LingBot 42, "
+                                    "others random, printed); -1 = default")
+    a("--save_file", help="output .mp4 (default outputs/<task>_<size>_<prompt>_<time>.mp4)")
+    a("--device", help="cuda, cuda:N or cpu (default: cuda if available)")
+    a("--dtype", choices=["bf16", "fp32"], help="DiT compute dtype (default bf16 on CUDA, fp32 on CPU)")
+    a("--vram", help="GPU memory budget for the DiT, e.g. 8GB or 24GiB: blocks that do not fit stream from "
+                     "host RAM each step (slower, less VRAM). Default: the free memory of the device")
+    a("--ram", help="host RAM budget, e.g. 32GB: blocks that do not fit are read from the checkpoint's "
+                    "safetensors on disk each step (slower still). Default: no limit")
+    a("--t5_cpu", action="store_true", help="run the text encoder on the CPU: saves ~11 GB of VRAM, costs "
+                                            "seconds to a minute of encoding (skipped for cached prompts)")
+    a("--vae_cpu", action="store_true", help="run the VAE on the CPU: saves VRAM during encode/decode, costs "
+                                             "minutes at 720p")
+    a("--no_prompt_cache", action="store_true", help="do not read or store prompt embeddings in "
+                                                     "~/.cache/worldstream/prompts")
+    a("--offload_model", type=_str2bool, help="accepted for upstream compatibility and ignored: worldstream "
+                                              "decides placement itself from --vram / --ram")
+    a("--convert_model_dtype", action="store_true", help="accepted for upstream compatibility: weights are "
+                                                         "always loaded in the compute dtype")
+    g.set_defaults(fn=cmd_generate)
+
+
+def _add_demo_parser(sub) -> None:
+    d = sub.add_parser(
+        "demo", help="run the whole pipeline on a tiny built-in model with RANDOM weights (CPU, seconds)",
+        description="Write a tiny LingBot-World Cam checkpoint with random weights to a temp folder and run the "
+                    "full generation path on it (text encoder, VAE, two DiT experts, camera from a keyboard "
+                    "string, sampler, MP4). The video shows the machinery runs, not a world.")
+    a = d.add_argument
+    a("--action_string", default="w-8,jw-8", help="keyboard schedule driving the camera (default w-8,jw-8)")
+    a("--frame_num", type=int, help="frames, 4n+1 (default: the length of --action_string, 17)")
+    a("--sample_steps", type=int, help="denoising steps (default 70, LingBot's)")
+    a("--base_seed", type=int, help="noise seed (default 42)")
+    a("--save_file", default="outputs/demo.mp4", help="output .mp4 (default outputs/demo.mp4)")
+    a("--device", help="cpu (default) or cuda")
+    d.set_defaults(fn=cmd_demo)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="worldstream", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="list the model variants and their sizes").set_defaults(fn=cmd_info)
+    _add_generate_parser(sub)
+    _add_demo_parser(sub)
     return p
 
 

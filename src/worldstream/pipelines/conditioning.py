@@ -1,0 +1,216 @@
+"""What the DiT is conditioned on besides text: the first frame (image-to-video), the camera / action
+trajectory (LingBot-World), and the starting noise. Facts from spec sections 3-4 and upstream
+`wan/image2video.py` (Wan2.2, LingBot-World).
+
+Image-to-video (Wan2.2 I2V, LingBot-World):
+  * the image goes to [-1, 1]; the output size keeps its aspect ratio within `max_area` pixels
+    (`i2v_size`: lat_h = round(sqrt(max_area * h / w) // 8 // 2 * 2), lat_w likewise with w / h, then x 8);
+  * it is resized to that size (bicubic, no antialiasing, like upstream's `F.interpolate`), put as frame 0
+    of an F-frame clip whose other frames are zero, and VAE-encoded -> 16 x lat_f latents;
+  * a 4 x lat_f mask is one on latent frame 0 (the image) and zero after;
+  * y = cat(mask, latents): 20 channels the DiT concatenates to its 16 noisy channels (in_dim 36).
+
+Camera (LingBot Cam) and action (LingBot Act) inputs come from an action folder (`poses.npy`,
+`intrinsics.npy`, Act also `action.npy`) or from a keyboard string; `CameraInput` holds the loaded,
+validated arrays and builds the DiT's conditioning tensor with `models.camera.camera_condition` once the
+output size is known.
+
+Noise is drawn on the CPU from a generator seeded once (float32, [16, lat_f, lat_h, lat_w]), so a seed gives
+the same video on any device. (Upstream draws it on the GPU, so the same seed gives different noise there.)
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..models import camera as cam
+
+VAE_STRIDE = (4, 8, 8)      # time, height, width
+PATCH = (1, 2, 2)           # DiT patch: sizes must be multiples of 8 * 2 = 16 pixels
+Z_DIM = 16
+
+
+class GenerationError(ValueError):
+    """Bad input for a generation. The message names the file, flag or value at fault."""
+
+
+# ---------------------------------------------------------------------------------------------- frames
+
+def round_frames(frame_num: int) -> int:
+    """The largest 4n+1 <= frame_num (what the VAE can produce: latent frame 0 is one video frame, every later
+    latent four). Raises GenerationError for frame_num < 1."""
+    if int(frame_num) != frame_num or frame_num < 1:
+        raise GenerationError(f"--frame_num must be a positive integer (4n+1: 1, 5, 9, ..., 81), got {frame_num}")
+    return (int(frame_num) - 1) // VAE_STRIDE[0] * VAE_STRIDE[0] + 1
+
+
+def latent_frames(frames: int) -> int:
+    return (frames - 1) // VAE_STRIDE[0] + 1
+
+
+# ---------------------------------------------------------------------------------------------- image
+
+def read_image(path: str | os.PathLike):
+    """Open an image file as PIL RGB, fully decoded now (so a truncated file fails here, not later)."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise GenerationError(f"--image {path}: no such file")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        raise GenerationError(f"--image {path}: cannot read it as an image ({type(e).__name__}: {e})") from None
+
+
+def image_to_tensor(img) -> torch.Tensor:
+    """PIL RGB image -> float32 [3, H, W] in [-1, 1]."""
+    arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255).sub_(0.5).div_(0.5)
+
+
+def i2v_size(img_height: int, img_width: int, max_area: int) -> tuple[int, int]:
+    """Output (height, width) for an image-to-video run: the image's aspect ratio at about `max_area` pixels,
+    both sides multiples of 16 (upstream's formula, spec section 4).
+
+    Kept float-for-float as upstream computes it, quirks included: a 480x832 image at max_area 832*480 gives
+    464x832, because sqrt(399360 * 480 / 832) evaluates to 479.99999... and is floored."""
+    aspect = img_height / img_width
+    s, p = VAE_STRIDE[1], PATCH[1]
+    lat_h = round(math.sqrt(max_area * aspect) // s // p * p)
+    lat_w = round(math.sqrt(max_area / aspect) // s // p * p)
+    if lat_h < p or lat_w < p:
+        raise GenerationError(f"the image is {img_width}x{img_height}: its aspect ratio is too extreme for a "
+                              f"{max_area}-pixel video (it would be {lat_w * s}x{lat_h * s})")
+    return lat_h * s, lat_w * s
+
+
+def resize_image(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """[3, H0, W0] -> [3, height, width], bicubic without antialiasing (upstream's F.interpolate call)."""
+    return F.interpolate(image[None].float(), size=(height, width), mode="bicubic")[0]
+
+
+def first_frame_mask(lat_f: int, lat_h: int, lat_w: int, device=None) -> torch.Tensor:
+    """[4, lat_f, lat_h, lat_w]: ones on latent frame 0 (the given image), zeros on the frames to generate.
+
+    Upstream builds a per-video-frame mask (frame 0 repeated 4x, then one entry per frame) and folds every 4
+    frames into channels; only latent frame 0 ends up non-zero, in all 4 channels."""
+    mask = torch.zeros(4, lat_f, lat_h, lat_w, device=device)
+    mask[:, 0] = 1.0
+    return mask
+
+
+@torch.no_grad()
+def image_condition(vae, image: torch.Tensor, frames: int) -> torch.Tensor:
+    """y = cat(mask, VAE(image, 0, 0, ...)): [20, lat_f, H/8, W/8] float32 on the VAE's device.
+
+    `image` [3, H, W] in [-1, 1] is already at the output size. The clip encoded is the image followed by
+    frames - 1 black (zero) frames, as upstream does."""
+    _, h, w = image.shape
+    clip = torch.zeros(1, 3, frames, h, w, dtype=torch.float32)
+    clip[0, :, 0] = image
+    latents = vae.encode(clip)[0].float()                     # [16, lat_f, h/8, w/8]
+    mask = first_frame_mask(latents.shape[1], latents.shape[2], latents.shape[3], device=latents.device)
+    return torch.cat([mask, latents], dim=0)
+
+
+def initial_noise(seed: int, lat_f: int, lat_h: int, lat_w: int) -> torch.Tensor:
+    """randn(16, lat_f, lat_h, lat_w) float32 from a CPU generator seeded once with `seed`."""
+    g = torch.Generator(device="cpu").manual_seed(int(seed))
+    return torch.randn(Z_DIM, lat_f, lat_h, lat_w, generator=g, dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------- camera
+
+@dataclass
+class CameraInput:
+    """Validated camera / action arrays; `condition(frames, h, w)` gives the DiT's camera tensor.
+
+    poses [N, 4, 4] camera-to-world; intrinsics [M, 4] (row 0 used, for a 480x832 image); actions [K, 4] WASD
+    switches Act mode on; `truncate` is True for pose files (the clip is cut to the poses available) and False
+    for keyboard trajectories (N + 1 poses for N frames)."""
+    poses: np.ndarray
+    intrinsics: np.ndarray
+    actions: np.ndarray | None
+    truncate: bool
+    source: str
+
+    def frames(self, frame_num: int) -> int:
+        """Frames this input can drive when frame_num are asked for (pose files may hold fewer)."""
+        return cam.usable_frames(len(self.poses), frame_num) if self.truncate else frame_num
+
+    def condition(self, frames: int, height: int, width: int) -> torch.Tensor:
+        """float32 [C * 64, lat_f, height / 8, width / 8] with C = 6 (Cam) or 7 (Act); batch dim added."""
+        c = cam.camera_condition(self.poses, self.intrinsics, frames, height, width, actions=self.actions,
+                                 truncate=self.truncate)
+        return c[None]
+
+
+def _load_intrinsics(path: Path) -> np.ndarray:
+    """intrinsics.npy alone (keyboard strings take only the calibration from an action folder)."""
+    f = path / "intrinsics.npy"
+    if not f.is_file():
+        raise GenerationError(f"--action_path {path}: missing intrinsics.npy (with --action_string only the "
+                              "intrinsics are read from it)")
+    try:
+        k = np.load(f, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise GenerationError(f"{f}: cannot load it as a .npy array ({e})") from None
+    if k.ndim != 2 or k.shape[1] != 4 or len(k) < 1 or k.dtype.kind not in "fiu":
+        raise GenerationError(f"{f}: expected a numeric array of shape [N, 4] (fx, fy, cx, cy), "
+                              f"found {k.dtype} {list(k.shape)}")
+    k = k.astype(np.float64)
+    if not np.isfinite(k[0]).all():
+        raise GenerationError(f"{f}: row 0 has non-finite values")
+    if k[0, 0] <= 0 or k[0, 1] <= 0:
+        raise GenerationError(f"{f}: row 0 has focal length fx={k[0, 0]}, fy={k[0, 1]}; both must be > 0")
+    return k
+
+
+def camera_from_dir(path: str | os.PathLike, act: bool) -> CameraInput:
+    """Load and validate an action folder: poses.npy + intrinsics.npy, and action.npy for an Act model."""
+    path = Path(path)
+    try:
+        poses, intrinsics, actions = cam.load_action_dir(path, mode="act" if act else "cam")
+    except (FileNotFoundError, ValueError) as e:
+        raise GenerationError(f"--action_path: {e}") from None
+    return CameraInput(poses, intrinsics, actions, truncate=True, source=str(path))
+
+
+def action_string_frames(action_string: str) -> int:
+    """Key frames a keyboard string spells out (before padding to 4n+1)."""
+    try:
+        return len(cam.parse_action_string(action_string))
+    except ValueError as e:
+        raise GenerationError(f"--action_string: {e}") from None
+
+
+def camera_from_string(action_string: str, frames: int, act: bool,
+                       action_path: str | os.PathLike | None = None) -> CameraInput:
+    """A keyboard string (e.g. "w-10,iw-15,none-10") integrated into a trajectory of frames + 1 poses.
+
+    Intrinsics: row 0 of `action_path/intrinsics.npy` if given, else `camera.DEFAULT_INTRINSICS`. For an Act
+    model (our extension; upstream drives only Cam models from strings) the W/A/S/D keys of every frame also
+    become the action channels, as `action.npy` would."""
+    try:
+        keys = cam.parse_action_string(action_string)
+    except ValueError as e:
+        raise GenerationError(f"--action_string: {e}") from None
+    if len(keys) > frames:
+        raise GenerationError(f"--action_string spells out {len(keys)} frames but the video has {frames}; "
+                              f"drop --frame_num or give at least {cam.pad_to_4n_plus_1(len(keys))}")
+    k = cam.DEFAULT_INTRINSICS[None].astype(np.float64) if action_path is None else _load_intrinsics(Path(action_path))
+    poses = cam.trajectory_from_actions(keys, frames)
+    actions = None
+    if act:
+        padded = keys + [frozenset()] * (frames - len(keys))
+        actions = np.array([[float(c in pressed) for c in cam.WASD] for pressed in padded], dtype=np.float32)
+    return CameraInput(poses, k, actions, truncate=False, source=f"--action_string {action_string!r}")
