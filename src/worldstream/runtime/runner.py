@@ -24,27 +24,39 @@ from ..models.dit import WanDiT
 from .memory import peak_rss_bytes, pinned_empty
 from .planner import Plan, Workload, plan
 from .slab import BlockLayout
+from .disk import DiskTier, placeholder
 from .streaming import RamSource, StreamEngine, place, unplace
 
-Loader = Callable[[str, set, torch.device, torch.dtype], tuple[WanDiT, dict[int, RamSource]]]
+Loader = Callable[..., tuple[WanDiT, dict[int, object]]]
 
 
 def checkpoint_loader(ckpt) -> Loader:
     """Load an expert of a `loader.Checkpoint`: resident blocks and non-block weights to `device`, streamed
-    blocks into pinned slabs, one tensor at a time."""
+    blocks into pinned slabs (RAM tier) or left in the shards for the disk tier, one tensor at a time."""
     from ..models.loader import index_model_dir, iter_tensors, validate
 
-    def load(name: str, streamed: set, device, dtype):
+    def load(name: str, streamed: set, device, dtype, disk: set = frozenset(), tier: DiskTier | None = None):
         model_dir = Path(ckpt.experts[name])
         locations = index_model_dir(model_dir)
         validate(ckpt.config, locations, model_dir)
-        return _assemble(ckpt.config, iter_tensors(locations, dtype, "cpu"), streamed, device, dtype)
+        on_disk = {k for k in locations if k.startswith("blocks.") and int(k.split(".")[1]) in disk}
+        read = {k: v for k, v in locations.items() if k not in on_disk}
+        model, sources = _assemble(ckpt.config, iter_tensors(read, dtype, "cpu"), streamed, device, dtype)
+        for i in disk:
+            sources[i] = tier.source(locations, f"blocks.{i}.")
+            for mod in model.blocks[i].modules():
+                for pname, p in list(mod._parameters.items()):
+                    if p is not None:
+                        mod._parameters[pname] = nn.Parameter(placeholder(p.shape, p.dtype), requires_grad=False)
+        return model, sources
     return load
 
 
 def random_loader(cfg: DiTConfig, seed: int = 0) -> Loader:
     """Random weights of the right shapes (benchmarks with no checkpoint): generated on the device."""
-    def load(name: str, streamed: set, device, dtype):
+    def load(name: str, streamed: set, device, dtype, disk: set = frozenset(), tier=None):
+        if disk:
+            raise ValueError("random weights have no files to stream from disk; raise the RAM budget")
         with torch.device("meta"):
             model = WanDiT(cfg)
         g = torch.Generator(device=device).manual_seed(seed + (name == "low"))
@@ -59,7 +71,7 @@ def random_loader(cfg: DiTConfig, seed: int = 0) -> Loader:
     return load
 
 
-def _assemble(cfg, tensors, streamed: set, device, dtype) -> tuple[WanDiT, dict[int, RamSource]]:
+def _assemble(cfg, tensors, streamed: set, device, dtype) -> tuple[WanDiT, dict[int, object]]:
     with torch.device("meta"):
         model = WanDiT(cfg).to(dtype)
     layout = BlockLayout.of(model.blocks[0])
@@ -84,8 +96,10 @@ def _assemble(cfg, tensors, streamed: set, device, dtype) -> tuple[WanDiT, dict[
 
 class DiTRunner:
     def __init__(self, names: list[str], loader: Loader, device, dtype, plan_: Plan | None,
-                 keep_all: bool = True, ffn_chunk: int | None = None):
+                 keep_all: bool = True, ffn_chunk: int | None = None, cfg: DiTConfig | None = None):
         self.names, self.loader = names, loader
+        self.plan_cfg = cfg
+        self.tier: DiskTier | None = None
         self.device, self.dtype = torch.device(device), dtype
         self.plan = plan_
         self.keep_all = keep_all
@@ -95,6 +109,8 @@ class DiTRunner:
         self.placed: dict[str, object] = {}
         self.engine: StreamEngine | None = None
         self.active: str | None = None
+        self.previous: str | None = None
+        self.preplaced: set[str] = set()
         self.calls: list[str] = []
         self.report: dict = {"switch_s": 0.0, "load_s": 0.0}
 
@@ -107,8 +123,13 @@ class DiTRunner:
     def _load(self, name: str) -> None:
         t0 = time.perf_counter()
         n = self.plan.n_blocks if self.plan else None
-        streamed = set(self.plan.streamed) if self.plan else set()
-        model, sources = self.loader(name, streamed, self.device, self.dtype)
+        streamed = set(self.plan.ram_blocks) if self.plan else set()
+        disk = set(self.plan.disk_blocks) if self.plan else set()
+        if disk and self.tier is None:
+            with torch.device("meta"):
+                layout = BlockLayout.of(WanDiT(self.plan_cfg).to(self.dtype).blocks[0])
+            self.tier = DiskTier(layout, ring=self.plan.prefetch + 2)
+        model, sources = self.loader(name, streamed, self.device, self.dtype, disk=disk, tier=self.tier)
         model.set_ffn_chunk(self.ffn_chunk)
         self.loaded[name] = (model, sources)
         self.report["load_s"] += time.perf_counter() - t0
@@ -116,6 +137,9 @@ class DiTRunner:
 
     def _activate(self, name: str) -> WanDiT:
         if name == self.active:
+            return self.loaded[name][0]
+        if name in self.preplaced:      # attached, fully streamed, its first blocks already prefetched
+            self.previous, self.active = self.active, name
             return self.loaded[name][0]
         t0 = time.perf_counter()
         if self.active is not None and self.active in self.placed:
@@ -140,18 +164,52 @@ class DiTRunner:
         return model
 
     def expect(self, name: str) -> None:
-        if self.engine is not None and name in self.placed and self.placed[name] is not None:
+        """The next forward runs `name`. Across an expert switch (RAM permitting, no disk tier) the next expert is
+        attached to the engine now, fully streamed, so its first blocks load during this expert's last blocks;
+        after its first forward it gets the plan's resident blocks and the old expert is freed."""
+        if self.engine is None:
+            return
+        if (name not in self.placed and name != self.active and self.active is not None and self.keep_all
+                and self.plan is not None and not self.plan.disk_blocks):
+            t0 = time.perf_counter()
+            model, sources = self.loader(name, set(range(self.plan.n_blocks)), self.device, self.dtype)
+            model.set_ffn_chunk(self.ffn_chunk)
+            self.loaded[name] = (model, sources)
+            _, self.placed[name] = place(model, self.device, sources, [], self.plan.prefetch,
+                                         engine=self.engine, name=name)
+            self.preplaced.add(name)
+            self.report["load_s"] += time.perf_counter() - t0
+        if self.placed.get(name) is not None:
             self.engine.expect(self.placed[name])
+
+    def _promote(self, name: str) -> None:
+        """After a pre-placed expert's first forward: drop the previous expert, give `name` its resident blocks."""
+        t0 = time.perf_counter()
+        self.preplaced.discard(name)
+        if self.previous in self.placed:
+            old_model, old_sources = self.loaded.pop(self.previous)
+            unplace(old_model, old_sources, self.engine, self.placed.pop(self.previous))
+            old_model.to("meta")
+        model, sources = self.loaded[name]
+        unplace(model, sources, self.engine, self.placed.pop(name))
+        self.engine, self.placed[name] = place(model, self.device, sources, self.resident, self.plan.prefetch,
+                                               engine=self.engine, name=name)
+        self.report["switch_s"] += time.perf_counter() - t0
 
     @torch.no_grad()
     def __call__(self, expert: str, **inputs) -> torch.Tensor:
         model = self._activate(expert)
         self.calls.append(expert)
-        return model(**inputs)
+        out = model(**inputs)
+        if expert in self.preplaced:
+            self._promote(expert)
+        return out
 
     def close(self) -> None:
         if self.engine is not None:
             self.engine.release()
+        if self.tier is not None:
+            self.tier.close()
         if self.device.type == "cuda":
             self.report["peak_vram"] = torch.cuda.max_memory_allocated(self.device)
         self.report["peak_rss"] = peak_rss_bytes()
@@ -173,4 +231,4 @@ def build_runner(ckpt, device, dtype, workload: Workload, vram: float | None = N
     p = plan(cfg, workload, budget, ram, bytes_per_param=torch.finfo(dtype).bits / 8)
     one_expert = p.weights_in_ram
     keep_all = ram is None or 2 * one_expert + 4e9 <= ram
-    return DiTRunner(names, loader, device, dtype, p, keep_all=keep_all, ffn_chunk=p.ffn_chunk)
+    return DiTRunner(names, loader, device, dtype, p, keep_all=keep_all, ffn_chunk=p.ffn_chunk, cfg=cfg)

@@ -126,14 +126,20 @@ class StreamEngine:
         self.next_model = m
 
     # ---- the cursor over future execution order ------------------------------------------------------------
-    def _advance(self, pos: tuple[Streamed, int]) -> tuple[Streamed, int]:
+    def _resolve(self, pos: tuple[Streamed, int]) -> tuple[Streamed, int]:
+        """Past the end of a forward, the next forward's model is decided when the copy is issued (not when
+        the cursor got there), so an `expect()` made in between is honoured."""
         m, k = pos
-        if k + 1 < len(m.order):
-            return m, k + 1
-        nxt = self.next_model if self.next_model is not None else m
-        return nxt, 0
+        if k < len(m.order):
+            return m, k
+        return (self.next_model if self.next_model is not None else m), 0
+
+    def _advance(self, pos: tuple[Streamed, int]) -> tuple[Streamed, int]:
+        m, k = self._resolve(pos)
+        return m, k + 1
 
     def _issue(self) -> None:
+        self.cursor = self._resolve(self.cursor)
         m, k = self.cursor
         block = m.order[k]
         slot = self._rr
@@ -145,15 +151,28 @@ class StreamEngine:
             with torch.cuda.stream(self.copy_stream):
                 self.slots[slot].copy_(host, non_blocking=True)
                 self.ready[slot].record(self.copy_stream)
+                src.release(self.ready[slot])
         else:
             self.slots[slot].copy_(host)
-        src.release(self.ready[slot])
+            src.release(self.ready[slot])
         self.queue.append((m, block, slot))
         self.cursor = self._advance(self.cursor)
+        self._read_ahead()
         self.stats["copies"] += 1
         self.stats["bytes"] += self.layout.nbytes
         if self.trace is not None:
             self.trace.append(("copy", m.name, block, slot))
+
+    def _read_ahead(self, depth: int = 4) -> None:
+        """Tell sources that can read ahead (the disk tier) which blocks come next."""
+        pos = self.cursor
+        for _ in range(depth):
+            m, k = pos = self._resolve(pos)
+            hint = getattr(m.sources[m.order[k]], "prefetch", None)
+            if hint is None:
+                return
+            hint()
+            pos = self._advance(pos)
 
     # ---- hooks ----------------------------------------------------------------------------------------------
     def _make_pre(self, m: Streamed, i: int):

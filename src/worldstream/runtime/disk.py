@@ -1,0 +1,143 @@
+"""The disk tier: stream blocks straight from the user's safetensors shards when they do not fit in RAM.
+
+No conversion step: each streamed block's tensors are read at their byte ranges (loader.TensorLocation) from the
+original shard files by worker threads into a small ring of pinned buffers laid out like the GPU slots; the
+engine then copies a filled buffer to its slot in one transfer. Reads run ahead of the engine's copy cursor
+(`prefetch` hints), a ring buffer is refilled only after the GPU copy out of it has finished (a CUDA event the
+worker waits on, off the hot loop), and tensors stored in another dtype (fp32 shards) are converted on the way.
+"""
+from __future__ import annotations
+
+import os
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+from .memory import pinned_empty, unpin
+from .slab import BlockLayout
+
+
+class DiskSource:
+    """One block's tensors in the shards: (slab offset, TensorLocation, layout dtype) per parameter."""
+
+    def __init__(self, tier: "DiskTier", parts: list[tuple[int, object, torch.dtype]]):
+        self.tier, self.parts = tier, parts
+
+    def acquire(self) -> torch.Tensor:
+        return self.tier.acquire(self)
+
+    def release(self, copied_event) -> None:
+        self.tier.release(self)
+
+    def prefetch(self) -> None:
+        self.tier.prefetch(self)
+
+    def reset(self) -> None:
+        self.tier.reset()
+
+
+class DiskTier:
+    def __init__(self, layout: BlockLayout, ring: int = 3, workers: int = 4):
+        if ring < 2:
+            raise ValueError("the disk ring needs at least 2 buffers")
+        self.layout = layout
+        self.buffers = [pinned_empty(layout.nbytes) for _ in range(ring)]
+        cuda = torch.cuda.is_available()
+        self.copied = [torch.cuda.Event() if cuda else None for _ in range(ring)]
+        self.free: deque[int] = deque(range(ring))
+        self.inflight: dict[int, tuple[int, Future]] = {}    # id(source) -> (buffer, read)
+        self.current: int | None = None
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="worldstream-disk")
+        self._fds: dict[str, int] = {}
+        self.stats = {"reads": 0, "bytes": 0}
+
+    def source(self, locations: dict[str, object], prefix: str) -> DiskSource:
+        """The block whose tensors are `locations[prefix + name]` for every name of the layout."""
+        parts = []
+        for e in self.layout.entries:
+            loc = locations[prefix + e.name]
+            if loc.offset < 0:
+                raise ValueError(f"{loc.file}: the disk tier reads safetensors byte ranges; convert .pth first")
+            if tuple(loc.shape) != e.shape:
+                raise ValueError(f"{loc.file}: {loc.key} has shape {tuple(loc.shape)}, expected {e.shape}")
+            parts.append((e.offset, loc, e.dtype))
+        return DiskSource(self, parts)
+
+    # ---- engine side (main thread) ----------------------------------------------------------------------------
+    def prefetch(self, src: DiskSource) -> None:
+        if id(src) in self.inflight or not self.free:
+            return
+        r = self.free.popleft()
+        self.inflight[id(src)] = (r, self.pool.submit(self._read, src, r))
+
+    def acquire(self, src: DiskSource) -> torch.Tensor:
+        if id(src) not in self.inflight:
+            if not self.free:       # the ring holds other blocks than the one needed: a wrong guess
+                self.reset()
+            self.prefetch(src)
+        r, fut = self.inflight.pop(id(src))
+        fut.result()
+        self.current = r
+        return self.buffers[r]
+
+    def release(self, src: DiskSource) -> None:
+        """Called on the copy stream right after the copy out of the acquired buffer was enqueued."""
+        r, self.current = self.current, None
+        if self.copied[r] is not None:
+            self.copied[r].record()
+        self.free.append(r)
+
+    def reset(self) -> None:
+        for r, fut in self.inflight.values():
+            fut.result()
+            self.free.append(r)
+        self.inflight.clear()
+
+    # ---- worker side --------------------------------------------------------------------------------------------
+    def _fd(self, path) -> int:
+        path = str(path)
+        if path not in self._fds:
+            self._fds[path] = os.open(path, os.O_RDONLY)
+        return self._fds[path]
+
+    def _read(self, src: DiskSource, r: int) -> None:
+        if self.copied[r] is not None:
+            self.copied[r].synchronize()       # the last GPU copy out of this buffer has finished
+        buf = self.buffers[r].numpy()
+        for offset, loc, dtype in src.parts:
+            fd = self._fd(loc.file)
+            if loc.dtype == dtype:
+                _pread_into(fd, memoryview(buf[offset:offset + loc.nbytes]), loc.offset)
+            else:
+                tmp = np.empty(loc.nbytes, dtype=np.uint8)
+                _pread_into(fd, memoryview(tmp), loc.offset)
+                t = torch.from_numpy(tmp).view(loc.dtype).to(dtype)
+                n = t.numel() * t.element_size()
+                buf[offset:offset + n] = t.reshape(-1).view(torch.uint8).numpy()
+            self.stats["bytes"] += loc.nbytes
+        self.stats["reads"] += 1
+
+    def close(self) -> None:
+        self.reset()
+        self.pool.shutdown(wait=True)
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+        for b in self.buffers:
+            unpin(b)
+
+
+def _pread_into(fd: int, mv: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(mv):
+        n = os.preadv(fd, [mv[done:]], offset + done)
+        if n <= 0:
+            raise OSError(f"short read at byte {offset + done} (file truncated or changed while streaming)")
+        done += n
+
+
+def placeholder(shape, dtype) -> torch.Tensor:
+    """A host stand-in for a parameter whose bytes live on disk: right shape and dtype, no memory."""
+    return torch.zeros(1, dtype=dtype).expand(shape)
