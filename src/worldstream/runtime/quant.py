@@ -1,0 +1,314 @@
+"""Compressed weights for the DiT's block linears: fp8 (e4m3) or int8, with float32 scales.
+
+Why: a streamed block crosses the PCIe bus every forward; storing its big matrices in 8 bits halves the bytes
+(shared/spec/streaming-engine.md, lesson 3). Everything here is a plain tensor: a `QLinear` holds its 8-bit
+weight and its float32 scales as ordinary `nn.Parameter`s, so `BlockLayout.of(block)` packs them into a block
+slab and the streaming engine pins, copies and views them like any other parameter.
+
+Formats (`fmt`), all symmetric (no zero point), weights [out, in] = [N, K]:
+  "fp8"        float8_e4m3fn, one scale per output row: scale = amax(row) / 448.       scale [N, 1]
+  "fp8-block"  float8_e4m3fn, one scale per (row, block of 128 input columns).          scale [N, ceil(K/128)]
+               If K is not a multiple of 128 the last block is simply narrower.
+  "int8"       int8, one scale per output row: scale = amax(row) / 127, round to nearest (ties to even).
+A row (or block) of zeros gets scale 1/qmax and zero data, so nothing divides by zero.
+
+`QLinear.forward` has two paths:
+  * dequantize: rebuild the weight in `compute_dtype` (exactly `(data.float() * scale).to(compute_dtype)`) and
+    call `F.linear`. Works everywhere; costs one elementwise pass over the weight per call.
+  * fp8 matmul: for "fp8" on CUDA GPUs of compute capability >= 8.9 (Ada, Hopper) with bf16 compute, the
+    activations are quantized per token (one float32 scale per row: amax / 448 rounded up to a power of two)
+    and `torch._scaled_mm` multiplies fp8 x fp8 with row-wise scales. Activations are never quantized per tensor
+    (reported to make Wan video blocky).
+Module-level switches: `USE_SCALED_MM = False` forces the dequantize path; `COMPILE_ACT_QUANT` runs the
+activation quantizer through torch.compile on CUDA (one fused kernel, same bits as eager; falls back to eager
+with a warning if compiling fails); `SCALED_MM_FAST_ACCUM` (on) lets cuBLAS use fp8 fast accumulation.
+benchmarks/quant_accuracy.py measures what each costs and buys.
+
+Caution: `Module.to(dtype)` treats float8 as a floating dtype and would cast the fp8 weights; convert the model's
+dtype before quantizing (moving between devices is fine). `QLinear.forward` raises if it finds its weight recast.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0          # largest finite float8_e4m3fn
+INT8_MAX = 127.0         # symmetric: -127..127 (-128 unused)
+BLOCK = 128              # input columns per scale in "fp8-block"
+
+FORMATS = {"fp8": FP8, "fp8-block": FP8, "int8": torch.int8}
+_QMAX = {"fp8": FP8_MAX, "fp8-block": FP8_MAX, "int8": INT8_MAX}
+
+# Module-level switches (see the module docstring).
+USE_SCALED_MM = True          # False: dequantize path even where fp8 matmuls exist (accuracy checks, debugging)
+COMPILE_ACT_QUANT = True      # torch.compile the per-token activation quantizer on CUDA
+SCALED_MM_FAST_ACCUM = True   # cuBLAS fp8 fast accumulation: ~20% faster GEMMs; on an H100 it changed block
+                              # outputs by far less than the fp8 rounding itself (benchmarks/quant_accuracy.py)
+
+
+def _check_fmt(fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown weight format {fmt!r}; known: {', '.join(FORMATS)}")
+
+
+def scale_groups(in_features: int, fmt: str) -> int:
+    """Scale columns per output row: 1 for per-channel formats, ceil(K / 128) for "fp8-block"."""
+    _check_fmt(fmt)
+    return math.ceil(in_features / BLOCK) if fmt == "fp8-block" else 1
+
+
+def _scale_(w: torch.Tensor, scale: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """In place: w [N, K] *= scale (or /= scale), scale [N, G] broadcast over its blocks of BLOCK columns
+    (G == 1: the whole row). The last block may be narrower than BLOCK. Returns w."""
+    op = torch.Tensor.div_ if inverse else torch.Tensor.mul_
+    k, groups = w.shape[1], scale.shape[1]
+    if groups == 1:
+        return op(w, scale)
+    full = k // BLOCK
+    if full:
+        op(w[:, :full * BLOCK].unflatten(1, (full, BLOCK)), scale[:, :full, None])
+    if k % BLOCK:
+        op(w[:, full * BLOCK:], scale[:, full:])
+    return w
+
+
+def quantize(w: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A weight [N, K] (any float dtype, any device) -> (data [N, K] fp8/int8, scale [N, G] float32).
+
+    `dequantize(data, scale, fmt)` gives the weight back up to the format's rounding.
+    """
+    _check_fmt(fmt)
+    if w.dim() != 2:
+        raise ValueError(f"quantize expects a 2-D weight [out, in], got shape {tuple(w.shape)}")
+    n, k = w.shape
+    w32 = w.detach().float()
+    groups = scale_groups(k, fmt)
+    if groups == 1:
+        amax = w32.abs().amax(dim=1, keepdim=True)
+    else:
+        padded = F.pad(w32.abs(), (0, groups * BLOCK - k))
+        amax = padded.view(n, groups, BLOCK).amax(dim=2)
+    if not bool(torch.isfinite(amax).all()):
+        raise ValueError(f"cannot quantize a weight of shape {tuple(w.shape)} holding inf or NaN")
+    qmax = _QMAX[fmt]
+    scale = torch.where(amax > 0, amax, torch.ones_like(amax)) / qmax   # zero row/block: data 0, scale 1/qmax
+    q = _scale_(w32.clone(), scale, inverse=True)
+    if fmt == "int8":
+        data = q.round_().clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+    else:
+        data = q.clamp_(-FP8_MAX, FP8_MAX).to(FP8)
+    return data, scale
+
+
+def dequantize(data: torch.Tensor, scale: torch.Tensor, fmt: str, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """(data [N, K], scale [N, G]) -> weight [N, K] in `dtype`, equal to `(data.float() * scale).to(dtype)`.
+
+    The 8-bit values are exact in bf16/fp16/fp32, and the in-place multiply by the float32 scale computes in
+    float32 and rounds once, so no float32 copy of the whole weight is made.
+    """
+    _check_fmt(fmt)
+    if data.dtype != FORMATS[fmt]:
+        raise ValueError(f"format {fmt!r} stores {FORMATS[fmt]}, got data of dtype {data.dtype}")
+    if data.dim() != 2:
+        raise ValueError(f"dequantize expects 2-D data [out, in], got shape {tuple(data.shape)}")
+    n, k = data.shape
+    if tuple(scale.shape) != (n, scale_groups(k, fmt)) or scale.dtype != torch.float32:
+        raise ValueError(f"format {fmt!r} with data [{n}, {k}] needs float32 scales of shape "
+                         f"[{n}, {scale_groups(k, fmt)}], got {scale.dtype} {tuple(scale.shape)}")
+    return _scale_(data.to(dtype), scale)
+
+
+@functools.lru_cache(maxsize=None)
+def _has_fp8_matmul(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index) >= (8, 9)
+
+
+def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activations [M, K] -> (fp8 [M, K], float32 scale [M, 1]), one scale per row (token).
+
+    The scale is amax / 448 rounded up to a power of two (so the row's largest value lands in [224, 448]): then
+    x / scale is exact in bf16 and the only rounding is the one to fp8, in a bf16 multiply and a cast, with no
+    float32 copy of the activations. fp8 keeps its relative precision over that range, so this costs nothing
+    in accuracy. Zero rows get a finite scale and zero data. Compiled on CUDA when `COMPILE_ACT_QUANT`.
+    """
+    global _compiled_quantizer
+    if COMPILE_ACT_QUANT and x.is_cuda and _compiled_quantizer is not False:
+        try:
+            if _compiled_quantizer is None:
+                _compiled_quantizer = torch.compile(_quantize_rows_fp8, dynamic=True)
+            return _compiled_quantizer(x)
+        except Exception as exc:   # no triton / compiler trouble: eager gives the same bits
+            warnings.warn(f"torch.compile of the fp8 activation quantizer failed ({exc!r}); using eager")
+            _compiled_quantizer = False
+    return _quantize_rows_fp8(x)
+
+
+def _quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    amax = torch.linalg.vector_norm(x, ord=math.inf, dim=-1, keepdim=True, dtype=torch.float32)
+    ratio = FP8_MAX / amax.clamp(min=2.0**-100)                       # a normal float32
+    inv = (ratio.view(torch.int32) & 0x7F800000).view(torch.float32)  # keep the exponent: largest 2^n <= ratio
+    mult = inv.to(x.dtype) if x.dtype in (torch.bfloat16, torch.float32) else inv   # exact: a power of two
+    return (x * mult).to(FP8), inv.reciprocal()
+
+
+_compiled_quantizer = None   # None: not built yet; False: compiling failed, eager from now on
+
+
+class QLinear(nn.Module):
+    """A Linear whose weight is stored in 8 bits (`weight`: fp8/int8, `weight_scale`: float32, both frozen).
+
+    `bias` stays in `compute_dtype` (the dtype of the Linear it replaced: bf16 on GPU, fp32 for CPU tests),
+    which is also the dtype inputs should arrive in and outputs come out in.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, fmt: str = "fp8",
+                 compute_dtype: torch.dtype = torch.bfloat16, device=None):
+        super().__init__()
+        _check_fmt(fmt)
+        self.fmt, self.in_features, self.out_features = fmt, in_features, out_features
+        self._compute_dtype = compute_dtype
+        groups = scale_groups(in_features, fmt)
+        self.weight = nn.Parameter(torch.zeros(out_features, in_features, dtype=FORMATS[fmt], device=device),
+                                   requires_grad=False)
+        self.weight_scale = nn.Parameter(torch.ones(out_features, groups, dtype=torch.float32, device=device),
+                                         requires_grad=False)
+        self.bias = (nn.Parameter(torch.zeros(out_features, dtype=compute_dtype, device=device), requires_grad=False)
+                     if bias else None)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self._compute_dtype
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, fmt: str) -> "QLinear":
+        """Quantize an nn.Linear (on its device). On the meta device only the shapes are made (for sizing)."""
+        w = linear.weight
+        q = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, fmt=fmt,
+                compute_dtype=w.dtype, device=w.device)
+        if w.is_meta:
+            return q
+        data, scale = quantize(w, fmt)
+        with torch.no_grad():
+            q.weight.copy_(data)
+            q.weight_scale.copy_(scale)
+            if linear.bias is not None:
+                q.bias.copy_(linear.bias)
+        return q
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return dequantize(self.weight, self.weight_scale, self.fmt, self.compute_dtype)
+
+    def to_linear(self) -> nn.Linear:
+        """An nn.Linear in `compute_dtype` holding the dequantized weight (same device)."""
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                        device=self.weight.device, dtype=self.compute_dtype)
+        with torch.no_grad():
+            lin.weight.copy_(self.dequantized_weight())
+            if self.bias is not None:
+                lin.bias.copy_(self.bias)
+        return lin
+
+    def uses_scaled_mm(self, x: torch.Tensor) -> bool:
+        """Whether forward(x) takes the fp8 x fp8 matmul (see the module docstring for the conditions)."""
+        return (USE_SCALED_MM and self.fmt == "fp8" and x.is_cuda and self.compute_dtype == torch.bfloat16
+                and self.in_features % 16 == 0 and self.out_features % 16 == 0 and x.numel() > 0
+                and _has_fp8_matmul(x.device.index if x.device.index is not None else torch.cuda.current_device()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.dtype != FORMATS[self.fmt]:
+            raise RuntimeError(f"QLinear({self.fmt}) weight was recast to {self.weight.dtype} (Module.to(dtype)?); "
+                               "set the model's dtype before quantizing")
+        x = x.to(self.compute_dtype)
+        if not self.uses_scaled_mm(x):
+            return F.linear(x, self.dequantized_weight(), self.bias)
+        xq, x_scale = quantize_rows_fp8(x.reshape(-1, self.in_features))
+        y = torch._scaled_mm(xq, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale.view(1, -1),
+                             bias=self.bias, out_dtype=torch.bfloat16, use_fast_accum=SCALED_MM_FAST_ACCUM)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"fmt={self.fmt}, compute_dtype={self.compute_dtype}")
+
+
+# ---- policy: which linears of the DiT get compressed ------------------------------------------------------------
+
+DEFAULT_SKIP = ("cam_",)   # LingBot's camera layers (cam_injector_layer1/2, cam_scale_layer, cam_shift_layer)
+
+
+def _skipped(name: str, skip: tuple[str, ...]) -> bool:
+    return any(pattern in name for pattern in skip)
+
+
+def quantize_block_(block: nn.Module, fmt: str, skip: tuple[str, ...] = DEFAULT_SKIP) -> list[str]:
+    """Replace every nn.Linear of one block whose qualified name contains none of `skip` (substrings) by a
+    QLinear. Returns the names replaced. Norms, modulation and anything that is not an nn.Linear stay as they are."""
+    _check_fmt(fmt)
+    done = []
+    for name, module in list(block.named_modules()):
+        if type(module) is nn.Linear and not _skipped(name, skip):
+            parent, _, child = name.rpartition(".")
+            setattr(block.get_submodule(parent), child, QLinear.from_linear(module, fmt))
+            done.append(name)
+    return done
+
+
+@dataclass
+class QuantSummary:
+    fmt: str
+    quantized_blocks: list[int]
+    unquantized_blocks: list[int]
+    quantized_linears: list[str] = field(default_factory=list)   # names inside one quantized block
+    skipped_linears: list[str] = field(default_factory=list)     # nn.Linear names left as they were
+    block_bytes_before: int = 0     # slab bytes (BlockLayout.of) of one quantized block before ...
+    block_bytes_after: int = 0      # ... and after quantization
+
+    @property
+    def ratio(self) -> float:
+        return self.block_bytes_after / self.block_bytes_before if self.block_bytes_before else 1.0
+
+
+def quantize_blocks_(model: nn.Module, fmt: str, skip_first_last: bool = True,
+                     skip: tuple[str, ...] = DEFAULT_SKIP) -> QuantSummary:
+    """Compress the linears inside `model.blocks` in place (see `quantize_block_`); nothing outside the blocks
+    (embeddings, time projection, head) changes. With `skip_first_last` the first and last block stay whole:
+    they are the most sensitive, and cost 2 of 40 blocks. Note that their slab layout then differs from the rest.
+    """
+    from .slab import BlockLayout   # local import: slab imports nothing from here, keeps this module standalone
+
+    _check_fmt(fmt)
+    n = len(model.blocks)
+    keep = {0, n - 1} if skip_first_last else set()
+    summary = QuantSummary(fmt, [i for i in range(n) if i not in keep], sorted(keep & set(range(n))))
+    for i in summary.quantized_blocks:
+        block = model.blocks[i]
+        before = BlockLayout.of(block).nbytes
+        names = quantize_block_(block, fmt, skip)
+        if not summary.block_bytes_before:
+            summary.block_bytes_before, summary.block_bytes_after = before, BlockLayout.of(block).nbytes
+            summary.quantized_linears = names
+            summary.skipped_linears = [name for name, m in block.named_modules() if type(m) is nn.Linear]
+    if not summary.quantized_blocks and n:
+        summary.block_bytes_before = summary.block_bytes_after = BlockLayout.of(model.blocks[0]).nbytes
+    return summary
+
+
+def quantized_block_bytes(cfg, fmt: str | None, dtype: torch.dtype = torch.bfloat16,
+                          skip: tuple[str, ...] = DEFAULT_SKIP) -> int:
+    """Slab bytes (BlockLayout.of, with its alignment) of one block of `cfg` stored in `dtype` with its linears
+    in `fmt` (None: not quantized). Built on the meta device: nothing is allocated, so full-size configs are fine."""
+    from ..models.dit import Block
+    from .slab import BlockLayout
+
+    with torch.device("meta"):
+        block = Block(cfg).to(dtype)
+    if fmt is not None:
+        quantize_block_(block, fmt, skip)
+    return BlockLayout.of(block).nbytes
