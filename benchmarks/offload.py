@@ -342,7 +342,6 @@ def suite(model: str, quick: bool) -> list[dict]:
     grid = [(f, c) for f in (9, 33, 81) for c in (24, 12, 8)]
     jobs = [
         dict(method="resident", model=model, points=[(9, None), (33, None), (81, None)]),
-        dict(method="resident", model=model, points=[(9, None), (81, None)], fuse=False),
         dict(method="worldstream", model=model, points=grid),
         # dispatch_model leaves offloaded weights on `meta` after its hooks are removed: one point per process
         dict(method="accelerate", model=model, points=[(9, 24)]),
@@ -350,6 +349,7 @@ def suite(model: str, quick: bool) -> list[dict]:
         dict(method="group", model=model, points=[(9, 24), (9, 12), (9, 8)] + ([] if quick else [(81, 12)])),
     ]
     if not get_config(model).has_camera:
+        jobs.append(dict(method="resident", model=model, points=[(9, None), (81, None)], fuse=False))
         jobs.append(dict(method="diffusers", model=model, points=[(9, None), (33, None), (81, None)]))
         if not quick:
             jobs.append(dict(method="sequential", model=model, points=[(9, 8)]))
