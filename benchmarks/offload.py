@@ -88,7 +88,7 @@ def materialize_(module, prefix: str, device, dtype, dim: int, keep_fp32=()):
         fill_(full, p.data, dim)
 
 
-def build_worldstream(cfg, blocks_on: str):
+def build_worldstream(cfg, blocks_on: str, quant: str | None = None):
     """WanDiT with random bf16 weights; non-block on the GPU; blocks on 'cuda', 'pinned' (host slabs) or
     'cpu' (plain pageable, like a model loaded with device_map='cpu')."""
     from worldstream.runtime.slab import BlockLayout
@@ -102,6 +102,9 @@ def build_worldstream(cfg, blocks_on: str):
     layout = None
     for i, block in enumerate(m.blocks):
         materialize_(block, f"blocks.{i}.", "cuda", torch.bfloat16, cfg.dim)
+        if quant:   # compressed block linears (camera layers stay bf16), runtime/quant.py
+            from worldstream.runtime.quant import quantize_block_
+            quantize_block_(block, quant)
         if blocks_on == "pinned":
             layout = layout or BlockLayout.of(block)
             sources.update(host_slabs_from_blocks(m.blocks, [i], layout))
@@ -218,7 +221,7 @@ def job(spec: dict) -> list[dict]:
         elif method in ("group", "sequential", "diffusers"):
             results += run_diffusers(cfg, method, points)
     for r in results:
-        r.update(method=method, model=model_name, rss_before_cuda_GB=base_rss / GB, rss_after_cuda_GB=ctx_rss / GB)
+        r.update(method=method + (f"-{spec['quant']}" if spec.get("quant") else ""), model=model_name, rss_before_cuda_GB=base_rss / GB, rss_after_cuda_GB=ctx_rss / GB)
     return results
 
 
@@ -229,7 +232,7 @@ def run_worldstream(cfg, method, points, spec):
     if method == "resident":
         import worldstream.models.dit as dit
         dit.FUSE = spec.get("fuse", True)
-        m, _ = build_worldstream(cfg, "cuda")
+        m, _ = build_worldstream(cfg, "cuda", spec.get("quant"))
         for frames, _cap in points:
             for batched in (True, False):
                 kw = inputs(cfg, frames, 2 if batched else 1)
@@ -243,12 +246,14 @@ def run_worldstream(cfg, method, points, spec):
                 del kw
         return out
     with RssPeak() as rp_build:
-        m, sources = build_worldstream(cfg, "pinned")
+        m, sources = build_worldstream(cfg, "pinned", spec.get("quant"))
     weights_ram = sum(s.buf.numel() for s in sources.values())
+    from worldstream.runtime.slab import BlockLayout
+    block_bytes = BlockLayout.of(m.blocks[0]).nbytes
     hw = Hardware(pcie_bw=spec.get("pcie_bw", Hardware.pcie_bw))
     for frames, cap in points:
         try:
-            p = plan(cfg, Workload(frames=frames, experts=1), cap * GB, None, hw)
+            p = plan(cfg, Workload(frames=frames, experts=1), cap * GB, None, hw, block_bytes=block_bytes)
         except PlanError as e:
             out.append(dict(frames=frames, cap_GB=cap, error=str(e)))
             continue
@@ -348,6 +353,8 @@ def suite(model: str, quick: bool) -> list[dict]:
         dict(method="accelerate", model=model, points=[(9, 8)]),
         dict(method="group", model=model, points=[(9, 24), (9, 12), (9, 8)] + ([] if quick else [(81, 12)])),
     ]
+    jobs += [dict(method="resident", model=model, points=[(9, None), (81, None)], quant="fp8"),
+             dict(method="worldstream", model=model, points=[(9, 8), (81, 8)], quant="fp8")]
     if not get_config(model).has_camera:
         jobs.append(dict(method="resident", model=model, points=[(9, None), (81, None)], fuse=False))
         jobs.append(dict(method="diffusers", model=model, points=[(9, None), (33, None), (81, None)]))
@@ -361,6 +368,8 @@ def main():
     ap.add_argument("--models", default="wan2.2-i2v-a14b,lingbot-cam")
     ap.add_argument("--methods", default=None, help="comma list to restrict the suite")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--quant", choices=["only", "none", "all"], default="all",
+                    help="run only the compressed-weight jobs, none of them, or all")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "offload.json"))
     ap.add_argument("--job", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -387,6 +396,8 @@ def main():
         for spec in suite(model, args.quick):
             if args.methods and spec["method"] not in args.methods.split(","):
                 continue
+            if (args.quant == "only" and not spec.get("quant")) or (args.quant == "none" and spec.get("quant")):
+                continue
             if pcie:
                 spec["pcie_bw"] = pcie
             results["rows"] += spawn(spec)
@@ -403,9 +414,9 @@ def print_table(results):
             print(f"{r['model'][:16]:16} {r['method']:12} {r['frames']:>3} {r['cap_GB']:>4}  ERROR {r['error'][:120]}")
             continue
         note = ""
-        if r["method"] == "worldstream":
+        if r["method"].startswith("worldstream"):
             note = f"res={r['resident_blocks']} P={r['prefetch']} b2={r['cfg_batched']} bus={r['streamed_GB_per_step']:.1f}GB ram_w={r['weights_in_ram_GB']:.1f}"
-        elif r["method"] == "resident":
+        elif r["method"].startswith("resident"):
             note = f"b2={r['cfg_batched']} fused={r.get('fused')}"
         elif r["method"] == "accelerate":
             note = f"gpu_blocks={r['gpu_blocks']}"

@@ -24,6 +24,7 @@ class PlanError(ValueError):
     pass
 
 
+HEADROOM = 0.04   # fraction of the VRAM budget kept free for the allocator
 FFN_CHUNK = 8192   # tokens per FFN chunk when the plan needs the memory (WanDiT.set_ffn_chunk)
 
 
@@ -174,13 +175,17 @@ def simulate(n_blocks: int, resident: set[int], prefetch: int, compute_s: float,
 # ---- the plan ------------------------------------------------------------------------------------------------
 
 def plan(cfg: DiTConfig, workload: Workload, vram_budget: float | None, ram_budget: float | None = None,
-         hardware: Hardware | None = None, bytes_per_param: float = 2.0, max_prefetch: int = 4) -> Plan:
+         hardware: Hardware | None = None, bytes_per_param: float = 2.0, max_prefetch: int = 4,
+         block_bytes: int | None = None, pinned_resident: tuple[int, ...] = ()) -> Plan:
+    """`block_bytes` overrides the streamed size of a block (compressed weights, runtime/quant.py);
+    `pinned_resident` blocks must stay resident (e.g. uncompressed first/last blocks)."""
     hw = hardware or Hardware()
     per_block, non_block = param_counts(cfg)
-    block_bytes = int(per_block * bytes_per_param)
+    block_bytes = block_bytes or int(per_block * bytes_per_param)
     n = cfg.num_layers
     L = workload.tokens
     fixed = non_block * 2 + hw.vram_reserve
+    budget = float("inf") if vram_budget is None else vram_budget * (1 - HEADROOM)
 
     options = [True, False] if workload.cfg else [False]
     best: Plan | None = None
@@ -192,30 +197,39 @@ def plan(cfg: DiTConfig, workload: Workload, vram_budget: float | None, ram_budg
         comp = block_seconds(cfg, L, batch, hw)
         copy = block_bytes / hw.pcie_bw
         resident_step = forwards * n * comp
-        budget = float("inf") if vram_budget is None else vram_budget
         for prefetch in range(1, max_prefetch + 1):
             slots = prefetch + 1
-            room = budget - fixed - act - slots * block_bytes
+            room = budget - fixed - act - slots * block_bytes - len(pinned_resident) * per_block * 2
             if room < 0:
                 needs.append(fixed + act + slots * block_bytes)
                 continue
-            r = n if room >= n * block_bytes else int(room // block_bytes)
-            resident = spread_resident(n, r)
-            step = resident_step if r == n else forwards * simulate(n, set(resident), prefetch, comp, copy)
-            vram = fixed + act + (r + (0 if r == n else slots)) * block_bytes
+            r_max = n if room >= n * block_bytes else int(room // block_bytes) + len(pinned_resident)
+
+            def schedule(r):
+                res = sorted(set(spread_resident(n, r - len(pinned_resident))) | set(pinned_resident))
+                return res, (resident_step if len(res) == n else
+                             forwards * simulate(n, set(res), prefetch, comp, copy))
+            # The fewest resident blocks that reach (within 1%) the best time: VRAM left free is headroom
+            # for the allocator; filling the card with blocks that cannot speed anything up only costs.
+            _, fastest = schedule(r_max)
+            r = next(r for r in range(len(pinned_resident), r_max + 1) if schedule(r)[1] <= fastest * 1.01)
+            resident, step = schedule(r)
+            stream = len(resident) < n
+            vram = fixed + act + (len(resident) + (slots if stream else 0)) * block_bytes
             cand = Plan(n, block_bytes, resident, prefetch, batched, chunk, [], [], vram, 0.0, 0.0, step,
                         resident_step, comp, copy)
             if best is None or step < best.step_seconds * 0.995 or (
                     step <= best.step_seconds * 1.005 and vram < best.vram_peak):
                 best = cand
-            if r == n:
+            if not stream:
                 break
     if best is None:
         raise PlanError(
             f"{cfg.name} at {workload.frames} frames {workload.height}x{workload.width} needs at least "
-            f"{fmt_bytes(min(needs))} of VRAM (non-block weights {fmt_bytes(non_block * 2)}, activations "
-            f"{fmt_bytes(activation_bytes(cfg, L, 1, FFN_CHUNK))}, two block slots {fmt_bytes(2 * block_bytes)}); "
-            f"the budget is {fmt_bytes(vram_budget)}. Use fewer frames, a smaller size, or compressed weights.")
+            f"{fmt_bytes(min(needs) / (1 - HEADROOM))} of VRAM (non-block weights {fmt_bytes(non_block * 2)}, "
+            f"activations {fmt_bytes(activation_bytes(cfg, L, 1, FFN_CHUNK))}, two block slots "
+            f"{fmt_bytes(2 * block_bytes)}); the budget is {fmt_bytes(vram_budget)}. Use fewer frames, a smaller "
+            f"size, or compressed weights.")
 
     _assign_host_tiers(best, cfg, workload, ram_budget, hw)
     return best
