@@ -259,12 +259,80 @@ def _add_demo_parser(sub) -> None:
     d.set_defaults(fn=cmd_demo)
 
 
+# ---- plan ----------------------------------------------------------------------------------------------------
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Print what the planner would do for a model, a clip and a machine, without loading anything."""
+    from .models.configs import TWO_EXPERTS, get_config
+    from .models.loader import CheckpointError, find_checkpoint
+    from .pipelines.generate import GenerationError
+    from .runtime.memory import fmt_bytes
+    from .runtime.planner import Hardware, PlanError, Workload, plan
+
+    try:
+        if (args.ckpt_dir is None) == (args.variant is None):
+            raise GenerationError("give exactly one of --ckpt_dir (a checkpoint folder) or --variant (a name "
+                                  "from `worldstream info`)")
+        if args.ckpt_dir:
+            ckpt = find_checkpoint(args.ckpt_dir)
+            cfg, experts = ckpt.config, len(ckpt.experts)
+        else:
+            cfg = get_config(args.variant)
+            experts = 2 if cfg.name.removesuffix("-tiny") in TWO_EXPERTS else 1
+        try:
+            h, w = (int(v) for v in args.size.split("*"))
+        except ValueError:
+            raise GenerationError(f"--size {args.size!r}: expected HEIGHT*WIDTH, e.g. 480*832") from None
+        if h % 16 or w % 16:
+            raise GenerationError(f"--size {args.size}: both sides must be multiples of 16")
+        frames = args.frame_num
+        if frames < 1:
+            raise GenerationError(f"--frame_num must be positive, got {frames}")
+        if (frames - 1) % 4:
+            frames = (frames - 1) // 4 * 4 + 1
+            print(f"note: --frame_num {args.frame_num} is not 4n+1; planning for {frames}", file=sys.stderr)
+        vram, ram = _budget("--vram", args.vram), _budget("--ram", args.ram)
+        hw = Hardware(pcie_bw=args.pcie * 1e9, disk_bw=args.disk * 1e9)
+        block_bytes = None
+        if args.quant:
+            from .runtime.quant import quantized_block_bytes
+            block_bytes = quantized_block_bytes(cfg, args.quant)
+        p = plan(cfg, Workload(frames=frames, height=h, width=w, cfg=not args.no_cfg, experts=experts),
+                 vram, ram, hw, block_bytes=block_bytes)
+    except (GenerationError, CheckpointError, PlanError, KeyError, ValueError) as e:
+        return _fail(e.args[0] if isinstance(e, KeyError) else e)
+    print(f"{cfg.name}: {frames} frames at {h}x{w}, {'CFG' if not args.no_cfg else 'no CFG'}, "
+          f"{experts} expert(s); weights {args.quant or 'bf16'}; budgets: VRAM "
+          f"{fmt_bytes(vram) if vram else 'unlimited'}, RAM {fmt_bytes(ram) if ram else 'unlimited'}; "
+          f"PCIe {args.pcie:.0f} GB/s, disk {args.disk:.1f} GB/s")
+    print(p.describe())
+    return 0
+
+
+def _add_plan_parser(sub) -> None:
+    q = sub.add_parser("plan", help="show how a model would be placed under VRAM / RAM budgets",
+                       description="Plan residency, prefetch and host tiers for one denoising step, and predict "
+                                   "peak VRAM, peak host RAM and seconds per step. Nothing is loaded.")
+    q.add_argument("--ckpt_dir", help="checkpoint folder (the variant is detected from its weights)")
+    q.add_argument("--variant", help="a variant name from `worldstream info`, e.g. lingbot-cam")
+    q.add_argument("--size", default="480*832", help="HEIGHT*WIDTH (default 480*832)")
+    q.add_argument("--frame_num", type=int, default=81, help="frames, 4n+1 (default 81)")
+    q.add_argument("--vram", help="VRAM budget, e.g. 8GB (default: unlimited)")
+    q.add_argument("--ram", help="host RAM budget, e.g. 32GB (default: unlimited)")
+    q.add_argument("--quant", choices=["fp8", "fp8-block", "int8"], help="plan for compressed block weights")
+    q.add_argument("--no_cfg", action="store_true", help="one forward per step (guide scale 1 / distilled models)")
+    q.add_argument("--pcie", type=float, default=53.0, help="pinned host-to-device GB/s (default 53, H100 Gen5)")
+    q.add_argument("--disk", type=float, default=1.5, help="disk read GB/s for the disk tier (default 1.5)")
+    q.set_defaults(fn=cmd_plan)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="worldstream", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="list the model variants and their sizes").set_defaults(fn=cmd_info)
     _add_generate_parser(sub)
     _add_demo_parser(sub)
+    _add_plan_parser(sub)
     return p
 
 

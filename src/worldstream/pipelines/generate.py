@@ -509,6 +509,11 @@ def run(job: Job, *, device=None, dtype: torch.dtype | None = None, t5_cpu: bool
 
         t0 = time.perf_counter()
         t5_dtype = torch.bfloat16 if cuda else dtype     # umt5 runs in bf16 (its checkpoint dtype) on GPU runs
+        t5_file = Path(job.ckpt.root) / T5_CHECKPOINT
+        if cuda and vram is not None and not t5_cpu and t5_file.exists() and t5_file.stat().st_size > 0.85 * vram:
+            t5_cpu = True   # the --vram budget holds for every phase, not only the DiT's
+            print(f"note: the text encoder ({t5_file.stat().st_size / 1e9:.1f} GB) does not fit --vram "
+                  f"{vram / 1e9:.0f}GB with headroom: running it on the CPU (as --t5_cpu)", file=sys.stderr)
         try:
             context, context_null = encode_prompts(
                 [job.prompt, job.negative_prompt], job.ckpt.root, cache=prompt_cache,

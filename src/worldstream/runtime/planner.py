@@ -211,13 +211,17 @@ def plan(cfg: DiTConfig, workload: Workload, vram_budget: float | None, ram_budg
                              forwards * simulate(n, set(res), prefetch, comp, copy))
             # The fewest resident blocks that reach (within 1%) the best time: VRAM left free is headroom
             # for the allocator; filling the card with blocks that cannot speed anything up only costs.
+            # (When every block fits, nothing streams: no bus traffic at all.)
             _, fastest = schedule(r_max)
-            r = next(r for r in range(len(pinned_resident), r_max + 1) if schedule(r)[1] <= fastest * 1.01)
+            r = r_max if r_max >= n else next(
+                r for r in range(len(pinned_resident), r_max + 1) if schedule(r)[1] <= fastest * 1.01)
             resident, step = schedule(r)
             stream = len(resident) < n
             vram = fixed + act + (len(resident) + (slots if stream else 0)) * block_bytes
             cand = Plan(n, block_bytes, resident, prefetch, batched, chunk, [], [], vram, 0.0, 0.0, step,
                         resident_step, comp, copy)
+            _assign_host_tiers(cand, cfg, workload, ram_budget, hw)   # a disk-bound plan may lose its lead
+            step = cand.step_seconds
             if best is None or step < best.step_seconds * 0.995 or (
                     step <= best.step_seconds * 1.005 and vram < best.vram_peak):
                 best = cand
@@ -231,7 +235,6 @@ def plan(cfg: DiTConfig, workload: Workload, vram_budget: float | None, ram_budg
             f"{fmt_bytes(2 * block_bytes)}); the budget is {fmt_bytes(vram_budget)}. Use fewer frames, a smaller "
             f"size, or compressed weights.")
 
-    _assign_host_tiers(best, cfg, workload, ram_budget, hw)
     return best
 
 

@@ -1,0 +1,390 @@
+"""Full-size LingBot-World Cam pipeline, random weights: wall time per phase and peak memory under VRAM budgets.
+
+What it runs is `worldstream generate`'s own code path (`prepare` -> `run`), I2V with a keyboard camera string,
+480x832, 17 frames, at full model size: the umt5-xxl text encoder (5.7 B parameters), the Wan2.1 VAE and both
+LingBot Cam DiT experts (high and low noise). No checkpoint can be downloaded and one expert in bf16 is 37 GB,
+so:
+
+  * the checkpoint folder (written to a temp folder) holds a FULL-size umt5-xxl `.pth` (random bf16, generated
+    on the GPU, 11.4 GB), a FULL-size `Wan2.1_VAE.pth` (random float32) and the tiny test tokenizer; its DiT
+    folders (`high_noise_model/`, `low_noise_model/`) hold a *tiny* LingBot Cam, only so that `prepare()`
+    validates the folder exactly as it validates a download;
+  * after `prepare()` the job's checkpoint config is swapped for the full-size `lingbot-cam` config, and `run()`
+    gets a `runner_factory` that builds the real runner (planner, pinned slabs, streaming engine) with
+    `random_loader`: each expert's weights are generated on the GPU tensor by tensor and the streamed blocks
+    packed into pinned host slabs, as the checkpoint loader does; the tiny DiT weights are never read.
+
+So "load" measures VAE + umt5 reading from disk (page cache) but DiT generation instead of DiT reading:
+with a real checkpoint the DiT load is bounded by the disk (37 GB per expert).
+
+`prepare()` sizes an I2V video from the image's aspect ratio and the pixel budget, which for 832*480 gives
+464x832 (upstream's flooring, see `conditioning.i2v_size`); the benchmark then sets the job to exactly
+480x832 so that the stated size is measured. The prompt cache is off, so umt5 runs every time.
+
+Each VRAM budget runs in a fresh subprocess (separate peaks, nothing cached in memory); the folder is built by
+a third one. Results: `$OUT/pipeline.json` (else `benchmarks/results/pipeline.json`) and a table on stdout.
+
+    python benchmarks/pipeline.py                       # H100: 24GB then 12GB
+    python benchmarks/pipeline.py --cpu-smoke --out /tmp/smoke.json   # same code path, tiny models, CPU
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "src"))
+
+PROMPT = "The camera moves forward through a dark forest path, then turns left towards a clearing."
+ACTION = "w-8,jw-8"          # 8 frames forward, 8 frames forward while turning left: 16 -> 17 frames (4n+1)
+FRAMES = 17
+SHIFT, GUIDE, SEED = 10.0, 5.0, 42
+FULL = {"variant": "lingbot-cam", "height": 480, "width": 832}
+SMOKE = {"variant": "lingbot-cam-tiny", "height": 64, "width": 64}
+PHASES = ["load", "text encode", "VAE encode", "denoise", "VAE decode", "write"]
+
+
+# ---------------------------------------------------------------------------------------------- stage: build
+
+def write_random_t5(path: Path, cfg, device, seed: int = 0) -> int:
+    """A umt5 encoder `.pth` with upstream's key names, random bf16 weights generated on `device`; bytes written.
+
+    Same scaling as `testing.text.random_text_encoder_state` (norms ~1, projections ~1/sqrt(fan_in)), but made
+    on the GPU: 5.7 B random numbers on the CPU would take minutes. Each tensor is moved to the CPU as it is
+    made, so the file holds CPU storages like the real one. Written to a temp file, then renamed.
+    """
+    import torch
+
+    from worldstream.models.text_encoder import upstream_shapes
+
+    g = torch.Generator(device=device).manual_seed(seed)
+    state = {}
+    for key, shape in upstream_shapes(cfg).items():
+        t = torch.randn(shape, generator=g, device=device, dtype=torch.float32)
+        if key.endswith(("norm1.weight", "norm2.weight")) or key == "norm.weight":
+            t = 1.0 + 0.2 * t
+        elif not (key.endswith("pos_embedding.embedding.weight") or key == "token_embedding.weight"):
+            t = t * shape[1] ** -0.5
+        state[key] = t.to(torch.bfloat16).cpu()
+        del t
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path.stat().st_size
+
+
+def build_folder(root: Path, smoke: bool) -> dict:
+    """The checkpoint folder `prepare()` accepts: tiny DiT (never read), full (or, smoke, tiny) umt5 and VAE."""
+    import torch
+
+    from worldstream.models.text_encoder import T5_CHECKPOINT, T5_TOKENIZER, T5Config
+    from worldstream.models.vae import VAEConfig
+    from worldstream.pipelines.generate import VAE_FILE
+    from worldstream.runtime.memory import peak_rss_bytes
+    from worldstream.testing.dit import write_dit_checkpoint
+    from worldstream.testing.text import write_tiny_tokenizer
+    from worldstream.testing.vae import write_tiny_vae
+
+    device = torch.device("cpu" if smoke else "cuda")
+    times = {}
+    t0 = time.perf_counter()
+    write_dit_checkpoint(root, "lingbot-cam-tiny", shards=1)       # for validation only
+    write_tiny_tokenizer(root / T5_TOKENIZER)
+    times["tiny DiT + tokenizer"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    t5_bytes = write_random_t5(root / T5_CHECKPOINT, T5Config.tiny() if smoke else T5Config(), device)
+    times["umt5 random + save"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    write_tiny_vae(root / VAE_FILE, cfg=VAEConfig.tiny() if smoke else VAEConfig(), seed=0)  # any width
+    times["VAE random + save"] = time.perf_counter() - t0
+    return {"seconds": times, "umt5_bytes": t5_bytes, "vae_bytes": (root / VAE_FILE).stat().st_size,
+            "peak_rss": peak_rss_bytes()}
+
+
+# ---------------------------------------------------------------------------------------------- stage: run
+
+class TimedRunner:
+    """Wraps a DiTRunner: times every forward (synchronized) and splits the CUDA peaks at the DiT's edges.
+
+    Peaks are read and reset at the first forward (everything before: VAE load, umt5, VAE encode) and at
+    `close()` (the denoising); what `run` does after that (VAE decode) is read by the caller.
+    """
+
+    def __init__(self, inner, device):
+        self.inner, self.device = inner, device
+        self.cuda = device.type == "cuda"
+        self.forwards: list[dict] = []
+        self.peaks: dict[str, dict] = {}
+
+    def __getattr__(self, name):            # report, cfg_batched, expect, plan, ...
+        return getattr(self.inner, name)
+
+    def _cut(self, label: str) -> None:
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            self.peaks[label] = {"allocated": torch.cuda.max_memory_allocated(self.device),
+                                 "reserved": torch.cuda.max_memory_reserved(self.device)}
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def __call__(self, expert: str, **inputs):
+        import torch
+
+        if not self.forwards:
+            self._cut("before DiT (VAE load, umt5, VAE encode)")
+        load0, switch0 = self.inner.report["load_s"], self.inner.report["switch_s"]
+        t0 = time.perf_counter()
+        out = self.inner(expert, **inputs)
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        self.forwards.append({"expert": expert, "s": time.perf_counter() - t0,
+                              "load_s": self.inner.report["load_s"] - load0,
+                              "switch_s": self.inner.report["switch_s"] - switch0})
+        return out
+
+    def close(self) -> None:
+        self.inner.close()
+        self._cut("denoise (DiT)")
+
+
+def run_once(root: Path, vram_text: str, smoke: bool, steps: int, mp4_dir: Path) -> dict:
+    import dataclasses
+
+    import torch
+
+    from worldstream.models.configs import get_config
+    from worldstream.pipelines.generate import format_report, prepare, run
+    from worldstream.pipelines.schedulers import FlowUniPC, expert_for
+    from worldstream.runtime.memory import parse_bytes, peak_rss_bytes
+    from worldstream.runtime.runner import build_runner, random_loader
+    from worldstream.testing.checkpoint import demo_image
+
+    spec = SMOKE if smoke else FULL
+    device = torch.device("cpu" if smoke else "cuda")
+    h, w = spec["height"], spec["width"]
+    notes: list[str] = []
+    job = prepare(root, PROMPT, image=demo_image(w, h), size=f"{w}*{h}", frame_num=FRAMES, action_string=ACTION,
+                  steps=steps, shift=SHIFT, guide_scale=GUIDE, seed=SEED, notice=notes.append)
+    if (job.height, job.width) != (h, w):
+        notes.append(f"prepare() sized the I2V video {job.height}x{job.width} (upstream's flooring); "
+                     f"benchmark sets {h}x{w}")
+        job.height, job.width = h, w
+    cfg = get_config(spec["variant"])
+    job.ckpt = dataclasses.replace(job.ckpt, config=cfg)          # full size from here on; DiT files unused
+    split = [expert_for(t, job.boundary) for t in FlowUniPC(job.steps, job.shift).timesteps]
+    if len(set(split)) < 2:
+        raise SystemExit(f"{steps} steps at shift {SHIFT} use only the {split[0]} expert (boundary "
+                         f"{job.boundary}); pick more steps so both experts run")
+    vram = parse_bytes(vram_text)
+    holder: dict = {}
+
+    def factory(ckpt, device_, dtype, workload, vram=None, ram=None):
+        inner = build_runner(ckpt, device_, dtype, workload, vram=vram, ram=ram,
+                             loader=random_loader(ckpt.config, seed=0))
+        holder["runner"] = TimedRunner(inner, torch.device(device_))
+        return holder["runner"]
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    print(job.describe(), flush=True)
+    t_all = time.perf_counter()
+    result = run(job, device=device, vram=vram, prompt_cache=None, runner_factory=factory, progress=True)
+    runner: TimedRunner = holder["runner"]
+    peaks = dict(runner.peaks)
+    if device.type == "cuda":
+        peaks["VAE decode"] = {"allocated": torch.cuda.max_memory_allocated(device),
+                               "reserved": torch.cuda.max_memory_reserved(device)}
+
+    t0 = time.perf_counter()
+    mp4 = None
+    try:
+        import av  # noqa: F401
+    except ImportError:
+        notes.append("PyAV (av) is not installed: MP4 not written")
+    else:
+        from worldstream.pipelines.video import FPS, write_mp4
+        mp4 = str(write_mp4(result.frames, mp4_dir / f"lingbot_cam_{vram_text}.mp4", fps=FPS))
+    result.timings["write"] = time.perf_counter() - t0
+    wall = time.perf_counter() - t_all
+    print(format_report(result), flush=True)
+
+    # steady s/step: forwards that neither loaded an expert nor switched, and not the first (kernel compile)
+    fw = runner.forwards
+    per_step = len(fw) / job.steps
+    steady = [f["s"] for i, f in enumerate(fw) if i > 0 and f["load_s"] == 0 and f["switch_s"] == 0]
+    switch_fw = [f for i, f in enumerate(fw) if i > 0 and f["switch_s"] > 0]
+    plan = runner.inner.plan
+    rep = result.report
+    return {
+        "vram_budget": vram_text, "vram_budget_bytes": vram,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__, "dtype": rep["dtype"],
+        "job": {"variant": cfg.name, "height": job.height, "width": job.width, "frames": job.frames,
+                "steps": job.steps, "solver": job.solver, "shift": job.shift, "guide_scale": list(job.guide_scale),
+                "boundary": job.boundary, "action_string": ACTION, "tokens": job.latent_shape[1]
+                * (job.height // 16) * (job.width // 16)},
+        "timings_s": {k: result.timings.get(k, 0.0) for k in PHASES},
+        "total_s": sum(result.timings.values()), "wall_s": wall,
+        "dit_load_s": rep["runner"].get("load_s", 0.0),         # random generation on the GPU, both experts
+        "switch_s": rep["runner"].get("switch_s", 0.0),         # includes loading the second expert
+        "denoise_s_per_step": result.timings["denoise"] / job.steps,
+        "steady_s_per_step": (sum(steady) / len(steady) * per_step) if steady else None,
+        "first_forward_s": fw[0]["s"] if fw else None,         # incl. the first expert's load and kernel compile
+        "switch_forward_s": switch_fw[0]["s"] if switch_fw else None,
+        "forwards": fw,
+        "expert_steps": rep["expert_steps"], "cfg_batched": rep["cfg_batched"],
+        "plan": None if plan is None else {
+            "resident": plan.resident, "n_resident": len(plan.resident), "n_blocks": plan.n_blocks,
+            "prefetch": plan.prefetch, "slots": plan.slots, "cfg_batched": plan.cfg_batched,
+            "ffn_chunk": plan.ffn_chunk, "block_bytes": plan.block_bytes,
+            "predicted_vram_peak": plan.vram_peak, "predicted_s_per_step": plan.step_seconds,
+            "predicted_ram_peak": plan.ram_peak, "describe": plan.describe()},
+        "peak_vram_allocated": max((p["allocated"] for p in peaks.values()), default=None),
+        "peak_vram_reserved": max((p["reserved"] for p in peaks.values()), default=None),
+        "peak_vram_by_phase": peaks,
+        "peak_rss": peak_rss_bytes(),
+        "mp4": mp4, "mp4_bytes": os.path.getsize(mp4) if mp4 else None, "notes": notes,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- parent
+
+def _atomic_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def _child(args: list[str], timeout: float) -> dict:
+    """Run this script as a subprocess stage; return the JSON it wrote."""
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        out = Path(f.name)
+    try:
+        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), *args, "--result", str(out)],
+                              timeout=timeout)
+        if proc.returncode != 0:
+            raise RuntimeError(f"stage {' '.join(args[1:2] + args[4:6])} failed with exit code "
+                               f"{proc.returncode} (its output is above)")
+        return json.loads(out.read_text())
+    finally:
+        out.unlink(missing_ok=True)
+
+
+def _gb(n) -> str:
+    return "-" if n is None else f"{n / 1e9:.2f} GB"
+
+
+def table(res: dict) -> str:
+    runs = [r for r in res["runs"] if "error" not in r]
+    if not runs:
+        return "no run finished"
+    head = ["", *[f"--vram {r['vram_budget']}" for r in runs]]
+    rows = [[f"{p} (s)", *[f"{r['timings_s'][p]:.1f}" for r in runs]] for p in PHASES]
+    rows += [
+        ["  of load: DiT random gen (s)", *[f"{r['dit_load_s']:.1f}" for r in runs]],
+        ["total (s)", *[f"{r['total_s']:.1f}" for r in runs]],
+        ["denoise s/step (all)", *[f"{r['denoise_s_per_step']:.2f}" for r in runs]],
+        ["denoise s/step (steady)", *["-" if r["steady_s_per_step"] is None else f"{r['steady_s_per_step']:.2f}"
+                                      for r in runs]],
+        ["first forward (s)", *[f"{r['first_forward_s']:.1f}" for r in runs]],
+        ["expert switch (s)", *[f"{r['switch_s']:.1f}" for r in runs]],
+        ["peak VRAM allocated", *[_gb(r["peak_vram_allocated"]) for r in runs]],
+        ["peak VRAM reserved", *[_gb(r["peak_vram_reserved"]) for r in runs]],
+    ]
+    for label in runs[0]["peak_vram_by_phase"]:
+        rows.append([f"  {label}", *[_gb(r["peak_vram_by_phase"].get(label, {}).get("allocated")) for r in runs]])
+    rows += [
+        ["peak host RSS", *[_gb(r["peak_rss"]) for r in runs]],
+        ["plan: resident blocks", *["-" if r["plan"] is None else f"{r['plan']['n_resident']}/{r['plan']['n_blocks']}"
+                                    for r in runs]],
+        ["plan: prefetch / CFG", *["-" if r["plan"] is None else
+                                   f"{r['plan']['prefetch']} / {'batched' if r['plan']['cfg_batched'] else 'two'}"
+                                   for r in runs]],
+        ["plan: predicted VRAM", *["-" if r["plan"] is None else _gb(r["plan"]["predicted_vram_peak"])
+                                   for r in runs]],
+        ["steps high/low", *[f"{r['expert_steps'].get('high', 0)}/{r['expert_steps'].get('low', 0)}" for r in runs]],
+    ]
+    widths = [max(len(str(x[i])) for x in [head, *rows]) for i in range(len(head))]
+    fmt = lambda row: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)   # noqa: E731
+                                for i, (c, w) in enumerate(zip(row, widths)))
+    return "\n".join([fmt(head), *map(fmt, rows)])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--vram", default="24GB,12GB", help="comma-separated budgets, one fresh process each")
+    ap.add_argument("--steps", type=int, help="sampling steps (default 6 at shift 10: 3 high + 3 low; smoke 4)")
+    ap.add_argument("--cpu-smoke", action="store_true", help="same code path, tiny models, on the CPU")
+    ap.add_argument("--workdir", help="where the temp checkpoint folder goes (needs ~12 GB; default $TMPDIR)")
+    ap.add_argument("--keep", action="store_true", help="keep the checkpoint folder and the MP4s in it")
+    ap.add_argument("--out", help="result JSON (default $OUT/pipeline.json, else benchmarks/results/pipeline.json)")
+    ap.add_argument("--timeout", type=float, default=300, help="seconds per stage")
+    ap.add_argument("--stage", choices=["build", "run"], help=argparse.SUPPRESS)
+    ap.add_argument("--root", help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    if args.stage == "build":
+        _atomic_json(Path(args.result), build_folder(Path(args.root), args.cpu_smoke))
+        return 0
+    if args.stage == "run":
+        root = Path(args.root)
+        _atomic_json(Path(args.result), run_once(root, args.vram, args.cpu_smoke, args.steps, root))
+        return 0
+
+    out = Path(args.out) if args.out else (Path(os.environ["OUT"]) / "pipeline.json" if os.environ.get("OUT")
+                                           else HERE / "results" / "pipeline.json")
+    smoke = ["--cpu-smoke"] if args.cpu_smoke else []
+    steps = args.steps or (4 if args.cpu_smoke else 6)
+    root = Path(tempfile.mkdtemp(prefix="ws-pipeline-", dir=args.workdir))
+    t_start = time.perf_counter()
+    res: dict = {"benchmark": "pipeline", "smoke": args.cpu_smoke, "prompt": PROMPT, "action_string": ACTION,
+                 "weights": "random: full-size umt5-xxl and Wan2.1 VAE files written to disk, full-size DiT "
+                            "experts generated on the device (the checkpoint's DiT folders hold a tiny model "
+                            "for validation only)", "runs": []}
+    status = 0
+    try:
+        print(f"building the checkpoint folder in {root} ...", flush=True)
+        t0 = time.perf_counter()
+        res["build"] = _child(["--stage", "build", "--root", str(root), *smoke], args.timeout)
+        res["build"]["wall_s"] = time.perf_counter() - t0
+        _atomic_json(out, res)                 # after every stage: a killed benchmark keeps what finished
+        print(f"built in {res['build']['wall_s']:.1f} s: {res['build']['seconds']}", flush=True)
+        for budget in [b.strip() for b in args.vram.split(",") if b.strip()]:
+            print(f"\n=== --vram {budget} ===", flush=True)
+            try:
+                res["runs"].append(_child(["--stage", "run", "--root", str(root), "--vram", budget,
+                                           "--steps", str(steps), *smoke], args.timeout))
+            except (RuntimeError, subprocess.TimeoutExpired) as e:
+                res["runs"].append({"vram_budget": budget, "error": str(e)})
+                status = 1
+            _atomic_json(out, res)
+    except (RuntimeError, subprocess.TimeoutExpired) as e:
+        res["error"] = str(e)
+        status = 1
+    finally:
+        res["total_wall_s"] = time.perf_counter() - t_start
+        if args.keep:
+            print(f"kept {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+        _atomic_json(out, res)
+    print("\n" + table(res))
+    print(f"\nwrote {out} (whole benchmark {res['total_wall_s']:.0f} s)")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

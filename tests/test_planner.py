@@ -1,0 +1,86 @@
+"""The planner: plans fit their budgets, residency is spread, tiers follow the RAM budget, impossible budgets
+are refused with what would be needed, and `worldstream plan` prints it."""
+import pytest
+
+from worldstream.cli import main
+from worldstream.models.configs import get_config
+from worldstream.runtime.planner import Hardware, PlanError, Workload, activation_bytes, plan, simulate
+
+LINGBOT = get_config("lingbot-cam")
+WAN = get_config("wan2.2-i2v-a14b")
+
+
+@pytest.mark.parametrize("cfg", [WAN, LINGBOT])
+@pytest.mark.parametrize("frames,vram", [(9, 8e9), (9, 24e9), (81, 8e9), (81, 12e9), (33, 12e9)])
+def test_plans_fit_the_budget(cfg, frames, vram):
+    p = plan(cfg, Workload(frames=frames), vram)
+    assert p.vram_peak <= vram
+    assert len(set(p.resident)) == len(p.resident) and all(0 <= i < cfg.num_layers for i in p.resident)
+    assert p.step_seconds >= p.resident_step_seconds * 0.999
+    assert sorted(p.ram_blocks + p.disk_blocks) == p.streamed
+
+
+def test_unlimited_vram_keeps_everything_resident():
+    p = plan(WAN, Workload(frames=9), None)
+    assert p.resident == list(range(40)) and p.streamed == [] and p.slots == 0
+
+
+def test_transfer_bound_short_clips_use_resident_blocks_spread_through_the_stack():
+    p = plan(LINGBOT, Workload(frames=9), 24e9, hardware=Hardware(pcie_bw=25e9))   # a Gen4 bus
+    assert 0 < len(p.resident) < 40
+    gaps = [b - a for a, b in zip(p.resident, p.resident[1:])]
+    assert max(gaps) - min(gaps) <= 2                       # even spacing, not a prefix
+    assert p.resident[0] > 0 or len(p.resident) > 20
+    assert p.step_seconds > p.resident_step_seconds          # it is transfer-bound, and says so
+
+
+def test_long_clips_are_compute_bound_and_need_no_resident_blocks():
+    p = plan(WAN, Workload(frames=81), 24e9)
+    assert p.resident == [] and p.step_seconds == pytest.approx(p.resident_step_seconds, rel=0.02)
+
+
+def test_an_impossible_budget_says_what_is_needed():
+    with pytest.raises(PlanError, match=r"needs at least [0-9.]+ GB of VRAM.*budget is 3.00 GB"):
+        plan(LINGBOT, Workload(frames=81), 3e9)
+
+
+def test_small_ram_budget_moves_blocks_to_the_disk_tier():
+    p = plan(LINGBOT, Workload(frames=81), 8e9, ram_budget=20e9)
+    assert p.disk_blocks and p.ram_blocks
+    assert p.ram_peak <= 20e9
+    full = plan(LINGBOT, Workload(frames=81), 8e9, ram_budget=None)
+    assert not full.disk_blocks and p.step_seconds >= full.step_seconds
+    with pytest.raises(PlanError, match="host RAM budget"):
+        plan(LINGBOT, Workload(frames=81), 8e9, ram_budget=3e9)
+
+
+def test_compressed_blocks_halve_the_streamed_bytes():
+    bf16 = plan(WAN, Workload(frames=9), 8e9)
+    fp8 = plan(WAN, Workload(frames=9), 8e9, block_bytes=bf16.block_bytes // 2)
+    assert fp8.block_copy_s == pytest.approx(bf16.block_copy_s / 2, rel=0.01)
+    assert fp8.step_seconds <= bf16.step_seconds
+
+
+def test_simulated_schedule():
+    # compute-bound: copies hidden, n * compute
+    assert simulate(10, set(), 1, compute_s=1.0, copy_s=0.1) == pytest.approx(10.0, rel=0.02)
+    # transfer-bound, nothing resident: the bus sets the pace
+    assert simulate(10, set(), 2, compute_s=0.1, copy_s=1.0) == pytest.approx(10.0, rel=0.05)
+    # resident blocks take streamed bytes off the bus
+    assert simulate(10, {0, 5}, 2, compute_s=0.1, copy_s=1.0) == pytest.approx(8.0, rel=0.1)
+
+
+def test_batched_cfg_needs_more_activation_memory():
+    assert activation_bytes(LINGBOT, 32760, 2) > 1.8 * activation_bytes(LINGBOT, 32760, 1) - 1e9
+
+
+def test_cli_plan_prints_the_plan_and_refuses_bad_budgets(capsys):
+    assert main(["plan", "--variant", "lingbot-cam", "--frame_num", "81", "--vram", "8GB", "--ram", "32GB"]) == 0
+    out = capsys.readouterr().out
+    assert "GPU slots" in out and "predicted:" in out and "read from disk" in out
+    assert main(["plan", "--variant", "lingbot-cam", "--vram", "3GB"]) == 2
+    assert "needs at least" in capsys.readouterr().err
+    assert main(["plan", "--variant", "lingbot-cam", "--vram", "lots"]) == 2
+    assert main(["plan"]) == 2
+    assert main(["plan", "--variant", "wan2.2-i2v-a14b", "--frame_num", "10", "--vram", "8GB"]) == 0
+    assert "planning for 9" in capsys.readouterr().err
