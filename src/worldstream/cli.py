@@ -280,9 +280,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
             cfg = get_config(args.variant)
             experts = 2 if cfg.name.removesuffix("-tiny") in TWO_EXPERTS else 1
         try:
-            h, w = (int(v) for v in args.size.split("*"))
+            w, h = (int(v) for v in args.size.split("*"))
         except ValueError:
-            raise GenerationError(f"--size {args.size!r}: expected HEIGHT*WIDTH, e.g. 480*832") from None
+            raise GenerationError(f"--size {args.size!r}: expected WIDTH*HEIGHT, e.g. 832*480") from None
         if h % 16 or w % 16:
             raise GenerationError(f"--size {args.size}: both sides must be multiples of 16")
         frames = args.frame_num
@@ -301,7 +301,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
                  vram, ram, hw, block_bytes=block_bytes)
     except (GenerationError, CheckpointError, PlanError, KeyError, ValueError) as e:
         return _fail(e.args[0] if isinstance(e, KeyError) else e)
-    print(f"{cfg.name}: {frames} frames at {h}x{w}, {'CFG' if not args.no_cfg else 'no CFG'}, "
+    print(f"{cfg.name}: {frames} frames at {w}x{h}, {'CFG' if not args.no_cfg else 'no CFG'}, "
           f"{experts} expert(s); weights {args.quant or 'bf16'}; budgets: VRAM "
           f"{fmt_bytes(vram) if vram else 'unlimited'}, RAM {fmt_bytes(ram) if ram else 'unlimited'}; "
           f"PCIe {args.pcie:.0f} GB/s, disk {args.disk:.1f} GB/s")
@@ -315,7 +315,7 @@ def _add_plan_parser(sub) -> None:
                                    "peak VRAM, peak host RAM and seconds per step. Nothing is loaded.")
     q.add_argument("--ckpt_dir", help="checkpoint folder (the variant is detected from its weights)")
     q.add_argument("--variant", help="a variant name from `worldstream info`, e.g. lingbot-cam")
-    q.add_argument("--size", default="480*832", help="HEIGHT*WIDTH (default 480*832)")
+    q.add_argument("--size", default="832*480", help="WIDTH*HEIGHT as in generate (default 832*480)")
     q.add_argument("--frame_num", type=int, default=81, help="frames, 4n+1 (default 81)")
     q.add_argument("--vram", help="VRAM budget, e.g. 8GB (default: unlimited)")
     q.add_argument("--ram", help="host RAM budget, e.g. 32GB (default: unlimited)")
