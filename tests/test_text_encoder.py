@@ -318,3 +318,19 @@ def test_block_indices_must_be_contiguous(fresh_dir):
     torch.save(dict(sd, **{"blocks.1000000000000.norm1.weight": torch.ones(32)}), path)
     with pytest.raises(ValueError, match="block indices"):
         load_text_encoder(fresh_dir, "cpu", torch.float32)
+
+
+def test_streamed_blocks_give_the_resident_result(tiny_dir):
+    """placement="stream": the blocks wait in host slabs and run through the streaming engine's slots
+    (synchronous copies on the CPU); the embeddings equal the resident encoder's exactly."""
+    prompts = ["a red fox crossing a snowy field", "rain on a tin roof at night"]
+    plain = te.encode_prompts(prompts, tiny_dir, placement="cpu", device="cpu", dtype=torch.float32, text_len=64)
+    streamed = te.encode_prompts(prompts, tiny_dir, placement="stream", device="cpu", dtype=torch.float32,
+                                 text_len=64)
+    for a, b in zip(plain, streamed):
+        assert torch.equal(a, b)
+    encoder = te.load_text_encoder(tiny_dir, "cpu", torch.float32, text_len=64)
+    te.stream_blocks(encoder, "cpu")
+    encoder.encode(prompts)
+    assert encoder.engine.stats["copies"] >= 2 * len(encoder.blocks)   # every block crossed for each prompt
+    encoder.close()
