@@ -308,3 +308,31 @@ def test_full_size_block_bytes_on_meta():
     # LingBot keeps its four camera linears (4 x 5120^2) in bf16
     cam = get_config("lingbot-cam")
     assert quantized_block_bytes(cam, "fp8") - fp8 == pytest.approx(4 * (5120 * 5120 + 5120) * 2, rel=1e-3)
+
+
+def test_policy_json_round_trip_and_bad_entries():
+    from worldstream.runtime.quant import QuantPolicy
+    p = QuantPolicy("fp8-block", skip_first_last=False, skip=("cam_", "ffn.2"))
+    assert QuantPolicy.from_json(p.to_json()) == p
+    assert QuantPolicy("int8").pinned(5) == (0, 4) and QuantPolicy("int8").blocks(5) == [1, 2, 3]
+    assert p.pinned(5) == () and p.blocks(3) == [0, 1, 2]
+    for bad, needle in [({"fmt": "nf4"}, "nf4"), ({"fmt": "int8", "skip_first_last": "yes"}, "skip_first_last"),
+                        ({"fmt": "int8", "skip": "cam_"}, "skip"), ("fp8", "object")]:
+        with pytest.raises(ValueError, match=needle):
+            QuantPolicy.from_json(bad, "x/config.json")
+
+
+def test_quantize_stream_replaces_only_policy_keys():
+    from worldstream.runtime.quant import QuantPolicy, quantize_stream, quantized_keys, quantized_model
+    cfg = get_config("lingbot-cam-tiny")
+    policy = QuantPolicy("int8", skip_first_last=False)
+    keys = quantized_keys(cfg, policy)
+    assert "blocks.1.ffn.0.weight" in keys and not any("cam_" in k or "norm" in k for k in keys)
+    state = {k: torch.randn(v.shape) for k, v in quantized_model(cfg, torch.float32, None).state_dict().items()}
+    out = dict(quantize_stream(iter(state.items()), keys, "int8"))
+    expected = quantized_model(cfg, torch.float32, policy).state_dict()
+    assert out.keys() == expected.keys()
+    for k, v in out.items():
+        assert v.shape == expected[k].shape and v.dtype == expected[k].dtype, k
+        if k not in keys and not k.endswith("_scale"):
+            assert torch.equal(v, state[k])

@@ -152,7 +152,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(job.describe())
         dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(args.dtype)
         result = run(job, device=device, dtype=dtype, t5_cpu=args.t5_cpu,
-                     vae_cpu=args.vae_cpu, vram=vram, ram=ram,
+                     vae_cpu=args.vae_cpu, vram=vram, ram=ram, quant=args.quant,
                      prompt_cache=None if args.no_prompt_cache else PromptCache())
         _write_and_report(result, path)
     except (GenerationError, CheckpointError, PlanError) as e:
@@ -230,6 +230,9 @@ def _add_generate_parser(sub) -> None:
                      "host RAM each step (slower, less VRAM). Default: the free memory of the device")
     a("--ram", help="host RAM budget, e.g. 32GB: blocks that do not fit are read from the checkpoint's "
                     "safetensors on disk each step (slower still). Default: no limit")
+    a("--quant", choices=["fp8", "fp8-block", "int8"],
+      help="compress the DiT's block linears to 8 bits while loading (half the bytes to hold and stream; "
+           "fp8 uses fp8 matmuls on Ada/Hopper GPUs). A checkpoint from `worldstream convert` needs no flag")
     a("--t5_cpu", action="store_true", help="run the text encoder on the CPU: saves ~11 GB of VRAM, costs "
                                             "seconds to a minute of encoding (skipped for cached prompts)")
     a("--vae_cpu", action="store_true", help="run the VAE on the CPU: saves VRAM during encode/decode, costs "
@@ -326,6 +329,44 @@ def _add_plan_parser(sub) -> None:
     q.set_defaults(fn=cmd_plan)
 
 
+# ---- convert -------------------------------------------------------------------------------------------------
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    """Write a compressed copy of a checkpoint (runtime/convert.py)."""
+    from .models.loader import CheckpointError
+    from .runtime.convert import convert
+
+    if args.ckpt_dir is None or args.out is None or args.quant is None:
+        return _fail("--ckpt_dir, --quant and --out are required")
+    try:
+        convert(args.ckpt_dir, args.out, args.quant, skip_first_last=args.skip_first_last)
+    except (CheckpointError, ValueError) as e:
+        return _fail(e)
+    except OSError as e:
+        return _fail(f"{e.filename or args.out}: {e.strerror or e}")
+    except KeyboardInterrupt:
+        print("\nworldstream: interrupted; nothing written", file=sys.stderr)
+        return 130
+    print(f"wrote {args.out}: use it as --ckpt_dir (no --quant needed)")
+    return 0
+
+
+def _add_convert_parser(sub) -> None:
+    c = sub.add_parser(
+        "convert", help="write a compressed (fp8 / int8) copy of a checkpoint, laid out for streaming",
+        description="Quantize the DiT block linears of a checkpoint one block at a time and write one safetensors "
+                    "file per block (plus the index json and config.json with a 'quantization' entry); the text "
+                    "encoder, tokenizer and VAE are hard-linked. OUT is written in full or not at all.")
+    c.add_argument("--ckpt_dir", help="source checkpoint folder")
+    c.add_argument("--quant", help="fp8 (per-channel), fp8-block (128-column blocks) or int8 (per-channel)")
+    c.add_argument("--out", help="new folder for the compressed checkpoint (must not exist)")
+    c.add_argument("--skip_first_last", dest="skip_first_last", action="store_true", default=True,
+                   help="keep the first and last blocks whole (default; they are the most sensitive)")
+    c.add_argument("--no_skip_first_last", dest="skip_first_last", action="store_false",
+                   help="compress the first and last blocks too")
+    c.set_defaults(fn=cmd_convert)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="worldstream", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -333,6 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate_parser(sub)
     _add_demo_parser(sub)
     _add_plan_parser(sub)
+    _add_convert_parser(sub)
     return p
 
 

@@ -59,6 +59,7 @@ class Checkpoint:
     layout: str                 # "upstream" or "diffusers"
     experts: dict[str, Path]    # {"main": ...} | {"high": ..., "low": ...} | {"fast": ...}
     config: DiTConfig
+    quant: object = None        # runtime.quant.QuantPolicy of a converted (compressed) checkpoint, else None
 
 
 # ---- reading files ------------------------------------------------------------------------------------
@@ -238,6 +239,21 @@ def index_model_dir(model_dir: str | Path) -> dict[str, TensorLocation]:
     return _index(Path(model_dir))[0]
 
 
+def read_quantization(model_dir: str | Path):
+    """The `"quantization"` entry of a DiT folder's config.json (written by `worldstream convert`) as a
+    runtime.quant.QuantPolicy, or None for ordinary bf16/fp32 weights."""
+    from ..runtime.quant import QuantPolicy
+
+    model_dir = Path(model_dir)
+    entry = _read_config(model_dir).get("quantization")
+    if entry is None:
+        return None
+    try:
+        return QuantPolicy.from_json(entry, str(model_dir / "config.json"))
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+
+
 # ---- variant detection ----------------------------------------------------------------------------------
 
 def _read_config(model_dir: Path) -> dict:
@@ -343,11 +359,16 @@ def find_checkpoint(ckpt_dir: str | Path, fast: bool | None = None) -> Checkpoin
     for name, d in experts.items():
         if not d.is_dir():
             raise CheckpointError(f"{root}: {d.name}/ is missing (the {_ROLE[name]})")
-    configs, layouts = {}, set()
+    configs, layouts, quants = {}, set(), {}
     for name, d in experts.items():
         locations, layout = _index(d)
         layouts.add(layout)
         configs[name] = detect_config(d, locations, causal=True if name == "fast" else None)
+        quants[name] = read_quantization(d)
+    if len(set(quants.values())) > 1:
+        raise CheckpointError(f"{root}: the experts are stored differently: " +
+                              "; ".join(f"{experts[n].name}/ {q.to_json() if q else 'not quantized'}"
+                                        for n, q in quants.items()))
     if len(layouts) > 1:
         raise CheckpointError(f"{root}: the experts mix upstream and diffusers key naming")
     layout, cfg = layouts.pop(), next(iter(configs.values()))
@@ -361,15 +382,29 @@ def find_checkpoint(ckpt_dir: str | Path, fast: bool | None = None) -> Checkpoin
         missing = "transformer_2/" if layout == "diffusers" else "high_noise_model/ and low_noise_model/"
         raise CheckpointError(f"{root}: {missing} missing: the DiT in {experts['main']} is "
                               f"one {cfg.name} expert of two")
-    return Checkpoint(root, layout, experts, cfg)
+    return Checkpoint(root, layout, experts, cfg, next(iter(quants.values())))
 
 
 # ---- validating and loading ------------------------------------------------------------------------------
 
-def validate(cfg: DiTConfig, locations: dict[str, TensorLocation], model_dir: str | Path) -> None:
-    """Compare keys, shapes and dtypes with WanDiT(cfg) built on `meta`; raise one error listing all problems."""
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in WanDiT(cfg).state_dict().items()}
+_FROM_CONFIG = "config.json"
+
+
+def validate(cfg: DiTConfig, locations: dict[str, TensorLocation], model_dir: str | Path,
+             quant=_FROM_CONFIG) -> None:
+    """Compare keys, shapes and dtypes with WanDiT(cfg) built on `meta`; raise one error listing all problems.
+
+    `quant` (a runtime.quant.QuantPolicy, None, or by default the folder's config.json entry): a compressed
+    folder is compared with the model holding QLinears, so its 8-bit `weight`s (exact dtype required) and
+    float32 `weight_scale`s are expected.
+    """
+    from ..runtime.quant import quantized_model
+
+    if quant == _FROM_CONFIG:
+        quant = read_quantization(model_dir)
+    state = quantized_model(cfg, torch.float32, quant).state_dict()   # meta: shapes and dtypes only
+    expected = {k: tuple(v.shape) for k, v in state.items()}
+    expected_dtype = {k: v.dtype for k, v in state.items()}
     problems = []
     for k in expected.keys() - locations.keys():
         problems.append(f"{model_dir}: missing key {k!r}")
@@ -379,6 +414,10 @@ def validate(cfg: DiTConfig, locations: dict[str, TensorLocation], model_dir: st
         loc = locations[k]
         if loc.shape != expected[k]:
             problems.append(f"{loc.file}: key {loc.key!r}: expected shape {expected[k]}, found {loc.shape}")
+        elif expected_dtype[k] in (torch.float8_e4m3fn, torch.int8) or k.endswith(".weight_scale"):
+            if loc.dtype != expected_dtype[k]:
+                problems.append(f"{loc.file}: key {loc.key!r} is {loc.dtype}, expected {expected_dtype[k]} "
+                                f"(quantization {quant.fmt})")
         elif not loc.dtype.is_floating_point:
             problems.append(f"{loc.file}: key {loc.key!r} is {loc.dtype}, expected a floating-point tensor")
     if problems:
@@ -413,10 +452,20 @@ def load_dit(model_dir: str | Path, dtype: torch.dtype = torch.bfloat16, device:
     model_dir = Path(model_dir)
     locations = index_model_dir(model_dir)
     cfg = cfg or detect_config(model_dir, locations)
-    validate(cfg, locations, model_dir)
-    with torch.device("meta"):
-        model = WanDiT(cfg)
-    for i, (key, t) in enumerate(iter_tensors(locations, dtype, device)):
+    quant = read_quantization(model_dir)
+    validate(cfg, locations, model_dir, quant)
+    if quant is None:
+        with torch.device("meta"):
+            model = WanDiT(cfg)
+        stored = set()
+    else:   # compressed folder (worldstream convert): QLinears; 8-bit weights and scales keep their dtype
+        from ..runtime.quant import quantized_model
+        model = quantized_model(cfg, dtype, quant)
+        stored = {k for k, v in model.state_dict().items() if v.dtype in (torch.float8_e4m3fn, torch.int8)
+                  or k.endswith(".weight_scale")}
+    for i, (key, t) in enumerate(iter_tensors(locations, dtype, device) if not stored else
+                                 ((k, v if k in stored else v.to(dtype))
+                                  for k, v in iter_tensors(locations, None, device))):
         module_name, _, name = key.rpartition(".")
         module = model.get_submodule(module_name)
         if name in module._parameters:

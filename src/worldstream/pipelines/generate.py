@@ -470,13 +470,15 @@ def default_device() -> torch.device:
 
 def run(job: Job, *, device=None, dtype: torch.dtype | None = None, t5_cpu: bool = False, vae_cpu: bool = False,
         vram: float | None = None, ram: float | None = None, prompt_cache: PromptCache | None = None,
-        cfg_batched: bool | None = None, runner_factory: Callable | None = None, progress: bool = True) -> Result:
+        cfg_batched: bool | None = None, runner_factory: Callable | None = None, progress: bool = True,
+        quant: str | None = None) -> Result:
     """Compute a prepared job. dtype: DiT compute dtype (default bf16 on CUDA, float32 on the CPU).
 
     t5_cpu: run umt5 on the CPU (upstream --t5_cpu). vae_cpu: keep the VAE on the CPU. vram / ram: byte
     budgets for the DiT placement (None: what the device has). cfg_batched: None = the runner's plan decides.
     runner_factory: `build_runner`-compatible callable (default runtime.runner.build_runner).
-    progress: show the denoising progress bar on stderr.
+    progress: show the denoising progress bar on stderr. quant: "fp8" | "fp8-block" | "int8" compresses the
+    DiT's block linears while loading (runtime/quant.py; a converted checkpoint is already compressed).
 
     Order, so that at most one big model is on the GPU at a time: VAE loaded (parked on the CPU on CUDA runs),
     umt5 loaded / used / freed, VAE encode, DiT denoising (the runner loads it at its first forward and is
@@ -499,7 +501,8 @@ def run(job: Job, *, device=None, dtype: torch.dtype | None = None, t5_cpu: bool
     # The runner plans placement now (a budget that cannot work fails here) and loads on its first forward.
     workload = Workload(frames=job.frames, height=job.height, width=job.width, cfg=job.cfg,
                         experts=len(job.experts))
-    runner = (runner_factory or build_runner)(job.ckpt, device, dtype, workload, vram=vram, ram=ram)
+    extra = {"quant": quant} if quant is not None else {}
+    runner = (runner_factory or build_runner)(job.ckpt, device, dtype, workload, vram=vram, ram=ram, **extra)
     try:
         t0 = time.perf_counter()
         vae_home = torch.device("cpu") if (vae_cpu or cuda) else device   # parked on the CPU between uses
@@ -510,14 +513,15 @@ def run(job: Job, *, device=None, dtype: torch.dtype | None = None, t5_cpu: bool
         t0 = time.perf_counter()
         t5_dtype = torch.bfloat16 if cuda else dtype     # umt5 runs in bf16 (its checkpoint dtype) on GPU runs
         t5_file = Path(job.ckpt.root) / T5_CHECKPOINT
+        t5_placement = "cpu" if t5_cpu else "gpu"
         if cuda and vram is not None and not t5_cpu and t5_file.exists() and t5_file.stat().st_size > 0.85 * vram:
-            t5_cpu = True   # the --vram budget holds for every phase, not only the DiT's
+            t5_placement = "stream"   # the --vram budget holds for every phase, not only the DiT's
             print(f"note: the text encoder ({t5_file.stat().st_size / 1e9:.1f} GB) does not fit --vram "
-                  f"{vram / 1e9:.0f}GB with headroom: running it on the CPU (as --t5_cpu)", file=sys.stderr)
+                  f"{vram / 1e9:.0f}GB with headroom: streaming its blocks through the GPU", file=sys.stderr)
         try:
             context, context_null = encode_prompts(
                 [job.prompt, job.negative_prompt], job.ckpt.root, cache=prompt_cache,
-                placement="cpu" if t5_cpu else "gpu", device=device, dtype=t5_dtype, text_len=cfg.text_len)
+                placement=t5_placement, device=device, dtype=t5_dtype, text_len=cfg.text_len)
         except (ValueError, FileNotFoundError) as e:
             raise GenerationError(f"text encoder: {e}") from None
         phase("text encode", t0)

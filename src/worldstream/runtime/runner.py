@@ -8,6 +8,11 @@ streamed blocks into pinned host slabs: no second host copy) and returns a `DiTR
 Two experts (Wan2.2 / LingBot high- and low-noise) share one slot ring. If the RAM budget holds both, both stay
 loaded and the switch only moves resident blocks (and the streamed ones are already prefetched); otherwise only the
 active expert is held and the switch reads the other from disk into the same slabs (`report["switch_s"]`).
+
+Compressed weights (runtime/quant.py): `build_runner(..., quant="fp8")` quantizes each block linear as its tensor
+is read (one tensor at a time: no bf16 copy of the model is ever held), and a checkpoint written by `worldstream
+convert` is loaded as stored. Either way a compressed block is just 8-bit Parameters + float32 scales in its slab;
+blocks the policy leaves whole (first / last) have another slab layout and stay resident on the device.
 """
 from __future__ import annotations
 
@@ -22,26 +27,52 @@ import torch.nn as nn
 from ..models.configs import DiTConfig
 from ..models.dit import WanDiT
 from .memory import peak_rss_bytes, pinned_empty
-from .planner import Plan, Workload, plan
+from .planner import Plan, PlanError, Workload, plan
 from .slab import BlockLayout
 from .disk import DiskTier, placeholder
+from .quant import QuantPolicy, as_policy, quantize_stream, quantized_block_bytes, quantized_keys, quantized_model
 from .streaming import RamSource, StreamEngine, place, unplace
 
 Loader = Callable[..., tuple[WanDiT, dict[int, object]]]
 
 
-def checkpoint_loader(ckpt) -> Loader:
+def resolve_quant(ckpt, quant) -> tuple[QuantPolicy | None, bool]:
+    """(the policy the expert weights end up in, whether they are quantized while loading). A converted
+    checkpoint is used as stored; asking it for another format is an error (convert from the original)."""
+    stored = getattr(ckpt, "quant", None)
+    wanted = as_policy(quant)
+    if stored is not None:
+        if wanted is not None and wanted.fmt != stored.fmt:
+            raise ValueError(f"{ckpt.root}: the checkpoint is already compressed to {stored.fmt}; cannot load it "
+                             f"as {wanted.fmt} (drop --quant, or convert the original checkpoint)")
+        return stored, False
+    return wanted, wanted is not None
+
+
+def checkpoint_loader(ckpt, quant: QuantPolicy | str | None = None) -> Loader:
     """Load an expert of a `loader.Checkpoint`: resident blocks and non-block weights to `device`, streamed
-    blocks into pinned slabs (RAM tier) or left in the shards for the disk tier, one tensor at a time."""
+    blocks into pinned slabs (RAM tier) or left in the shards for the disk tier, one tensor at a time.
+
+    `quant`: compress the block linears while loading (a format name or a QuantPolicy); a converted checkpoint
+    (`ckpt.quant`) is read as stored. The returned loader's `.quant` is the policy in effect."""
     from ..models.loader import index_model_dir, iter_tensors, validate
+
+    policy, on_load = resolve_quant(ckpt, quant)
 
     def load(name: str, streamed: set, device, dtype, disk: set = frozenset(), tier: DiskTier | None = None):
         model_dir = Path(ckpt.experts[name])
         locations = index_model_dir(model_dir)
-        validate(ckpt.config, locations, model_dir)
+        validate(ckpt.config, locations, model_dir, None if on_load else policy)
+        if disk and on_load:
+            raise ValueError(f"blocks {sorted(disk)} would be read from the shards on disk, but --quant "
+                             f"{policy.fmt} compresses while loading and the disk tier streams stored bytes: "
+                             f"convert once (`worldstream convert --quant {policy.fmt}`) or raise --ram")
         on_disk = {k for k in locations if k.startswith("blocks.") and int(k.split(".")[1]) in disk}
         read = {k: v for k, v in locations.items() if k not in on_disk}
-        model, sources = _assemble(ckpt.config, iter_tensors(read, dtype, "cpu"), streamed, device, dtype)
+        tensors = iter_tensors(read, None if policy else dtype, "cpu")
+        if on_load:
+            tensors = quantize_stream(tensors, quantized_keys(ckpt.config, policy), policy.fmt)
+        model, sources = _assemble(ckpt.config, tensors, streamed, device, dtype, policy)
         for i in disk:
             sources[i] = tier.source(locations, f"blocks.{i}.")
             for mod in model.blocks[i].modules():
@@ -49,11 +80,15 @@ def checkpoint_loader(ckpt) -> Loader:
                     if p is not None:
                         mod._parameters[pname] = nn.Parameter(placeholder(p.shape, p.dtype), requires_grad=False)
         return model, sources
+    load.quant = policy
     return load
 
 
-def random_loader(cfg: DiTConfig, seed: int = 0) -> Loader:
-    """Random weights of the right shapes (benchmarks with no checkpoint): generated on the device."""
+def random_loader(cfg: DiTConfig, seed: int = 0, quant: QuantPolicy | str | None = None) -> Loader:
+    """Random weights of the right shapes (benchmarks with no checkpoint): generated on the device, block
+    linears compressed per `quant` as they are made."""
+    policy = as_policy(quant)
+
     def load(name: str, streamed: set, device, dtype, disk: set = frozenset(), tier=None):
         if disk:
             raise ValueError("random weights have no files to stream from disk; raise the RAM budget")
@@ -67,37 +102,58 @@ def random_loader(cfg: DiTConfig, seed: int = 0) -> Loader:
                 t = 1 + 0.02 * t if ("norm" in key and key.endswith("weight")) else (
                     t / cfg.dim**0.5 if "modulation" in key else 0.02 * t)
                 yield key, t.to(dtype)
-        return _assemble(cfg, tensors(), streamed, device, dtype)
+        made = tensors()
+        if policy is not None:
+            made = quantize_stream(made, quantized_keys(cfg, policy), policy.fmt)
+        return _assemble(cfg, made, streamed, device, dtype, policy)
+    load.quant = policy
     return load
 
 
-def _assemble(cfg, tensors, streamed: set, device, dtype) -> tuple[WanDiT, dict[int, object]]:
-    with torch.device("meta"):
-        model = WanDiT(cfg).to(dtype)
-    layout = BlockLayout.of(model.blocks[0])
+def _assemble(cfg, tensors, streamed: set, device, dtype,
+              policy: QuantPolicy | None = None) -> tuple[WanDiT, dict[int, object]]:
+    """Fill a meta skeleton (with the policy's QLinears) from (key, tensor) pairs: each tensor is converted to
+    its parameter's dtype (8-bit weights and float32 scales keep theirs) and goes straight to its home."""
+    model = quantized_model(cfg, dtype, policy).eval()
+    if policy is not None and streamed & set(policy.pinned(cfg.num_layers)):
+        raise ValueError(f"blocks {sorted(streamed & set(policy.pinned(cfg.num_layers)))} are stored whole "
+                         "(another slab layout than the compressed blocks) and must stay resident")
+    layouts: dict[int, BlockLayout] = {}
     slabs: dict[int, torch.Tensor] = {}
     views: dict[int, dict[str, torch.Tensor]] = {}
     for key, t in tensors:
         module_name, _, pname = key.rpartition(".")
+        module = model.get_submodule(module_name)
+        t = t.to(module._parameters[pname].dtype)
         parts = key.split(".")
         if parts[0] == "blocks" and int(parts[1]) in streamed:
             i = int(parts[1])
             if i not in slabs:
-                slabs[i] = pinned_empty(layout.nbytes)
-                views[i] = layout.views(slabs[i])
+                layouts[i] = BlockLayout.of(model.blocks[i])
+                slabs[i] = pinned_empty(layouts[i].nbytes)
+                views[i] = layouts[i].views(slabs[i])
             dst = views[i][".".join(parts[2:])]
             dst.copy_(t)
             t = dst
         else:
             t = t.to(device)
-        model.get_submodule(module_name)._parameters[pname] = nn.Parameter(t, requires_grad=False)
-    return model.eval(), {i: RamSource(b) for i, b in slabs.items()}
+        module._parameters[pname] = nn.Parameter(t, requires_grad=False)
+    return model, {i: RamSource(b) for i, b in slabs.items()}
+
+
+def stream_layout(cfg: DiTConfig, dtype, policy: QuantPolicy | None) -> BlockLayout:
+    """The slab layout of the streamed blocks (compressed ones when quantized)."""
+    model = quantized_model(cfg, dtype, policy)
+    streamable = policy.blocks(cfg.num_layers) if policy is not None else [0]
+    return BlockLayout.of(model.blocks[streamable[0] if streamable else 0])
 
 
 class DiTRunner:
     def __init__(self, names: list[str], loader: Loader, device, dtype, plan_: Plan | None,
-                 keep_all: bool = True, ffn_chunk: int | None = None, cfg: DiTConfig | None = None):
+                 keep_all: bool = True, ffn_chunk: int | None = None, cfg: DiTConfig | None = None,
+                 quant: QuantPolicy | None = None):
         self.names, self.loader = names, loader
+        self.quant = quant if quant is not None else getattr(loader, "quant", None)
         self.plan_cfg = cfg
         self.tier: DiskTier | None = None
         self.device, self.dtype = torch.device(device), dtype
@@ -126,9 +182,7 @@ class DiTRunner:
         streamed = set(self.plan.ram_blocks) if self.plan else set()
         disk = set(self.plan.disk_blocks) if self.plan else set()
         if disk and self.tier is None:
-            with torch.device("meta"):
-                layout = BlockLayout.of(WanDiT(self.plan_cfg).to(self.dtype).blocks[0])
-            self.tier = DiskTier(layout, ring=self.plan.prefetch + 2)
+            self.tier = DiskTier(stream_layout(self.plan_cfg, self.dtype, self.quant), ring=self.plan.prefetch + 2)
         model, sources = self.loader(name, streamed, self.device, self.dtype, disk=disk, tier=self.tier)
         model.set_ffn_chunk(self.ffn_chunk)
         self.loaded[name] = (model, sources)
@@ -156,7 +210,7 @@ class DiTRunner:
         resident = self.resident if self.plan else list(range(len(model.blocks)))
         resident = [i for i in resident if i < len(model.blocks)]
         self.engine, handle = place(model, self.device, sources, resident,
-                                    self.plan.prefetch if self.plan else 1, engine=self.engine, name=name)
+                                     self.plan.prefetch if self.plan else 1, engine=self.engine, name=name)
         self.placed[name] = handle
         if self.active is not None:
             self.report["switch_s"] += time.perf_counter() - t0
@@ -172,11 +226,13 @@ class DiTRunner:
         if (name not in self.placed and name != self.active and self.active is not None and self.keep_all
                 and self.plan is not None and not self.plan.disk_blocks):
             t0 = time.perf_counter()
-            model, sources = self.loader(name, set(range(self.plan.n_blocks)), self.device, self.dtype)
+            pinned = list(self.quant.pinned(self.plan.n_blocks)) if self.quant is not None else []
+            model, sources = self.loader(name, set(range(self.plan.n_blocks)) - set(pinned), self.device,
+                                         self.dtype)
             model.set_ffn_chunk(self.ffn_chunk)
             self.loaded[name] = (model, sources)
-            _, self.placed[name] = place(model, self.device, sources, [], self.plan.prefetch,
-                                         engine=self.engine, name=name)
+            _, self.placed[name] = place(model, self.device, sources, pinned, self.plan.prefetch,
+                                          engine=self.engine, name=name)
             self.preplaced.add(name)
             self.report["load_s"] += time.perf_counter() - t0
         if self.placed.get(name) is not None:
@@ -193,7 +249,7 @@ class DiTRunner:
         model, sources = self.loaded[name]
         unplace(model, sources, self.engine, self.placed.pop(name))
         self.engine, self.placed[name] = place(model, self.device, sources, self.resident, self.plan.prefetch,
-                                               engine=self.engine, name=name)
+                                                engine=self.engine, name=name)
         self.report["switch_s"] += time.perf_counter() - t0
 
     @torch.no_grad()
@@ -218,17 +274,35 @@ class DiTRunner:
 
 
 def build_runner(ckpt, device, dtype, workload: Workload, vram: float | None = None, ram: float | None = None,
-                 loader: Loader | None = None, progress=None) -> DiTRunner:
-    """Plan and build a runner for `ckpt` (a loader.Checkpoint, or anything with `.config` and `.experts`)."""
+                 loader: Loader | None = None, progress=None, quant: QuantPolicy | str | None = None) -> DiTRunner:
+    """Plan and build a runner for `ckpt` (a loader.Checkpoint, or anything with `.config` and `.experts`).
+
+    `quant` ("fp8" | "fp8-block" | "int8" | a QuantPolicy): compress the block linears while loading; the plan
+    then streams compressed blocks and keeps the whole first/last blocks resident. A converted checkpoint
+    (`ckpt.quant`) is planned the same way without asking."""
     device = torch.device(device)
     cfg = ckpt.config
     names = list(ckpt.experts)
-    loader = loader or checkpoint_loader(ckpt)
+    try:
+        policy, on_load = resolve_quant(ckpt, quant)
+    except ValueError as e:
+        raise PlanError(str(e)) from None
+    loader = loader or checkpoint_loader(ckpt, policy)
     workload = replace(workload, experts=len(names))
     if device.type != "cuda":
-        return DiTRunner(names, loader, device, dtype, None)
+        return DiTRunner(names, loader, device, dtype, None, quant=policy)
     budget = vram if vram is not None else torch.cuda.mem_get_info(device)[0]
-    p = plan(cfg, workload, budget, ram, bytes_per_param=torch.finfo(dtype).bits / 8)
+    extra = {}
+    if policy is not None:
+        extra = dict(block_bytes=quantized_block_bytes(cfg, policy.fmt, dtype, tuple(policy.skip)),
+                     pinned_resident=policy.pinned(cfg.num_layers))
+    p = plan(cfg, workload, budget, ram, bytes_per_param=torch.finfo(dtype).bits / 8, **extra)
+    if on_load and p.disk_blocks:
+        raise PlanError(f"--ram {ram / 1e9:.1f}GB holds {len(p.ram_blocks)} of the {len(p.streamed)} streamed "
+                        f"blocks even compressed; the rest would stream from disk, which needs the compressed "
+                        f"checkpoint on disk: run `worldstream convert --ckpt_dir {ckpt.root} --quant {policy.fmt} "
+                        f"--out DIR` once and generate from DIR, or raise --ram")
     one_expert = p.weights_in_ram
     keep_all = ram is None or 2 * one_expert + 4e9 <= ram
-    return DiTRunner(names, loader, device, dtype, p, keep_all=keep_all, ffn_chunk=p.ffn_chunk, cfg=cfg)
+    return DiTRunner(names, loader, device, dtype, p, keep_all=keep_all, ffn_chunk=p.ffn_chunk, cfg=cfg,
+                     quant=policy)

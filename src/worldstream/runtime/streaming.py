@@ -256,7 +256,8 @@ def place(model: nn.Module, device, sources: dict[int, object], resident: list[i
           blocks_attr: str = "blocks") -> tuple[StreamEngine, Streamed | None]:
     """Put a model on `device` under a plan: everything outside `model.<blocks_attr>` and the `resident`
     blocks get device copies of their bytes; the other blocks stream from `sources` (block -> RamSource /
-    DiskSource). Pass an existing `engine` to share its slots with another stack of the same layout (the
+    DiskSource). Streamed blocks share one slab layout; resident ones may have their own (e.g. uncompressed
+    first/last blocks of a compressed model). Pass an existing `engine` to share its slots with another stack of the same layout (the
     second expert). Undo with `unplace`."""
     blocks = getattr(model, blocks_attr)
     for child in model.children():
@@ -265,18 +266,18 @@ def place(model: nn.Module, device, sources: dict[int, object], resident: list[i
     for p in model._parameters.values():
         if p is not None:
             p.data = p.data.to(device)
-    layout = BlockLayout.of(blocks[0])
     for i in resident:
         if i in sources:   # device copy of the host bytes; the host slab stays the block's home
             buf = sources[i].acquire().to(device)
             sources[i].release(None)
-            for pname, view in layout.views(buf).items():
-                blocks[i].get_parameter(pname).data = view
+            for pname, view in BlockLayout.of(blocks[i]).views(buf).items():   # its own layout: a resident
+                blocks[i].get_parameter(pname).data = view                    # block may differ (bf16 ends)
         else:
             blocks[i].to(device)
-    if len(resident) == len(blocks):
+    streamed = [i for i in range(len(blocks)) if i not in set(resident)]
+    if not streamed:
         return engine, None
-    engine = engine or StreamEngine(layout, device, prefetch=prefetch, trace=trace)
+    engine = engine or StreamEngine(BlockLayout.of(blocks[streamed[0]]), device, prefetch=prefetch, trace=trace)
     handle = engine.attach(blocks, set(resident), {i: s for i, s in sources.items() if i not in set(resident)},
                            name=name)
     return engine, handle
@@ -289,8 +290,7 @@ def unplace(model: nn.Module, sources: dict[int, object], engine: StreamEngine |
     if engine is not None and handle is not None:
         engine.release()
         engine.detach(handle)
-    layout = BlockLayout.of(blocks[0])
     for i, src in sources.items():
         if isinstance(src, RamSource):
-            for pname, view in layout.views(src.buf).items():
+            for pname, view in BlockLayout.of(blocks[i]).views(src.buf).items():
                 blocks[i].get_parameter(pname).data = view

@@ -1,0 +1,147 @@
+"""`worldstream convert`: write a compressed checkpoint laid out for streaming, one block at a time.
+
+For each DiT expert folder of the source checkpoint, one block's tensors are read (loader.iter_tensors on that
+block's byte ranges), its linears quantized (runtime/quant.py, the policy in `QuantPolicy`), and written to their
+own file:
+
+    OUT/<expert>/block_000.safetensors ... block_NNN.safetensors    one file per block = one contiguous byte range
+    OUT/<expert>/non_block.safetensors                             embeddings, time projection, head (as stored)
+    OUT/<expert>/diffusion_pytorch_model.safetensors.index.json    standard weight_map
+    OUT/<expert>/config.json                                       the source's, plus "quantization": {...}
+
+Keys are upstream names; a compressed linear stores `<name>.weight` (float8_e4m3fn / int8) and
+`<name>.weight_scale` (float32); every other tensor keeps its stored dtype (lossless). The rest of the
+checkpoint (umt5 .pth, tokenizer folder, VAE .pth, other model folders) is hard-linked (copied across file
+systems), so OUT is a complete checkpoint that `worldstream generate --ckpt_dir OUT` and the disk tier read
+directly. Peak host memory is about one block in the source dtype. Everything is written into a hidden
+temporary folder next to OUT that is renamed to OUT at the end, and removed on any failure: OUT either exists
+whole or not at all.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Callable
+
+from safetensors.torch import save_file
+
+from ..models.loader import INDEX_NAME, CheckpointError, find_checkpoint, index_model_dir, iter_tensors, validate
+from .quant import DEFAULT_SKIP, FORMATS, QuantPolicy, quantize_stream, quantized_keys
+
+NON_BLOCK_FILE = "non_block.safetensors"
+
+
+def block_file(i: int) -> str:
+    return f"block_{i:03d}.safetensors"
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _link_or_copy(src: str, dst: str) -> str:
+    """Hard-link `src` (its target, if a symlink) to `dst`; copy where links are impossible (other filesystem)."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+    return dst
+
+
+def convert(ckpt_dir: str | Path, out: str | Path, fmt: str, skip_first_last: bool = True,
+            skip: tuple[str, ...] = DEFAULT_SKIP, log: Callable[[str], None] | None = _stderr) -> Path:
+    """Write the compressed copy of checkpoint `ckpt_dir` to the new folder `out`; return `out`.
+
+    Raises CheckpointError for a source that cannot be used, ValueError for a bad format or an existing `out`.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown weight format {fmt!r}; known: {', '.join(FORMATS)}")
+    policy = QuantPolicy(fmt, skip_first_last, tuple(skip))
+    log = log or (lambda msg: None)
+    ckpt = find_checkpoint(ckpt_dir)
+    root = ckpt.root.resolve()
+    if ckpt.quant is not None:
+        raise CheckpointError(f"{ckpt.root}: already compressed ({ckpt.quant.fmt}); convert the original checkpoint")
+    out = Path(out)
+    if out.exists() or out.is_symlink():
+        raise ValueError(f"--out {out}: already exists; give a new folder (nothing is overwritten)")
+    if out.resolve().is_relative_to(root) and out.resolve().parent != root:
+        raise ValueError(f"--out {out}: inside the checkpoint's model folders; write it elsewhere")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        dit_files: set[Path] = set()
+        expert_dirs = {name: Path(d).resolve() for name, d in ckpt.experts.items()}
+        for name, d in expert_dirs.items():
+            rel = d.relative_to(root)
+            dit_files |= _convert_expert(ckpt.config, d, tmp / rel, policy, f"{name} ({rel.as_posix()}/)", log)
+        _copy_rest(root, tmp, skip_dirs=set(expert_dirs.values()) - {root}, skip_files=dit_files,
+                   skip_names={out.name, tmp.name})
+        if out.exists():
+            raise ValueError(f"--out {out}: appeared while converting; the conversion is left unwritten")
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"convert: wrote {out} ({fmt}, first/last blocks {'whole' if skip_first_last else 'compressed'})")
+    return out
+
+
+def _convert_expert(cfg, src: Path, dst: Path, policy: QuantPolicy, label: str, log) -> set[Path]:
+    """Convert one DiT folder; returns the source files that belong to it (not copied as companions)."""
+    locations = index_model_dir(src)
+    validate(cfg, locations, src, None)
+    qkeys = quantized_keys(cfg, policy)
+    n = cfg.num_layers
+    groups: dict[str, dict] = {NON_BLOCK_FILE: {}}
+    groups.update({block_file(i): {} for i in range(n)})
+    for key, loc in locations.items():
+        parts = key.split(".")
+        groups[block_file(int(parts[1])) if parts[0] == "blocks" else NON_BLOCK_FILE][key] = loc
+    dst.mkdir(parents=True, exist_ok=True)
+    weight_map, total = {}, 0
+    for k, (fname, locs) in enumerate(groups.items()):
+        tensors = dict(quantize_stream(iter_tensors(locs, None, "cpu"), qkeys, policy.fmt))
+        save_file(tensors, str(dst / fname), metadata={"format": "pt"})
+        weight_map.update({key: fname for key in tensors})
+        before, after = sum(loc.nbytes for loc in locs.values()), sum(t.nbytes for t in tensors.values())
+        total += after
+        del tensors
+        if fname != NON_BLOCK_FILE:
+            log(f"convert: {label} block {k}/{n}: {before / 1e6:.1f} MB -> {after / 1e6:.1f} MB")
+    (dst / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                             indent=2))
+    config = {}
+    if (src / "config.json").is_file():
+        try:
+            config = json.loads((src / "config.json").read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{src / 'config.json'}: not valid JSON ({e})") from None
+    if not config:
+        from ..models import keymap
+        config = keymap.upstream_config(cfg)
+    config["quantization"] = policy.to_json()
+    (dst / "config.json").write_text(json.dumps(config, indent=2))
+    own = {loc.file.resolve() for loc in locations.values()}
+    own |= {p.resolve() for p in src.glob("*.safetensors.index.json")} | {(src / "config.json").resolve()}
+    return own
+
+
+def _copy_rest(root: Path, dst: Path, skip_dirs: set[Path], skip_files: set[Path], skip_names: set[str]) -> None:
+    """Hard-link every other file and folder of the checkpoint (text encoder, tokenizer, VAE, ...) into dst."""
+    for entry in sorted(root.iterdir()):
+        if entry.name in skip_names or entry.resolve() in skip_dirs or entry.resolve() in skip_files:
+            continue
+        target = dst / entry.name
+        if target.exists():
+            continue
+        if entry.is_dir():
+            shutil.copytree(entry, target, copy_function=_link_or_copy)
+        elif entry.is_file():
+            _link_or_copy(str(entry), str(target))
