@@ -204,7 +204,7 @@ def test_load_rejects_non_tensor_pickles(tmp_path):
 
     bad = tmp_path / "str.pth"
     torch.save({"encoder.conv1.weight": "hello"}, bad)
-    with pytest.raises(ValueError, match=r"str\.pth.*'encoder\.conv1\.weight' holds str"):
+    with pytest.raises(ValueError, match=r"str\.pth.*'encoder\.conv1\.weight' is a str"):
         load_vae(bad, cfg=CFG)
 
     bad = tmp_path / "object.pth"          # a pickled custom class: refused by weights_only loading

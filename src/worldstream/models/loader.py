@@ -119,22 +119,25 @@ def read_tensor(loc: TensorLocation) -> torch.Tensor:
     return torch.frombuffer(buf, dtype=torch.uint8).view(loc.dtype).reshape(loc.shape)
 
 
-def _load_pth(path: Path) -> dict[str, torch.Tensor]:
-    """A `.pth` state dict, unpickled safely (weights_only) and memory-mapped where the format allows."""
+def read_pth(path: str | Path) -> dict[str, torch.Tensor]:
+    """A `.pth` state dict (DiT, umT5, VAE), unpickled safely (weights_only: no code from the file runs) and
+    memory-mapped where the format allows; anything but a flat dict of name -> tensor is refused."""
+    path = Path(path)
     try:
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError as e:
-            if "mmap" not in str(e):
+            if "mmap" not in str(e) and "zip" not in str(e):
                 raise
             sd = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
-        raise CheckpointError(f"{path}: cannot be loaded as a weights-only state dict ({e})") from None
+        raise CheckpointError(f"{path}: cannot read as a weights-only PyTorch state dict "
+                              f"({type(e).__name__}: {e})") from None
     if not isinstance(sd, dict):
-        raise CheckpointError(f"{path}: expected a flat dict of name -> tensor, found a {type(sd).__name__}")
+        raise CheckpointError(f"{path}: expected a flat state dict (str -> Tensor), found a {type(sd).__name__}")
     for k, v in sd.items():
         if not isinstance(k, str) or not isinstance(v, torch.Tensor):
-            raise CheckpointError(f"{path}: expected a flat dict of name -> tensor; "
+            raise CheckpointError(f"{path}: expected a flat state dict (str -> Tensor); "
                                   f"entry {k!r} is a {type(v).__name__}")
     return sd
 
@@ -206,7 +209,7 @@ def _raw_index(model_dir: Path) -> dict[str, TensorLocation]:
         if len(files) > 1:
             raise CheckpointError(f"{model_dir}: several .pth files {[f.name for f in files]}; "
                                   "cannot tell which is the DiT")
-        sd = _load_pth(files[0])
+        sd = read_pth(files[0])
         add({k: TensorLocation(files[0], v.dtype, tuple(v.shape), -1, v.nbytes, k) for k, v in sd.items()})
     return out
 
@@ -435,7 +438,7 @@ def iter_tensors(locations: dict[str, TensorLocation], dtype: torch.dtype | None
         if loc.offset < 0:
             if loc.file not in pth:
                 pth.clear()   # keep at most one (memory-mapped) .pth open
-                pth[loc.file] = _load_pth(loc.file)
+                pth[loc.file] = read_pth(loc.file)
             t = pth[loc.file][loc.key].clone()  # own memory, not a view of the mapped file
         else:
             t = read_tensor(loc)

@@ -226,22 +226,8 @@ def _check_exists(ckpt_dir: str | os.PathLike) -> tuple[Path, Path]:
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Open a `.pth` safely (weights_only: no code runs) and lazily (mmap: nothing is read yet)."""
-    try:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e) and "zip" not in str(e):
-                raise
-            state = torch.load(path, map_location="cpu", weights_only=True)   # legacy (non-zip) format
-    except Exception as e:
-        raise ValueError(f"{path}: cannot read as a PyTorch state dict ({type(e).__name__}: {e})") from e
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a flat state dict (str -> Tensor), got {type(state).__name__}")
-    for k, v in state.items():
-        if not isinstance(k, str) or not isinstance(v, torch.Tensor):
-            raise ValueError(f"{path}: expected a flat state dict (str -> Tensor); entry {k!r} holds "
-                             f"{type(v).__name__}")
-    return state
+    from .loader import read_pth
+    return read_pth(path)
 
 
 def load_tokenizer(folder: Path):

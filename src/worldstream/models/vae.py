@@ -30,7 +30,6 @@ so overlapping tiles are blended with linear ramps to hide the seams. tests/test
 from __future__ import annotations
 
 import os
-import zipfile
 from dataclasses import dataclass, replace
 from typing import Callable, Iterator
 
@@ -539,11 +538,8 @@ def load_vae(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device
     allocated. Upstream runs the VAE in float32; bf16 saves memory at some cost in accuracy."""
     path = os.fspath(path)
     cfg = cfg or VAEConfig()
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except Exception as e:   # noqa: BLE001 - torch raises many types for unreadable / unsafe pickles
-        raise ValueError(f"{path}: not readable as a weights-only PyTorch checkpoint "
-                         f"({type(e).__name__}: {e})") from e
+    from .loader import read_pth
+    sd = read_pth(path)
     with torch.device("meta"):
         model = WanVAE(cfg)
     check_vae_state_dict(sd, model, path)
