@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import math
-import os
+
 import shutil
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from worldstream.models import text_encoder as te
 from worldstream.models.text_encoder import (

@@ -37,7 +37,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Sequence
@@ -46,6 +45,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+
+from ..files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -396,20 +397,7 @@ def fingerprint_checkpoint(ckpt_dir: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def _atomic_write(path: Path, write) -> None:
-    """`write(tmp_path)` into a temp file next to `path`, then rename over it; no partial file on failure."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+
 
 
 class PromptCache:
@@ -451,7 +439,7 @@ class PromptCache:
         fingerprint = fingerprint_checkpoint(ckpt_dir)
         record = {"ckpt_dir": str(ckpt_dir), "files": stats, "fingerprint": fingerprint}
         try:
-            _atomic_write(memo_path, lambda tmp: Path(tmp).write_text(json.dumps(record)))
+            atomic_write(memo_path, lambda tmp: Path(tmp).write_text(json.dumps(record)))
         except OSError as e:                       # a read-only cache still works, just slower
             log.warning("cannot remember the fingerprint of %s in %s: %s", ckpt_dir, memo_path, e)
         return fingerprint
@@ -493,7 +481,7 @@ class PromptCache:
         path = self.path(self.key(cleaned_prompt, identity))
         meta = {"format": CACHE_FORMAT, "identity": identity, "prompt": cleaned_prompt}
         tensor = context.detach().to("cpu").contiguous()
-        _atomic_write(path, lambda tmp: save_file({"context": tensor}, tmp, metadata=meta))
+        atomic_write(path, lambda tmp: save_file({"context": tensor}, tmp, metadata=meta))
         return path
 
 

@@ -11,12 +11,13 @@ the temp file is removed and no MP4 (and no partial MP4) is left behind.
 from __future__ import annotations
 
 import os
-import tempfile
 from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from ..files import atomic_write
 
 FPS = 16
 CRF = 18   # x264 constant-quality setting: visually lossless for most content, ~1-3 MB per 5 s of 480p
@@ -57,10 +58,7 @@ def write_mp4(frames, path: str | os.PathLike, fps: int = FPS, crf: int = CRF) -
         raise ValueError(f"expected uint8 frames [F, H, W, 3] with F >= 1, got {frames.dtype} {list(frames.shape)}")
     frames = _even(frames)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.mp4", dir=path.parent)
-    os.close(fd)
-    try:
+    def encode(tmp: str) -> None:
         with av.open(tmp, mode="w", format="mp4") as container:
             stream = container.add_stream("libx264", rate=Fraction(int(fps), 1))
             stream.width, stream.height = frames.shape[2], frames.shape[1]
@@ -72,13 +70,8 @@ def write_mp4(frames, path: str | os.PathLike, fps: int = FPS, crf: int = CRF) -
                     container.mux(packet)
             for packet in stream.encode():   # flush the encoder
                 container.mux(packet)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+
+    atomic_write(path, encode, suffix=".tmp.mp4")
     return path
 
 

@@ -12,7 +12,6 @@ time from the measured pinned bandwidth. The constants below were measured on an
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 from ..models.configs import DiTConfig

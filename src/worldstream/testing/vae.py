@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import os
-import tempfile
 
 import torch
 
+from ..files import atomic_write
 from ..models.vae import VAEConfig, WanVAE
 
 
@@ -31,16 +31,6 @@ def tiny_vae_state_dict(cfg: VAEConfig | None = None, seed: int = 0) -> dict[str
 def write_tiny_vae(path: str | os.PathLike, cfg: VAEConfig | None = None, seed: int = 0
                    ) -> dict[str, torch.Tensor]:
     """Write a tiny `Wan2.1_VAE.pth` (`torch.save` of the state dict) atomically; return the state dict."""
-    path = os.fspath(path)
     sd = tiny_vae_state_dict(cfg, seed)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(sd, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    atomic_write(path, lambda tmp: torch.save(sd, tmp))
     return sd
