@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from ..models.configs import DiTConfig
 from ..models.dit import WanDiT
-from .memory import peak_rss_bytes, pinned_empty
+from .memory import host_ram_bytes, peak_rss_bytes, pinned_empty
 from .planner import Plan, PlanError, Workload, plan
 from .slab import BlockLayout
 from .disk import DiskTier, placeholder
@@ -292,6 +292,8 @@ def build_runner(ckpt, device, dtype, workload: Workload, vram: float | None = N
     if device.type != "cuda":
         return DiTRunner(names, loader, device, dtype, None, quant=policy)
     budget = vram if vram is not None else torch.cuda.mem_get_info(device)[0]
+    if ram is None:   # no budget given: what the machine has, less room for the OS and the rest of the run
+        ram = 0.8 * host_ram_bytes()
     extra = {}
     if policy is not None:
         extra = dict(block_bytes=quantized_block_bytes(cfg, policy.fmt, dtype, tuple(policy.skip)),
