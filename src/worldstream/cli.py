@@ -151,8 +151,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         path = _output_path(args.save_file, name)
         print(job.describe())
         dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(args.dtype)
+        if args.vae_tile is not None and args.vae_tile < 2:
+            raise GenerationError(f"--vae_tile must be at least 2 latent pixels, got {args.vae_tile}")
         result = run(job, device=device, dtype=dtype, t5_cpu=args.t5_cpu,
-                     vae_cpu=args.vae_cpu, vram=vram, ram=ram, quant=args.quant,
+                     vae_cpu=args.vae_cpu, vae_tile=args.vae_tile, vram=vram, ram=ram, quant=args.quant,
                      prompt_cache=None if args.no_prompt_cache else PromptCache())
         _write_and_report(result, path)
     except (GenerationError, CheckpointError, PlanError) as e:
@@ -237,6 +239,10 @@ def _add_generate_parser(sub) -> None:
                                             "seconds to a minute of encoding (skipped for cached prompts)")
     a("--vae_cpu", action="store_true", help="run the VAE on the CPU: saves VRAM during encode/decode, costs "
                                              "minutes at 720p")
+    a("--vae_tile", type=int, default=None, metavar="N",
+      help="decode the video in overlapping spatial tiles of N x N latent pixels (e.g. 32): the VAE's working "
+           "memory shrinks with the tile; tile borders are blended, so the result is close to, not equal to, "
+           "the untiled decode")
     a("--no_prompt_cache", action="store_true", help="do not read or store prompt embeddings in "
                                                      "~/.cache/worldstream/prompts")
     a("--offload_model", type=_str2bool, help="accepted for upstream compatibility and ignored: worldstream "
@@ -379,6 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import os
+    # Fewer fragmentation stalls when a run works close to its --vram budget (set before torch loads CUDA).
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     args = build_parser().parse_args(argv)
     return args.fn(args)
 

@@ -469,12 +469,14 @@ def default_device() -> torch.device:
 
 
 def run(job: Job, *, device=None, dtype: torch.dtype | None = None, t5_cpu: bool = False, vae_cpu: bool = False,
+        vae_tile: int | None = None,
         vram: float | None = None, ram: float | None = None, prompt_cache: PromptCache | None = None,
         cfg_batched: bool | None = None, runner_factory: Callable | None = None, progress: bool = True,
         quant: str | None = None) -> Result:
     """Compute a prepared job. dtype: DiT compute dtype (default bf16 on CUDA, float32 on the CPU).
 
-    t5_cpu: run umt5 on the CPU (upstream --t5_cpu). vae_cpu: keep the VAE on the CPU. vram / ram: byte
+    t5_cpu: run umt5 on the CPU (upstream --t5_cpu). vae_cpu: keep the VAE on the CPU. vae_tile: decode in
+    spatial tiles of that many latent pixels (less VRAM, approximate at tile borders). vram / ram: byte
     budgets for the DiT placement (None: what the device has). cfg_batched: None = the runner's plan decides.
     runner_factory: `build_runner`-compatible callable (default runtime.runner.build_runner).
     progress: show the denoising progress bar on stderr. quant: "fp8" | "fp8-block" | "int8" compresses the
@@ -566,8 +568,11 @@ def run(job: Job, *, device=None, dtype: torch.dtype | None = None, t5_cpu: bool
 
     t0 = time.perf_counter()
     vae.to(vae_device)
-    chunks = [to_uint8_frames(c[0]) for c in vae.decode_frames(latents[None].to(vae_device))]
-    frames = torch.cat(chunks, dim=0)
+    if vae_tile:   # tile after tile, each through all frames, straight into host memory
+        frames = to_uint8_frames(vae.decode(latents[None].to(vae_device), tile=(vae_tile, vae_tile),
+                                            overlap=min(4, max(1, vae_tile // 4)), out_device="cpu")[0])
+    else:          # frames leave the device as they are produced
+        frames = torch.cat([to_uint8_frames(c[0]) for c in vae.decode_frames(latents[None].to(vae_device))], dim=0)
     phase("VAE decode", t0)
 
     report = {
