@@ -170,11 +170,6 @@ class DiTRunner:
         self.calls: list[str] = []
         self.report: dict = {"switch_s": 0.0, "load_s": 0.0}
 
-    @property
-    def resident(self) -> list[int]:
-        if self.plan is None:
-            return list(range(10**6))
-        return self.plan.resident
 
     def _load(self, name: str) -> None:
         t0 = time.perf_counter()
@@ -207,8 +202,7 @@ class DiTRunner:
         if name not in self.loaded:
             self._load(name)
         model, sources = self.loaded[name]
-        resident = self.resident if self.plan else list(range(len(model.blocks)))
-        resident = [i for i in resident if i < len(model.blocks)]
+        resident = self.plan.resident if self.plan else list(range(len(model.blocks)))
         self.engine, handle = place(model, self.device, sources, resident,
                                      self.plan.prefetch if self.plan else 1, engine=self.engine, name=name)
         self.placed[name] = handle
@@ -248,7 +242,7 @@ class DiTRunner:
             old_model.to("meta")
         model, sources = self.loaded[name]
         unplace(model, sources, self.engine, self.placed.pop(name))
-        self.engine, self.placed[name] = place(model, self.device, sources, self.resident, self.plan.prefetch,
+        self.engine, self.placed[name] = place(model, self.device, sources, self.plan.resident, self.plan.prefetch,
                                                 engine=self.engine, name=name)
         self.report["switch_s"] += time.perf_counter() - t0
 

@@ -49,7 +49,3 @@ class BlockLayout:
         views = self.views(buf)
         for name, p in block.named_parameters():
             views[name].copy_(p.detach())
-
-
-def block_params(block: nn.Module) -> dict[str, nn.Parameter]:
-    return dict(block.named_parameters())

@@ -35,11 +35,6 @@ class _NoEvent:  # CPU stand-ins: copies are synchronous there
         pass
 
 
-class _NoStream:
-    def wait_event(self, event):
-        pass
-
-
 class RamSource:
     """A block's bytes held in a pinned host slab."""
 
