@@ -90,7 +90,9 @@ def materialize_(module, prefix: str, device, dtype, dim: int, keep_fp32=()):
 
 def build_worldstream(cfg, blocks_on: str, quant: str | None = None):
     """WanDiT with random bf16 weights; non-block on the GPU; blocks on 'cuda', 'pinned' (host slabs) or
-    'cpu' (plain pageable, like a model loaded with device_map='cpu')."""
+    'cpu' (plain pageable, like a model loaded with device_map='cpu'). `quant`: the block linears compressed
+    under the default policy (runtime/quant.py: first and last block whole, camera layers bf16)."""
+    from worldstream.runtime.quant import QuantPolicy, quantize_block_
     from worldstream.runtime.slab import BlockLayout
     from worldstream.runtime.streaming import host_slabs_from_blocks
     with torch.device("meta"):
@@ -99,15 +101,13 @@ def build_worldstream(cfg, blocks_on: str, quant: str | None = None):
         if name != "blocks":
             materialize_(child, name + ".", "cuda", torch.bfloat16, cfg.dim)
     sources = {}
-    layout = None
+    compressed = set(QuantPolicy(quant).blocks(cfg.num_layers)) if quant else set()
     for i, block in enumerate(m.blocks):
         materialize_(block, f"blocks.{i}.", "cuda", torch.bfloat16, cfg.dim)
-        if quant:   # compressed block linears (camera layers stay bf16), runtime/quant.py
-            from worldstream.runtime.quant import quantize_block_
+        if i in compressed:
             quantize_block_(block, quant)
-        if blocks_on == "pinned":
-            layout = layout or BlockLayout.of(block)
-            sources.update(host_slabs_from_blocks(m.blocks, [i], layout))
+        if blocks_on == "pinned":   # each block its own layout: the whole first/last ones differ
+            sources.update(host_slabs_from_blocks(m.blocks, [i], BlockLayout.of(block)))
         elif blocks_on == "cpu":
             block.to("cpu")
     torch.cuda.empty_cache()
@@ -210,6 +210,9 @@ def job(spec: dict) -> list[dict]:
     torch.cuda.init()
     torch.empty(1, device="cuda")
     ctx_rss = rss_bytes()
+    if spec.get("attention"):   # self-attention backend (models/attention.py)
+        from worldstream.models.attention import set_backend
+        set_backend(spec["attention"])
     results = []
     with torch.no_grad():
         if method == "bandwidth":
@@ -221,7 +224,9 @@ def job(spec: dict) -> list[dict]:
         elif method in ("group", "sequential", "diffusers"):
             results += run_diffusers(cfg, method, points)
     for r in results:
-        r.update(method=method + (f"-{spec['quant']}" if spec.get("quant") else ""), model=model_name, rss_before_cuda_GB=base_rss / GB, rss_after_cuda_GB=ctx_rss / GB)
+        label = method + (f"-{spec['quant']}" if spec.get("quant") else "")
+        label += f"+{spec['attention']}attn" if spec.get("attention") else ""
+        r.update(method=label, model=model_name, rss_before_cuda_GB=base_rss / GB, rss_after_cuda_GB=ctx_rss / GB)
     return results
 
 
@@ -234,7 +239,7 @@ def run_worldstream(cfg, method, points, spec):
         dit.FUSE = spec.get("fuse", True)
         m, _ = build_worldstream(cfg, "cuda", spec.get("quant"))
         for frames, _cap in points:
-            for batched in (True, False):
+            for batched in (True,) if spec.get("batched_only") else (True, False):
                 kw = inputs(cfg, frames, 2 if batched else 1)
                 step = (lambda: m(**kw)) if batched else (lambda: (m(**kw), m(**kw)))
                 torch.cuda.reset_peak_memory_stats()
@@ -248,12 +253,15 @@ def run_worldstream(cfg, method, points, spec):
     with RssPeak() as rp_build:
         m, sources = build_worldstream(cfg, "pinned", spec.get("quant"))
     weights_ram = sum(s.buf.numel() for s in sources.values())
+    from worldstream.runtime.quant import QuantPolicy
     from worldstream.runtime.slab import BlockLayout
-    block_bytes = BlockLayout.of(m.blocks[0]).nbytes
+    block_bytes = BlockLayout.of(m.blocks[1]).nbytes          # a streamable block (compressed if quant)
+    pinned = QuantPolicy(spec["quant"]).pinned(cfg.num_layers) if spec.get("quant") else ()
     hw = Hardware(pcie_bw=spec.get("pcie_bw", Hardware.pcie_bw))
     for frames, cap in points:
         try:
-            p = plan(cfg, Workload(frames=frames, experts=1), cap * GB, None, hw, block_bytes=block_bytes)
+            p = plan(cfg, Workload(frames=frames, experts=1), cap * GB, None, hw, block_bytes=block_bytes,
+                     pinned_resident=pinned)
         except PlanError as e:
             out.append(dict(frames=frames, cap_GB=cap, error=str(e)))
             continue
@@ -353,14 +361,23 @@ def suite(model: str, quick: bool) -> list[dict]:
         dict(method="accelerate", model=model, points=[(9, 8)]),
         dict(method="group", model=model, points=[(9, 24), (9, 12), (9, 8)] + ([] if quick else [(81, 12)])),
     ]
-    jobs += [dict(method="resident", model=model, points=[(9, None), (81, None)], quant="fp8"),
-             dict(method="worldstream", model=model, points=[(9, 8), (81, 8)], quant="fp8")]
+    jobs += quant_jobs(model)
     if not get_config(model).has_camera:
         jobs.append(dict(method="resident", model=model, points=[(9, None), (81, None)], fuse=False))
         jobs.append(dict(method="diffusers", model=model, points=[(9, None), (33, None), (81, None)]))
         if not quick:
             jobs.append(dict(method="sequential", model=model, points=[(9, 8)]))
     return jobs
+
+
+def quant_jobs(model: str) -> list[dict]:
+    """Compressed weights (fp8, default policy) and 8-bit self-attention, against resident bf16."""
+    both = [(9, None), (81, None)]
+    return [dict(method="resident", model=model, points=both, quant="fp8", batched_only=True),
+            dict(method="resident", model=model, points=both, quant="fp8", attention="8bit", batched_only=True),
+            dict(method="resident", model=model, points=[(81, None)], attention="8bit", batched_only=True),
+            dict(method="worldstream", model=model, points=[(9, 8), (81, 8)], quant="fp8"),
+            dict(method="worldstream", model=model, points=[(81, 8)], quant="fp8", attention="8bit")]
 
 
 def main():
@@ -370,6 +387,8 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--quant", choices=["only", "none", "all"], default="all",
                     help="run only the compressed-weight jobs, none of them, or all")
+    ap.add_argument("--suite", choices=["full", "quant"], default="full",
+                    help="quant: resident bf16 and the compressed-weight / 8-bit attention jobs, side by side")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "offload.json"))
     ap.add_argument("--job", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -393,7 +412,10 @@ def main():
     results = {"date": time.strftime("%Y-%m-%d"), "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
                "torch": torch.__version__, "bandwidth": bw[0] if bw else None, "rows": []}
     for model in args.models.split(","):
-        for spec in suite(model, args.quick):
+        jobs = suite(model, args.quick) if args.suite == "full" else (
+            [dict(method="resident", model=model, points=[(9, None), (81, None)], batched_only=True)]
+            + quant_jobs(model))
+        for spec in jobs:
             if args.methods and spec["method"] not in args.methods.split(","):
                 continue
             if (args.quant == "only" and not spec.get("quant")) or (args.quant == "none" and spec.get("quant")):

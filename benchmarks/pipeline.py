@@ -17,6 +17,14 @@ so:
 So "load" measures VAE + umt5 reading from disk (page cache) but DiT generation instead of DiT reading:
 with a real checkpoint the DiT load is bounded by the disk (37 GB per expert).
 
+`--dit fp8-files` measures the low-RAM path instead: the DiT folders hold FULL-size LingBot Cam experts,
+random weights written directly in `worldstream convert --quant fp8`'s layout (one safetensors file per block,
+19 GB per expert; a bf16 original would not fit the lent machine's 64 GB disk), every file of the folder is
+evicted from the page cache after writing (fsync + POSIX_FADV_DONTNEED), and `run()` uses the real runner and
+checkpoint loader under `--ram`: the active expert's streamed blocks are read from disk into pinned RAM, the
+inactive expert stays on disk until the switch reads it. Reported: peak host RSS, bytes the process read from
+storage (/proc/self/io), the switch time.
+
 `prepare()` sizes an I2V video from the image's aspect ratio and the pixel budget, which for 832*480 gives
 464x832 (upstream's flooring, see `conditioning.i2v_size`); the benchmark then sets the job to exactly
 480x832 so that the stated size is measured. The prompt cache is off, so umt5 runs every time.
@@ -83,8 +91,93 @@ def write_random_t5(path: Path, cfg, device, seed: int = 0) -> int:
     return path.stat().st_size
 
 
-def build_folder(root: Path, smoke: bool) -> dict:
-    """The checkpoint folder `prepare()` accepts: tiny DiT (never read), full (or, smoke, tiny) umt5 and VAE."""
+def write_random_fp8_experts(root: Path, cfg, device) -> int:
+    """Both experts of `cfg` as a `worldstream convert --quant fp8` checkpoint (default policy), random weights
+    generated on `device` one block at a time (scaled as runner.random_loader); bytes written."""
+    import torch
+
+    from worldstream.models.dit import WanDiT
+    from worldstream.models.keymap import upstream_config
+    from worldstream.runtime.convert import NON_BLOCK_FILE, block_file, write_expert
+    from worldstream.runtime.quant import QuantPolicy, quantize_stream, quantized_keys
+
+    policy = QuantPolicy("fp8")
+    keys = quantized_keys(cfg, policy)
+    with torch.device("meta"):
+        model = WanDiT(cfg)
+    groups: dict[str, list] = {NON_BLOCK_FILE: []}
+    for key, p in model.named_parameters():
+        parts = key.split(".")
+        groups.setdefault(block_file(int(parts[1])) if parts[0] == "blocks" else NON_BLOCK_FILE, []).append(
+            (key, p.shape))
+    total = 0
+    for e, name in enumerate(("high_noise_model", "low_noise_model")):
+        g = torch.Generator(device=device).manual_seed(e)
+
+        def made(items):
+            for key, shape in items:
+                t = torch.randn(shape, generator=g, device=device, dtype=torch.float32)
+                t = 1 + 0.02 * t if ("norm" in key and key.endswith("weight")) else (
+                    t / cfg.dim ** 0.5 if "modulation" in key else 0.02 * t)
+                yield key, t.to(torch.bfloat16)
+
+        def parts():
+            for fname, items in groups.items():
+                yield fname, {k: t.cpu() for k, t in quantize_stream(made(items), keys, policy.fmt)}
+
+        total += write_expert(root / name, parts(), upstream_config(cfg), policy)
+    return total
+
+
+def evict_page_cache(root: Path) -> int:
+    """fsync every file under root and drop its pages from the page cache, so that the run reads the disk
+    (no root privileges needed: POSIX_FADV_DONTNEED on clean pages). Returns the bytes evicted."""
+    n = 0
+    for path in root.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                n += path.stat().st_size
+            finally:
+                os.close(fd)
+    return n
+
+
+def disk_read_speed(files: list[Path], threads: int) -> float:
+    """GB/s reading `files` (evicted from the page cache) with `threads` parallel readers, 16 MB preads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def read(path: Path) -> int:
+        fd, n = os.open(path, os.O_RDONLY), 0
+        try:
+            while chunk := os.pread(fd, 16 << 20, n):
+                n += len(chunk)
+        finally:
+            os.close(fd)
+        return n
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        n = sum(pool.map(read, files))
+    return n / (time.perf_counter() - t0) / 1e9
+
+
+def io_read_bytes() -> int | None:
+    """Bytes this process caused to be read from storage (Linux /proc/self/io), None where unavailable."""
+    try:
+        for line in Path("/proc/self/io").read_text().splitlines():
+            if line.startswith("read_bytes:"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def build_folder(root: Path, smoke: bool, dit: str = "random") -> dict:
+    """The checkpoint folder `prepare()` accepts: full (or, smoke, tiny) umt5 and VAE; a tiny DiT (never read)
+    or, with dit="fp8-files", full-size (smoke: tiny) fp8 experts that the run reads."""
     import torch
 
     from worldstream.models.text_encoder import T5_CHECKPOINT, T5_TOKENIZER, T5Config
@@ -98,17 +191,33 @@ def build_folder(root: Path, smoke: bool) -> dict:
     device = torch.device("cpu" if smoke else "cuda")
     times = {}
     t0 = time.perf_counter()
-    write_dit_checkpoint(root, "lingbot-cam-tiny", shards=1)       # for validation only
+    dit_bytes = None
+    if dit == "fp8-files":
+        from worldstream.models.configs import get_config
+        dit_bytes = write_random_fp8_experts(root, get_config(SMOKE["variant"] if smoke else FULL["variant"]),
+                                             device)
+        times["fp8 DiT experts random + save"] = time.perf_counter() - t0
+    else:
+        write_dit_checkpoint(root, "lingbot-cam-tiny", shards=1)       # for validation only
+        times["tiny DiT"] = time.perf_counter() - t0
     write_tiny_tokenizer(root / T5_TOKENIZER)
-    times["tiny DiT + tokenizer"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     t5_bytes = write_random_t5(root / T5_CHECKPOINT, T5Config.tiny() if smoke else T5Config(), device)
     times["umt5 random + save"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     write_tiny_vae(root / VAE_FILE, cfg=VAEConfig.tiny() if smoke else VAEConfig(), seed=0)  # any width
     times["VAE random + save"] = time.perf_counter() - t0
-    return {"seconds": times, "umt5_bytes": t5_bytes, "vae_bytes": (root / VAE_FILE).stat().st_size,
-            "peak_rss": peak_rss_bytes()}
+    out = {"seconds": times, "umt5_bytes": t5_bytes, "vae_bytes": (root / VAE_FILE).stat().st_size,
+           "dit_bytes": dit_bytes, "peak_rss": peak_rss_bytes()}
+    if dit == "fp8-files":
+        t0 = time.perf_counter()
+        out["evicted_bytes"] = evict_page_cache(root)
+        times["fsync + evict page cache"] = time.perf_counter() - t0
+        blocks = sorted((root / "high_noise_model").glob("block_*.safetensors"))
+        out["disk_read_GBps"] = {"1 thread": disk_read_speed(blocks[1:5], 1),
+                                 "8 threads": disk_read_speed(blocks[5:21], 8)}
+        evict_page_cache(root)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- stage: run
@@ -158,7 +267,8 @@ class TimedRunner:
         self._cut("denoise (DiT)")
 
 
-def run_once(root: Path, vram_text: str, smoke: bool, steps: int, mp4_dir: Path) -> dict:
+def run_once(root: Path, vram_text: str, smoke: bool, steps: int, mp4_dir: Path, dit: str = "random",
+             ram_text: str | None = None) -> dict:
     import dataclasses
 
     import torch
@@ -181,17 +291,22 @@ def run_once(root: Path, vram_text: str, smoke: bool, steps: int, mp4_dir: Path)
                      f"benchmark sets {h}x{w}")
         job.height, job.width = h, w
     cfg = get_config(spec["variant"])
-    job.ckpt = dataclasses.replace(job.ckpt, config=cfg)          # full size from here on; DiT files unused
+    if dit == "random":
+        job.ckpt = dataclasses.replace(job.ckpt, config=cfg)      # full size from here on; DiT files unused
+    elif job.ckpt.config.name != cfg.name or job.ckpt.quant is None:
+        raise SystemExit(f"expected the written {cfg.name} fp8 checkpoint, found {job.ckpt.config.name} "
+                         f"({job.ckpt.quant})")
     split = [expert_for(t, job.boundary) for t in FlowUniPC(job.steps, job.shift).timesteps]
     if len(set(split)) < 2:
         raise SystemExit(f"{steps} steps at shift {SHIFT} use only the {split[0]} expert (boundary "
                          f"{job.boundary}); pick more steps so both experts run")
     vram = parse_bytes(vram_text)
+    ram = parse_bytes(ram_text) if ram_text else None
     holder: dict = {}
 
     def factory(ckpt, device_, dtype, workload, vram=None, ram=None):
-        inner = build_runner(ckpt, device_, dtype, workload, vram=vram, ram=ram,
-                             loader=random_loader(ckpt.config, seed=0))
+        loader = random_loader(ckpt.config, seed=0) if dit == "random" else None   # None: the checkpoint's
+        inner = build_runner(ckpt, device_, dtype, workload, vram=vram, ram=ram, loader=loader)
         holder["runner"] = TimedRunner(inner, torch.device(device_))
         return holder["runner"]
 
@@ -199,7 +314,10 @@ def run_once(root: Path, vram_text: str, smoke: bool, steps: int, mp4_dir: Path)
         torch.cuda.reset_peak_memory_stats(device)
     print(job.describe(), flush=True)
     t_all = time.perf_counter()
-    result = run(job, device=device, vram=vram, prompt_cache=None, runner_factory=factory, progress=True)
+    read0 = io_read_bytes()
+    result = run(job, device=device, vram=vram, ram=ram, prompt_cache=None, runner_factory=factory,
+                 progress=True)
+    read1 = io_read_bytes()
     runner: TimedRunner = holder["runner"]
     peaks = dict(runner.peaks)
     if device.type == "cuda":
@@ -227,7 +345,11 @@ def run_once(root: Path, vram_text: str, smoke: bool, steps: int, mp4_dir: Path)
     plan = runner.inner.plan
     rep = result.report
     return {
-        "vram_budget": vram_text, "vram_budget_bytes": vram,
+        "vram_budget": vram_text, "vram_budget_bytes": vram, "ram_budget": ram_text, "dit": dit,
+        "storage_read_bytes": None if read0 is None or read1 is None else read1 - read0,
+        "disk_blocks_per_expert": None if plan is None else len(plan.disk_blocks),
+        "ram_blocks_per_expert": None if plan is None else len(plan.ram_blocks),
+        "keep_both_experts": getattr(runner.inner, "keep_all", None),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "dtype": rep["dtype"],
         "job": {"variant": cfg.name, "height": job.height, "width": job.width, "frames": job.frames,
@@ -236,7 +358,7 @@ def run_once(root: Path, vram_text: str, smoke: bool, steps: int, mp4_dir: Path)
                 * (job.height // 16) * (job.width // 16)},
         "timings_s": {k: result.timings.get(k, 0.0) for k in PHASES},
         "total_s": sum(result.timings.values()), "wall_s": wall,
-        "dit_load_s": rep["runner"].get("load_s", 0.0),         # random generation on the GPU, both experts
+        "dit_load_s": rep["runner"].get("load_s", 0.0),   # random: generation on the GPU; fp8-files: disk reads
         "switch_s": rep["runner"].get("switch_s", 0.0),         # includes loading the second expert
         "denoise_s_per_step": result.timings["denoise"] / job.steps,
         "steady_s_per_step": (sum(steady) / len(steady) * per_step) if steady else None,
@@ -293,7 +415,7 @@ def table(res: dict) -> str:
     head = ["", *[f"--vram {r['vram_budget']}" for r in runs]]
     rows = [[f"{p} (s)", *[f"{r['timings_s'][p]:.1f}" for r in runs]] for p in PHASES]
     rows += [
-        ["  of load: DiT random gen (s)", *[f"{r['dit_load_s']:.1f}" for r in runs]],
+        ["  DiT load, all experts (s)", *[f"{r['dit_load_s']:.1f}" for r in runs]],
         ["total (s)", *[f"{r['total_s']:.1f}" for r in runs]],
         ["denoise s/step (all)", *[f"{r['denoise_s_per_step']:.2f}" for r in runs]],
         ["denoise s/step (steady)", *["-" if r["steady_s_per_step"] is None else f"{r['steady_s_per_step']:.2f}"
@@ -307,6 +429,9 @@ def table(res: dict) -> str:
         rows.append([f"  {label}", *[_gb(r["peak_vram_by_phase"].get(label, {}).get("allocated")) for r in runs]])
     rows += [
         ["peak host RSS", *[_gb(r["peak_rss"]) for r in runs]],
+        ["read from storage", *[_gb(r.get("storage_read_bytes")) for r in runs]],
+        ["RAM budget / blocks in RAM", *[f"{r.get('ram_budget') or 'default'} / {r.get('ram_blocks_per_expert')}"
+                                         for r in runs]],
         ["plan: resident blocks", *["-" if r["plan"] is None else f"{r['plan']['n_resident']}/{r['plan']['n_blocks']}"
                                     for r in runs]],
         ["plan: prefetch / CFG", *["-" if r["plan"] is None else
@@ -325,6 +450,10 @@ def table(res: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--vram", default="24GB,12GB", help="comma-separated budgets, one fresh process each")
+    ap.add_argument("--ram", help="host RAM budget for the DiT weights (default: the runner's, 80%% of the machine)")
+    ap.add_argument("--dit", choices=["random", "fp8-files"], default="random",
+                    help="random: DiT generated on the device; fp8-files: full-size fp8 experts written to disk "
+                         "and read by the real loader (see the module docstring)")
     ap.add_argument("--steps", type=int, help="sampling steps (default 6 at shift 10: 3 high + 3 low; smoke 4)")
     ap.add_argument("--cpu-smoke", action="store_true", help="same code path, tiny models, on the CPU")
     ap.add_argument("--workdir", help="where the temp checkpoint folder goes (needs ~12 GB; default $TMPDIR)")
@@ -337,11 +466,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     if args.stage == "build":
-        _atomic_json(Path(args.result), build_folder(Path(args.root), args.cpu_smoke))
+        _atomic_json(Path(args.result), build_folder(Path(args.root), args.cpu_smoke, args.dit))
         return 0
     if args.stage == "run":
         root = Path(args.root)
-        _atomic_json(Path(args.result), run_once(root, args.vram, args.cpu_smoke, args.steps, root))
+        _atomic_json(Path(args.result), run_once(root, args.vram, args.cpu_smoke, args.steps, root, args.dit,
+                                                 args.ram))
         return 0
 
     out = Path(args.out) if args.out else (Path(os.environ["OUT"]) / "pipeline.json" if os.environ.get("OUT")
@@ -351,22 +481,28 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(tempfile.mkdtemp(prefix="ws-pipeline-", dir=args.workdir))
     t_start = time.perf_counter()
     res: dict = {"benchmark": "pipeline", "smoke": args.cpu_smoke, "prompt": PROMPT, "action_string": ACTION,
-                 "weights": "random: full-size umt5-xxl and Wan2.1 VAE files written to disk, full-size DiT "
-                            "experts generated on the device (the checkpoint's DiT folders hold a tiny model "
-                            "for validation only)", "runs": []}
+                 "weights": "random: full-size umt5-xxl and Wan2.1 VAE files written to disk, " + (
+                     "full-size DiT experts generated on the device (the checkpoint's DiT folders hold a tiny "
+                     "model for validation only)" if args.dit == "random" else
+                     "full-size fp8 DiT experts written to disk in the converted layout and evicted from the "
+                     "page cache; the run reads them with the checkpoint loader"),
+                 "dit": args.dit, "ram_budget": args.ram, "runs": []}
     status = 0
     try:
         print(f"building the checkpoint folder in {root} ...", flush=True)
         t0 = time.perf_counter()
-        res["build"] = _child(["--stage", "build", "--root", str(root), *smoke], args.timeout)
+        res["build"] = _child(["--stage", "build", "--root", str(root), "--dit", args.dit, *smoke], args.timeout)
         res["build"]["wall_s"] = time.perf_counter() - t0
         _atomic_json(out, res)                 # after every stage: a killed benchmark keeps what finished
         print(f"built in {res['build']['wall_s']:.1f} s: {res['build']['seconds']}", flush=True)
         for budget in [b.strip() for b in args.vram.split(",") if b.strip()]:
             print(f"\n=== --vram {budget} ===", flush=True)
+            if args.dit == "fp8-files":      # every run reads the disk, not what the last one left cached
+                evict_page_cache(root)
             try:
                 res["runs"].append(_child(["--stage", "run", "--root", str(root), "--vram", budget,
-                                           "--steps", str(steps), *smoke], args.timeout))
+                                           "--steps", str(steps), "--dit", args.dit,
+                                           *(["--ram", args.ram] if args.ram else []), *smoke], args.timeout))
             except (RuntimeError, subprocess.TimeoutExpired) as e:
                 res["runs"].append({"vram_budget": budget, "error": str(e)})
                 status = 1

@@ -358,7 +358,7 @@ def test_camera_batch_of_one_broadcasts():
 @pytest.fixture
 def restore_sdpa():
     yield
-    set_backend("sdpa")
+    set_backend("sdpa", ("self", "cross"))
 
 
 def plain_attention(q, k, v):
@@ -384,9 +384,9 @@ def test_attention_backend_routes_every_call(name, calls_per_block, restore_sdpa
         return plain_attention(q, k, v)
 
     register_backend("test-counting", counting)
-    set_backend("test-counting")
+    set_backend("test-counting", ("self", "cross"))
     out = model(**inp)
-    set_backend("sdpa")
+    set_backend("sdpa", ("self", "cross"))
 
     assert len(calls) == calls_per_block * cfg.num_layers
     assert rel_err(out, base) <= 1e-5
@@ -397,14 +397,29 @@ def test_attention_backend_routes_every_call(name, calls_per_block, restore_sdpa
 
     # a backend that gets it wrong must show: the seam really carries the output
     register_backend("test-zero", lambda q, k, v: torch.zeros_like(q))
-    set_backend("test-zero")
+    set_backend("test-zero", ("self", "cross"))
     assert rel_err(model(**inp), base) > 1e-2
+
+
+@torch.no_grad()
+def test_set_backend_defaults_to_self_attention_only(restore_sdpa):
+    cfg = get_config("wan2.2-i2v-a14b-tiny")
+    model = build(cfg, seed=9)
+    inp = make_inputs(cfg, seed=10)
+    calls = []
+    register_backend("test-self", lambda q, k, v: calls.append(k.shape[1]) or plain_attention(q, k, v))
+    set_backend("test-self")
+    model(**inp)
+    assert calls == [TOKENS] * cfg.num_layers
+    assert attn_mod.get_backend("cross") == "sdpa"
 
 
 def test_unknown_backend_raises(restore_sdpa):
     with pytest.raises(KeyError, match="no-such-backend"):
         set_backend("no-such-backend")
-    assert attn_mod._active[0] == "sdpa"
+    with pytest.raises(KeyError, match="sideways"):
+        set_backend("sdpa", ("sideways",))
+    assert attn_mod.get_backend("self") == attn_mod.get_backend("cross") == "sdpa"
 
 
 # ---- 5. bad input ----------------------------------------------------------------------------------

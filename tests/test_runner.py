@@ -55,3 +55,26 @@ def test_runner_matches_plain_experts_across_the_switch(ckpt, resident, ram, dis
         trace_names = runner.calls
         assert trace_names == order
     runner.close()
+
+
+def test_switch_without_room_for_both_refills_the_same_slabs(ckpt):
+    """RAM for one expert only: at the switch the old expert is let go entirely (engine included) and the new
+    one is read from its files straight into the old expert's slabs; outputs stay exact."""
+    cfg = ckpt.config
+    inp = inputs(cfg)
+    with torch.no_grad():
+        ref = {n: load_dit(d, dtype=torch.float32, cfg=cfg)(**inp) for n, d in ckpt.experts.items()}
+    runner = DiTRunner(["high", "low"], checkpoint_loader(ckpt), "cpu", torch.float32,
+                       make_plan(2, [], [0, 1], []), keep_all=False, cfg=cfg)
+    runner.expect("high")
+    assert torch.equal(runner("high", **inp), ref["high"])
+    runner.expect("high")                 # as the pipeline does between steps of one expert
+    slabs = {src.buf.data_ptr() for src in runner.loaded["high"][1].values()}
+    high_handle = runner.placed["high"]
+    runner.expect("low")
+    assert torch.equal(runner("low", **inp), ref["low"])
+    assert torch.equal(runner("low", **inp), ref["low"])
+    assert set(runner.loaded) == {"low"}
+    assert {src.buf.data_ptr() for src in runner.loaded["low"][1].values()} == slabs
+    assert runner.engine.next_model is not high_handle and high_handle not in runner.engine.models
+    runner.close()

@@ -98,9 +98,20 @@ def compute_dtype(layer: nn.Module) -> torch.dtype:
     return getattr(layer, "compute_dtype", None) or layer.weight.dtype
 
 
-def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """A Linear computed in the dtype its weight is stored in (upstream's bf16 autocast)."""
-    return layer(x.to(compute_dtype(layer)))
+def linear(layer: nn.Linear, x) -> torch.Tensor:
+    """A Linear computed in the dtype its weight is stored in (upstream's bf16 autocast). `x` may also be
+    what `shared_input` prepared for a compressed layer."""
+    return layer(x.to(compute_dtype(layer)) if isinstance(x, torch.Tensor) else x)
+
+
+def shared_input(x: torch.Tensor, layers, gelu: bool = False):
+    """`x` (after the tanh GELU if `gelu`) as the input of `layers`, which all read it. A compressed layer type
+    may prepare it once for all of them (runtime/quant.py's QLinear quantizes the activations once instead of
+    per layer, fused with the GELU); plain Linears get the tensor."""
+    prepare = getattr(layers[0], "prepare_input", None)
+    if prepare is not None:
+        return prepare(x, layers, gelu)
+    return F.gelu(x, approximate="tanh") if gelu else x
 
 
 class LayerNorm32(nn.LayerNorm):
@@ -164,7 +175,7 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
         heads = (self.num_heads, -1)
-        x = x.to(compute_dtype(self.q))  # one cast shared by q, k, v
+        x = shared_input(x.to(compute_dtype(self.q)), (self.q, self.k, self.v))  # one cast (or quantization)
         q = self.norm_q(linear(self.q, x)).unflatten(-1, heads)
         k = self.norm_k(linear(self.k, x)).unflatten(-1, heads)
         v = linear(self.v, x).unflatten(-1, heads)
@@ -192,11 +203,11 @@ class CrossAttention(nn.Module):
         q = self.norm_q(linear(self.q, x)).unflatten(-1, heads)
         k = self.norm_k(linear(self.k, context)).unflatten(-1, heads)
         v = linear(self.v, context).unflatten(-1, heads)
-        out = attention(q, k, v)
+        out = attention(q, k, v, "cross")
         if context_img is not None:
             k_img = self.norm_k_img(linear(self.k_img, context_img)).unflatten(-1, heads)
             v_img = linear(self.v_img, context_img).unflatten(-1, heads)
-            out = out + attention(q, k_img, v_img)
+            out = out + attention(q, k_img, v_img, "cross")
         return linear(self.o, out.flatten(2))
 
 
@@ -220,6 +231,7 @@ class Block(nn.Module):
         self.norm3 = LayerNorm32(dim, eps=cfg.eps) if cfg.cross_attn_norm else nn.Identity()
         self.cross_attn = CrossAttention(cfg)
         self.norm2 = LayerNorm32(dim, eps=cfg.eps, elementwise_affine=False)
+        # (ffn[1] names the activation; `_ffn` applies it through shared_input, fused with fp8 quantization)
         self.ffn = nn.Sequential(nn.Linear(dim, cfg.ffn_dim), nn.GELU(approximate="tanh"),
                                  nn.Linear(cfg.ffn_dim, dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
@@ -253,7 +265,8 @@ class Block(nn.Module):
 
     def _ffn(self, x, shift, scale):
         h = modulate(x, shift, scale, self.norm2.eps, compute_dtype(self.ffn[0]))
-        return linear(self.ffn[2], self.ffn[1](linear(self.ffn[0], h)))
+        h = linear(self.ffn[0], h)
+        return linear(self.ffn[2], shared_input(h.to(compute_dtype(self.ffn[2])), (self.ffn[2],), gelu=True))
 
 
 class Head(nn.Module):

@@ -104,19 +104,16 @@ def _convert_expert(cfg, src: Path, dst: Path, policy: QuantPolicy, label: str, 
     for key, loc in locations.items():
         parts = key.split(".")
         groups[block_file(int(parts[1])) if parts[0] == "blocks" else NON_BLOCK_FILE][key] = loc
-    dst.mkdir(parents=True, exist_ok=True)
-    weight_map, total = {}, 0
-    for k, (fname, locs) in enumerate(groups.items()):
-        tensors = dict(quantize_stream(iter_tensors(locs, None, "cpu"), qkeys, policy.fmt))
-        save_file(tensors, str(dst / fname), metadata={"format": "pt"})
-        weight_map.update({key: fname for key in tensors})
-        before, after = sum(loc.nbytes for loc in locs.values()), sum(t.nbytes for t in tensors.values())
-        total += after
-        del tensors
-        if fname != NON_BLOCK_FILE:
-            log(f"convert: {label} block {k}/{n}: {before / 1e6:.1f} MB -> {after / 1e6:.1f} MB")
-    (dst / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                             indent=2))
+
+    def parts():
+        for k, (fname, locs) in enumerate(groups.items()):
+            tensors = dict(quantize_stream(iter_tensors(locs, None, "cpu"), qkeys, policy.fmt))
+            before, after = sum(loc.nbytes for loc in locs.values()), sum(t.nbytes for t in tensors.values())
+            yield fname, tensors
+            del tensors             # one block in memory at a time
+            if fname != NON_BLOCK_FILE:
+                log(f"convert: {label} block {k}/{n}: {before / 1e6:.1f} MB -> {after / 1e6:.1f} MB")
+
     config = {}
     if (src / "config.json").is_file():
         try:
@@ -126,11 +123,27 @@ def _convert_expert(cfg, src: Path, dst: Path, policy: QuantPolicy, label: str, 
     if not config:
         from ..models import keymap
         config = keymap.upstream_config(cfg)
-    config["quantization"] = policy.to_json()
-    (dst / "config.json").write_text(json.dumps(config, indent=2))
+    write_expert(dst, parts(), config, policy)
     own = {loc.file.resolve() for loc in locations.values()}
     own |= {p.resolve() for p in src.glob("*.safetensors.index.json")} | {(src / "config.json").resolve()}
     return own
+
+
+def write_expert(dst: Path, parts, config: dict, policy: QuantPolicy) -> int:
+    """Write one compressed expert folder: `parts` yields (file name, {key: tensor}) — each block's tensors
+    (or the non-block ones) already in their stored dtypes, one group at a time — then the index json and
+    config.json (`config` plus the policy's "quantization" entry). Returns the bytes of tensors written."""
+    dst.mkdir(parents=True, exist_ok=True)
+    weight_map, total = {}, 0
+    for fname, tensors in parts:
+        save_file(tensors, str(dst / fname), metadata={"format": "pt"})
+        weight_map.update({key: fname for key in tensors})
+        total += sum(t.nbytes for t in tensors.values())
+        del tensors
+    (dst / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                             indent=2))
+    (dst / "config.json").write_text(json.dumps({**config, "quantization": policy.to_json()}, indent=2))
+    return total
 
 
 def _copy_rest(root: Path, dst: Path, skip_dirs: set[Path], skip_files: set[Path], skip_names: set[str]) -> None:

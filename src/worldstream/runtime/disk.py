@@ -9,6 +9,7 @@ worker waits on, off the hot loop), and tensors stored in another dtype (fp32 sh
 from __future__ import annotations
 
 import os
+import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -55,15 +56,7 @@ class DiskTier:
 
     def source(self, locations: dict[str, object], prefix: str) -> DiskSource:
         """The block whose tensors are `locations[prefix + name]` for every name of the layout."""
-        parts = []
-        for e in self.layout.entries:
-            loc = locations[prefix + e.name]
-            if loc.offset < 0:
-                raise ValueError(f"{loc.file}: the disk tier reads safetensors byte ranges; convert .pth first")
-            if tuple(loc.shape) != e.shape:
-                raise ValueError(f"{loc.file}: {loc.key} has shape {tuple(loc.shape)}, expected {e.shape}")
-            parts.append((e.offset, loc, e.dtype))
-        return DiskSource(self, parts)
+        return DiskSource(self, block_parts(self.layout, locations, prefix))
 
     # ---- engine side (main thread) ----------------------------------------------------------------------------
     def prefetch(self, src: DiskSource) -> None:
@@ -105,18 +98,7 @@ class DiskTier:
     def _read(self, src: DiskSource, r: int) -> None:
         if self.copied[r] is not None:
             self.copied[r].synchronize()       # the last GPU copy out of this buffer has finished
-        buf = self.buffers[r].numpy()
-        for offset, loc, dtype in src.parts:
-            fd = self._fd(loc.file)
-            if loc.dtype == dtype:
-                _pread_into(fd, memoryview(buf[offset:offset + loc.nbytes]), loc.offset)
-            else:
-                tmp = np.empty(loc.nbytes, dtype=np.uint8)
-                _pread_into(fd, memoryview(tmp), loc.offset)
-                t = torch.from_numpy(tmp).view(loc.dtype).to(dtype)
-                n = t.numel() * t.element_size()
-                buf[offset:offset + n] = t.reshape(-1).view(torch.uint8).numpy()
-            self.stats["bytes"] += loc.nbytes
+        self.stats["bytes"] += read_parts(src.parts, self.buffers[r], self._fd)
         self.stats["reads"] += 1
 
     def close(self) -> None:
@@ -127,6 +109,57 @@ class DiskTier:
         self._fds.clear()
         for b in self.buffers:
             unpin(b)
+
+
+def block_parts(layout: BlockLayout, locations: dict[str, object], prefix: str) -> list[tuple[int, object, torch.dtype]]:
+    """(slab offset, TensorLocation, layout dtype) for every parameter of a block laid out by `layout`, whose
+    tensors are `locations[prefix + name]` (safetensors byte ranges of the right shapes)."""
+    parts = []
+    for e in layout.entries:
+        loc = locations[prefix + e.name]
+        if loc.offset < 0:
+            raise ValueError(f"{loc.file}: the disk tier reads safetensors byte ranges; convert .pth first")
+        if tuple(loc.shape) != e.shape:
+            raise ValueError(f"{loc.file}: {loc.key} has shape {tuple(loc.shape)}, expected {e.shape}")
+        parts.append((e.offset, loc, e.dtype))
+    return parts
+
+
+def read_parts(parts, slab: torch.Tensor, fd_of) -> int:
+    """Read a block's tensors (`block_parts`) into its uint8 slab: with pread straight into place where the stored
+    dtype is the layout's, through a converted temporary otherwise. `fd_of(path)` gives an open descriptor.
+    Returns the bytes read. Releases the GIL while reading, so blocks can be read by parallel threads."""
+    buf, n = slab.numpy(), 0
+    for offset, loc, dtype in parts:
+        fd = fd_of(loc.file)
+        if loc.dtype == dtype:
+            _pread_into(fd, memoryview(buf[offset:offset + loc.nbytes]), loc.offset)
+        else:
+            tmp = np.empty(loc.nbytes, dtype=np.uint8)
+            _pread_into(fd, memoryview(tmp), loc.offset)
+            t = torch.from_numpy(tmp).view(loc.dtype).to(dtype)
+            buf[offset:offset + t.numel() * t.element_size()] = t.reshape(-1).view(torch.uint8).numpy()
+        n += loc.nbytes
+    return n
+
+
+def read_blocks(jobs: list[tuple[list, torch.Tensor]], workers: int = 8) -> int:
+    """Read several blocks ((parts, slab) pairs) in parallel threads, each file opened once; bytes read."""
+    fds: dict[str, int] = {}
+    lock = threading.Lock()
+
+    def fd_of(path) -> int:
+        with lock:
+            if str(path) not in fds:
+                fds[str(path)] = os.open(path, os.O_RDONLY)
+            return fds[str(path)]
+
+    try:
+        with ThreadPoolExecutor(max(1, min(workers, len(jobs)))) as pool:
+            return sum(pool.map(lambda job: read_parts(job[0], job[1], fd_of), jobs))
+    finally:
+        for fd in fds.values():
+            os.close(fd)
 
 
 def _pread_into(fd: int, mv: memoryview, offset: int) -> None:

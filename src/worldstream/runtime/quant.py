@@ -33,6 +33,7 @@ import functools
 import math
 import warnings
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -161,6 +162,35 @@ def _quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 _compiled_quantizer = None   # None: not built yet; False: compiling failed, eager from now on
 
 
+def _gelu_quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _quantize_rows_fp8(F.gelu(x, approximate="tanh"))
+
+
+_compiled_gelu_quantizer = []
+
+
+def gelu_quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize_rows_fp8(gelu_tanh(x))` in one pass on CUDA (the FFN's hidden activations are the largest
+    tensor of a block; this saves writing and re-reading them in bf16). Same values as the two steps."""
+    if COMPILE_ACT_QUANT and x.is_cuda and _compiled_gelu_quantizer != [False]:
+        try:
+            if not _compiled_gelu_quantizer:
+                _compiled_gelu_quantizer.append(torch.compile(_gelu_quantize_rows_fp8, dynamic=True))
+            return _compiled_gelu_quantizer[0](x)
+        except Exception as exc:   # noqa: BLE001 - compiler trouble: eager gives the same values
+            warnings.warn(f"torch.compile of the fp8 GELU quantizer failed ({exc!r}); using eager")
+            _compiled_gelu_quantizer[:] = [False]
+    return _gelu_quantize_rows_fp8(x)
+
+
+class Fp8Rows(NamedTuple):
+    """Activations quantized once for several fp8 matmuls (self-attention's q, k, v read the same input):
+    `data` [M, K] fp8 and `scale` [M, 1] float32 from `quantize_rows_fp8`; `shape` is their leading shape."""
+    data: torch.Tensor
+    scale: torch.Tensor
+    shape: tuple
+
+
 class QLinear(nn.Module):
     """A Linear whose weight is stored in 8 bits (`weight`: fp8/int8, `weight_scale`: float32, both frozen).
 
@@ -221,17 +251,31 @@ class QLinear(nn.Module):
                 and self.in_features % 16 == 0 and self.out_features % 16 == 0 and x.numel() > 0
                 and _has_fp8_matmul(x.device.index if x.device.index is not None else torch.cuda.current_device()))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def prepare_input(x: torch.Tensor, layers, gelu: bool = False):
+        """The input of several `layers` that all read `x` (after the tanh GELU if `gelu`): quantized once
+        (an `Fp8Rows`) when every one of them takes the fp8 matmul, else the plain tensor."""
+        if all(isinstance(layer, QLinear) and layer.uses_scaled_mm(x) for layer in layers):
+            rows = x.reshape(-1, x.shape[-1])
+            data, scale = gelu_quantize_rows_fp8(rows) if gelu else quantize_rows_fp8(rows)
+            return Fp8Rows(data, scale, tuple(x.shape[:-1]))
+        return F.gelu(x, approximate="tanh") if gelu else x
+
+    def forward(self, x: torch.Tensor | Fp8Rows) -> torch.Tensor:
         if self.weight.dtype != FORMATS[self.fmt]:
             raise RuntimeError(f"QLinear({self.fmt}) weight was recast to {self.weight.dtype} (Module.to(dtype)?); "
                                "set the model's dtype before quantizing")
-        x = x.to(self.compute_dtype)
-        if not self.uses_scaled_mm(x):
-            return F.linear(x, self.dequantized_weight(), self.bias)
-        xq, x_scale = quantize_rows_fp8(x.reshape(-1, self.in_features))
+        if isinstance(x, Fp8Rows):
+            xq, x_scale, lead = x
+        else:
+            x = x.to(self.compute_dtype)
+            if not self.uses_scaled_mm(x):
+                return F.linear(x, self.dequantized_weight(), self.bias)
+            xq, x_scale = quantize_rows_fp8(x.reshape(-1, self.in_features))
+            lead = x.shape[:-1]
         y = torch._scaled_mm(xq, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale.view(1, -1),
                              bias=self.bias, out_dtype=torch.bfloat16, use_fast_accum=SCALED_MM_FAST_ACCUM)
-        return y.view(*x.shape[:-1], self.out_features)
+        return y.view(*lead, self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

@@ -26,10 +26,10 @@ import torch.nn as nn
 
 from ..models.configs import DiTConfig
 from ..models.dit import WanDiT
-from .memory import host_ram_bytes, peak_rss_bytes, pinned_empty
+from .memory import host_ram_bytes, peak_rss_bytes, pinned_empty, unpin
 from .planner import Plan, PlanError, Workload, plan
 from .slab import BlockLayout
-from .disk import DiskTier, placeholder
+from .disk import DiskTier, block_parts, placeholder, read_blocks
 from .quant import QuantPolicy, as_policy, quantize_stream, quantized_block_bytes, quantized_keys, quantized_model
 from .streaming import RamSource, StreamEngine, place, unplace
 
@@ -59,7 +59,8 @@ def checkpoint_loader(ckpt, quant: QuantPolicy | str | None = None) -> Loader:
 
     policy, on_load = resolve_quant(ckpt, quant)
 
-    def load(name: str, streamed: set, device, dtype, disk: set = frozenset(), tier: DiskTier | None = None):
+    def load(name: str, streamed: set, device, dtype, disk: set = frozenset(), tier: DiskTier | None = None,
+             slabs: list | None = None):
         model_dir = Path(ckpt.experts[name])
         locations = index_model_dir(model_dir)
         validate(ckpt.config, locations, model_dir, None if on_load else policy)
@@ -67,12 +68,18 @@ def checkpoint_loader(ckpt, quant: QuantPolicy | str | None = None) -> Loader:
             raise ValueError(f"blocks {sorted(disk)} would be read from the shards on disk, but --quant "
                              f"{policy.fmt} compresses while loading and the disk tier streams stored bytes: "
                              f"convert once (`worldstream convert --quant {policy.fmt}`) or raise --ram")
-        on_disk = {k for k in locations if k.startswith("blocks.") and int(k.split(".")[1]) in disk}
-        read = {k: v for k, v in locations.items() if k not in on_disk}
+        _check_streamable(ckpt.config, policy, set(streamed))
+        block_of = {k: int(k.split(".")[1]) for k in locations if k.startswith("blocks.")}
+        # streamed blocks stored as safetensors byte ranges are read straight into their slabs (below)
+        direct = set() if on_load else {i for i in streamed if all(
+            loc.offset >= 0 for k, loc in locations.items() if block_of.get(k) == i)}
+        read = {k: v for k, v in locations.items() if block_of.get(k) not in disk | direct}
         tensors = iter_tensors(read, None if policy else dtype, "cpu")
         if on_load:
             tensors = quantize_stream(tensors, quantized_keys(ckpt.config, policy), policy.fmt)
-        model, sources = _assemble(ckpt.config, tensors, streamed, device, dtype, policy)
+        model, sources = _assemble(ckpt.config, tensors, streamed - direct, device, dtype, policy)
+        if direct:
+            sources.update(_read_streamed(model, locations, sorted(direct), slabs if slabs is not None else []))
         for i in disk:
             sources[i] = tier.source(locations, f"blocks.{i}.")
             for mod in model.blocks[i].modules():
@@ -89,7 +96,7 @@ def random_loader(cfg: DiTConfig, seed: int = 0, quant: QuantPolicy | str | None
     linears compressed per `quant` as they are made."""
     policy = as_policy(quant)
 
-    def load(name: str, streamed: set, device, dtype, disk: set = frozenset(), tier=None):
+    def load(name: str, streamed: set, device, dtype, disk: set = frozenset(), tier=None, slabs=None):
         if disk:
             raise ValueError("random weights have no files to stream from disk; raise the RAM budget")
         with torch.device("meta"):
@@ -110,14 +117,18 @@ def random_loader(cfg: DiTConfig, seed: int = 0, quant: QuantPolicy | str | None
     return load
 
 
+def _check_streamable(cfg, policy: QuantPolicy | None, streamed: set) -> None:
+    if policy is not None and streamed & set(policy.pinned(cfg.num_layers)):
+        raise ValueError(f"blocks {sorted(streamed & set(policy.pinned(cfg.num_layers)))} are stored whole "
+                         "(another slab layout than the compressed blocks) and must stay resident")
+
+
 def _assemble(cfg, tensors, streamed: set, device, dtype,
               policy: QuantPolicy | None = None) -> tuple[WanDiT, dict[int, object]]:
     """Fill a meta skeleton (with the policy's QLinears) from (key, tensor) pairs: each tensor is converted to
     its parameter's dtype (8-bit weights and float32 scales keep theirs) and goes straight to its home."""
     model = quantized_model(cfg, dtype, policy).eval()
-    if policy is not None and streamed & set(policy.pinned(cfg.num_layers)):
-        raise ValueError(f"blocks {sorted(streamed & set(policy.pinned(cfg.num_layers)))} are stored whole "
-                         "(another slab layout than the compressed blocks) and must stay resident")
+    _check_streamable(cfg, policy, streamed)
     layouts: dict[int, BlockLayout] = {}
     slabs: dict[int, torch.Tensor] = {}
     views: dict[int, dict[str, torch.Tensor]] = {}
@@ -139,6 +150,23 @@ def _assemble(cfg, tensors, streamed: set, device, dtype,
             t = t.to(device)
         module._parameters[pname] = nn.Parameter(t, requires_grad=False)
     return model, {i: RamSource(b) for i, b in slabs.items()}
+
+
+def _read_streamed(model: WanDiT, locations: dict, blocks: list[int], reuse: list[torch.Tensor]) -> dict:
+    """Streamed blocks of `model` (a meta skeleton there) read from their safetensors byte ranges straight into
+    pinned slabs, several blocks at a time in threads: no staging copy, no memory map. Slabs in `reuse` (the
+    previous expert's, at a switch: same layout, already pinned) are filled before new ones are allocated."""
+    jobs, sources = [], {}
+    for i in blocks:
+        layout = BlockLayout.of(model.blocks[i])
+        slab = reuse.pop() if reuse and reuse[-1].numel() == layout.nbytes else pinned_empty(layout.nbytes)
+        jobs.append((block_parts(layout, locations, f"blocks.{i}."), slab))
+        for pname, view in layout.views(slab).items():
+            module_name, _, leaf = pname.rpartition(".")
+            model.blocks[i].get_submodule(module_name)._parameters[leaf] = nn.Parameter(view, requires_grad=False)
+        sources[i] = RamSource(slab)
+    read_blocks(jobs)
+    return sources
 
 
 def stream_layout(cfg: DiTConfig, dtype, policy: QuantPolicy | None) -> BlockLayout:
@@ -171,14 +199,18 @@ class DiTRunner:
         self.report: dict = {"switch_s": 0.0, "load_s": 0.0}
 
 
-    def _load(self, name: str) -> None:
+    def _load(self, name: str, reuse: list | None = None) -> None:
         t0 = time.perf_counter()
         n = self.plan.n_blocks if self.plan else None
         streamed = set(self.plan.ram_blocks) if self.plan else set()
         disk = set(self.plan.disk_blocks) if self.plan else set()
         if disk and self.tier is None:
             self.tier = DiskTier(stream_layout(self.plan_cfg, self.dtype, self.quant), ring=self.plan.prefetch + 2)
-        model, sources = self.loader(name, streamed, self.device, self.dtype, disk=disk, tier=self.tier)
+        reuse = reuse if reuse is not None else []
+        model, sources = self.loader(name, streamed, self.device, self.dtype, disk=disk, tier=self.tier,
+                                     slabs=reuse)
+        for buf in reuse:      # slabs the new expert did not need
+            unpin(buf)
         model.set_ffn_chunk(self.ffn_chunk)
         self.loaded[name] = (model, sources)
         self.report["load_s"] += time.perf_counter() - t0
@@ -191,6 +223,7 @@ class DiTRunner:
             self.previous, self.active = self.active, name
             return self.loaded[name][0]
         t0 = time.perf_counter()
+        reuse: list[torch.Tensor] = []
         if self.active is not None and self.active in self.placed:
             old = self.active
             model, sources = self.loaded[old]
@@ -198,9 +231,14 @@ class DiTRunner:
             all_resident = self.plan is None or len(self.plan.resident) == self.plan.n_blocks
             if not self.keep_all or all_resident:   # experts run high then low: free the device and RAM
                 del self.loaded[old]
+                # the old expert's pinned slabs take the new expert's blocks (same layout): no re-pinning
+                reuse = [src.take() for src in sources.values() if isinstance(src, RamSource)]
+                del sources
                 model.to("meta")
         if name not in self.loaded:
-            self._load(name)
+            self._load(name, reuse)
+        for buf in reuse:
+            unpin(buf)
         model, sources = self.loaded[name]
         resident = self.plan.resident if self.plan else list(range(len(model.blocks)))
         self.engine, handle = place(model, self.device, sources, resident,

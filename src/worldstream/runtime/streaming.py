@@ -47,8 +47,14 @@ class RamSource:
     def release(self, copied_event) -> None:
         pass
 
+    def take(self) -> torch.Tensor:
+        """Hand the (still pinned) slab to a new owner, e.g. the next expert's block at an expert switch."""
+        buf, self.buf = self.buf, None
+        return buf
+
     def __del__(self):   # the slab's page-locking ends with its owner (views keep plain memory alive)
-        unpin(self.buf)
+        if self.buf is not None:
+            unpin(self.buf)
 
 
 @dataclass
@@ -115,6 +121,8 @@ class StreamEngine:
         self.queue = deque(q for q in self.queue if q[0] is not m)
         if self.cursor is not None and self.cursor[0] is m:
             self.cursor = None
+        if self.next_model is m:   # else the detached stack (and its host slabs) would stay referenced
+            self.next_model = None
 
     def expect(self, m: Streamed | None) -> None:
         """The forward after the current one runs `m` (prefetch across the expert switch)."""
