@@ -13,7 +13,8 @@ Other kernels plug in with `register_backend(name, fn)`.
 """
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -56,3 +57,15 @@ def get_backend(kind: str = "self") -> str:
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: str = "self") -> torch.Tensor:
     return _BACKENDS[_active[kind]](q, k, v)
+
+
+@contextlib.contextmanager
+def backend(name: str | None, kinds: tuple[str, ...] = ("self",)) -> Iterator[None]:
+    """`with backend("8bit"):` use `name` for `kinds` inside the block, then restore (None: no change)."""
+    before = {kind: _active[kind] for kind in KINDS}
+    if name is not None:
+        set_backend(name, kinds)
+    try:
+        yield
+    finally:
+        _active.update(before)

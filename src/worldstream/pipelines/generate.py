@@ -36,6 +36,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from ..models.attention import backend as attention_backend
 from ..models.camera import pad_to_4n_plus_1
 from ..models.loader import Checkpoint, CheckpointError, find_checkpoint, index_model_dir, validate
 from ..models.text_encoder import T5_CHECKPOINT, T5_TOKENIZER, PromptCache, encode_prompts
@@ -472,7 +473,7 @@ def run(job: Job, *, device=None, dtype: torch.dtype | None = None, t5_cpu: bool
         vae_tile: int | None = None,
         vram: float | None = None, ram: float | None = None, prompt_cache: PromptCache | None = None,
         cfg_batched: bool | None = None, runner_factory: Callable | None = None, progress: bool = True,
-        quant: str | None = None) -> Result:
+        quant: str | None = None, attention: str | None = None) -> Result:
     """Compute a prepared job. dtype: DiT compute dtype (default bf16 on CUDA, float32 on the CPU).
 
     t5_cpu: run umt5 on the CPU (upstream --t5_cpu). vae_cpu: keep the VAE on the CPU. vae_tile: decode in
@@ -481,6 +482,7 @@ def run(job: Job, *, device=None, dtype: torch.dtype | None = None, t5_cpu: bool
     runner_factory: `build_runner`-compatible callable (default runtime.runner.build_runner).
     progress: show the denoising progress bar on stderr. quant: "fp8" | "fp8-block" | "int8" compresses the
     DiT's block linears while loading (runtime/quant.py; a converted checkpoint is already compressed).
+    attention: the DiT's self-attention backend for this run ("sdpa", "8bit": models/attention.py).
 
     Order, so that at most one big model is on the GPU at a time: VAE loaded (parked on the CPU on CUDA runs),
     umt5 loaded / used / freed, VAE encode, DiT denoising (the runner loads it at its first forward and is
@@ -552,7 +554,7 @@ def run(job: Job, *, device=None, dtype: torch.dtype | None = None, t5_cpu: bool
         bar = Progress(job.steps, "denoise", enabled=progress)
         steps_log: list = []
         load_before = runner.report.get("load_s", 0.0)
-        with torch.no_grad():
+        with torch.no_grad(), attention_backend(attention):
             latents = sample(runner, noise, sampler, job.experts, job.boundary, job.guide_scale, context,
                              context_null, y=y, camera=camera, cfg_batched=batched, progress=bar, log=steps_log)
         dit_load = runner.report.get("load_s", 0.0) - load_before
