@@ -131,24 +131,23 @@ def _has_fp8_matmul(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index) >= (8, 9)
 
 
-def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Activations [M, K] -> (fp8 [M, K], float32 scale [M, 1]), one scale per row (token).
+class _CompiledOnCuda:
+    """`fn(x)` through torch.compile (built once, dynamic shapes) for CUDA inputs when `COMPILE_ACT_QUANT`; if
+    compiling fails: a warning, and eager from then on (the same values). `.failed` says which happened."""
 
-    The scale is amax / 448 rounded up to a power of two (so the row's largest value lands in [224, 448]): then
-    x / scale is exact in bf16 and the only rounding is the one to fp8, in a bf16 multiply and a cast, with no
-    float32 copy of the activations. fp8 keeps its relative precision over that range, so this costs nothing
-    in accuracy. Zero rows get a finite scale and zero data. Compiled on CUDA when `COMPILE_ACT_QUANT`.
-    """
-    global _compiled_quantizer
-    if COMPILE_ACT_QUANT and x.is_cuda and _compiled_quantizer is not False:
-        try:
-            if _compiled_quantizer is None:
-                _compiled_quantizer = torch.compile(_quantize_rows_fp8, dynamic=True)
-            return _compiled_quantizer(x)
-        except Exception as exc:   # no triton / compiler trouble: eager gives the same bits
-            warnings.warn(f"torch.compile of the fp8 activation quantizer failed ({exc!r}); using eager")
-            _compiled_quantizer = False
-    return _quantize_rows_fp8(x)
+    def __init__(self, fn):
+        self.fn, self.compiled, self.failed = fn, None, False
+
+    def __call__(self, x: torch.Tensor):
+        if COMPILE_ACT_QUANT and x.is_cuda and not self.failed:
+            try:
+                if self.compiled is None:
+                    self.compiled = torch.compile(self.fn, dynamic=True)
+                return self.compiled(x)
+            except Exception as exc:   # no triton / compiler trouble: eager gives the same bits
+                warnings.warn(f"torch.compile of {self.fn.__name__} failed ({exc!r}); using eager")
+                self.failed = True
+        return self.fn(x)
 
 
 def _quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,28 +158,29 @@ def _quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (x * mult).to(FP8), inv.reciprocal()
 
 
-_compiled_quantizer = None   # None: not built yet; False: compiling failed, eager from now on
-
-
 def _gelu_quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _quantize_rows_fp8(F.gelu(x, approximate="tanh"))
 
 
-_compiled_gelu_quantizer = []
+_act_quantizer = _CompiledOnCuda(_quantize_rows_fp8)
+_gelu_act_quantizer = _CompiledOnCuda(_gelu_quantize_rows_fp8)
+
+
+def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activations [M, K] -> (fp8 [M, K], float32 scale [M, 1]), one scale per row (token).
+
+    The scale is amax / 448 rounded up to a power of two (so the row's largest value lands in [224, 448]): then
+    x / scale is exact in bf16 and the only rounding is the one to fp8, in a bf16 multiply and a cast, with no
+    float32 copy of the activations. fp8 keeps its relative precision over that range, so this costs nothing
+    in accuracy. Zero rows get a finite scale and zero data. Compiled on CUDA when `COMPILE_ACT_QUANT`.
+    """
+    return _act_quantizer(x)
 
 
 def gelu_quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`quantize_rows_fp8(gelu_tanh(x))` in one pass on CUDA (the FFN's hidden activations are the largest
     tensor of a block; this saves writing and re-reading them in bf16). Same values as the two steps."""
-    if COMPILE_ACT_QUANT and x.is_cuda and _compiled_gelu_quantizer != [False]:
-        try:
-            if not _compiled_gelu_quantizer:
-                _compiled_gelu_quantizer.append(torch.compile(_gelu_quantize_rows_fp8, dynamic=True))
-            return _compiled_gelu_quantizer[0](x)
-        except Exception as exc:   # noqa: BLE001 - compiler trouble: eager gives the same values
-            warnings.warn(f"torch.compile of the fp8 GELU quantizer failed ({exc!r}); using eager")
-            _compiled_gelu_quantizer[:] = [False]
-    return _gelu_quantize_rows_fp8(x)
+    return _gelu_act_quantizer(x)
 
 
 class Fp8Rows(NamedTuple):

@@ -71,8 +71,8 @@ def checkpoint_loader(ckpt, quant: QuantPolicy | str | None = None) -> Loader:
         _check_streamable(ckpt.config, policy, set(streamed))
         block_of = {k: int(k.split(".")[1]) for k in locations if k.startswith("blocks.")}
         # streamed blocks stored as safetensors byte ranges are read straight into their slabs (below)
-        direct = set() if on_load else {i for i in streamed if all(
-            loc.offset >= 0 for k, loc in locations.items() if block_of.get(k) == i)}
+        in_pth = {block_of.get(k) for k, loc in locations.items() if loc.offset < 0}
+        direct = set() if on_load else set(streamed) - in_pth
         read = {k: v for k, v in locations.items() if block_of.get(k) not in disk | direct}
         tensors = iter_tensors(read, None if policy else dtype, "cpu")
         if on_load:
@@ -206,11 +206,8 @@ class DiTRunner:
         disk = set(self.plan.disk_blocks) if self.plan else set()
         if disk and self.tier is None:
             self.tier = DiskTier(stream_layout(self.plan_cfg, self.dtype, self.quant), ring=self.plan.prefetch + 2)
-        reuse = reuse if reuse is not None else []
         model, sources = self.loader(name, streamed, self.device, self.dtype, disk=disk, tier=self.tier,
                                      slabs=reuse)
-        for buf in reuse:      # slabs the new expert did not need
-            unpin(buf)
         model.set_ffn_chunk(self.ffn_chunk)
         self.loaded[name] = (model, sources)
         self.report["load_s"] += time.perf_counter() - t0
@@ -237,7 +234,7 @@ class DiTRunner:
                 model.to("meta")
         if name not in self.loaded:
             self._load(name, reuse)
-        for buf in reuse:
+        for buf in reuse:      # slabs the new expert did not take
             unpin(buf)
         model, sources = self.loaded[name]
         resident = self.plan.resident if self.plan else list(range(len(model.blocks)))
