@@ -127,10 +127,10 @@ def speed() -> list[dict]:
 
 
 def block_speed() -> list[dict]:
-    from worldstream.models import attention
     from worldstream.models.configs import get_config
     from worldstream.models.dit import Block, rope_grid, rope_table
-    from worldstream.runtime.quant import quantize_block_
+    from worldstream.models.quant import quantize_block_
+    from worldstream.runtime import attention8  # noqa: F401  (registers "8bit")
     cfg = get_config("wan2.2-i2v-a14b")
     torch.manual_seed(0)
     with torch.device("cuda"):
@@ -160,12 +160,12 @@ def block_speed() -> list[dict]:
                 import copy
                 blocks[fmt] = copy.deepcopy(block)
                 quantize_block_(blocks[fmt], fmt)
-            attention.set_backend(backend)
+            blocks[fmt].self_attn.backend = backend
             with torch.no_grad():
                 fn = lambda: blocks[fmt](x.clone(), e0, rot, ctx)   # noqa: E731
                 out = fn()
                 s = timed(fn, 3 if frames == 81 else 10)
-            attention.set_backend("sdpa")
+            blocks[fmt].self_attn.backend = "sdpa"
             outs[name] = out
             update = out - x
             rows.append(dict(frames=frames, variant=name, ms=s * 1e3, step_s_est=40 * s,

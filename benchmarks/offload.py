@@ -92,7 +92,8 @@ def build_worldstream(cfg, blocks_on: str, quant: str | None = None):
     """WanDiT with random bf16 weights; non-block on the GPU; blocks on 'cuda', 'pinned' (host slabs) or
     'cpu' (plain pageable, like a model loaded with device_map='cpu'). `quant`: the block linears compressed
     under the default policy (runtime/quant.py: first and last block whole, camera layers bf16)."""
-    from worldstream.runtime.quant import QuantPolicy, quantize_block_
+    from worldstream.checkpoints.compressed import QuantPolicy
+    from worldstream.models.quant import quantize_block_
     from worldstream.runtime.slab import BlockLayout
     from worldstream.runtime.streaming import host_slabs_from_blocks
     with torch.device("meta"):
@@ -120,7 +121,7 @@ def build_diffusers(cfg, where: str):
     from diffusers import WanTransformer3DModel
     from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
 
-    from worldstream.models.keymap import diffusers_config, diffusers_to_upstream
+    from worldstream.checkpoints.keymap import diffusers_config, diffusers_to_upstream
     kw = {k: v for k, v in diffusers_config(cfg).items() if not k.startswith("_") and k != "control_dim"}
     with torch.device("meta"):
         m = WanTransformer3DModel(**kw)
@@ -210,9 +211,8 @@ def job(spec: dict) -> list[dict]:
     torch.cuda.init()
     torch.empty(1, device="cuda")
     ctx_rss = rss_bytes()
-    if spec.get("attention"):   # self-attention backend (models/attention.py)
-        from worldstream.models.attention import set_backend
-        set_backend(spec["attention"])
+    if spec.get("attention"):   # self-attention kernel (models/attention.py), set on the model below
+        from worldstream.runtime import attention8  # noqa: F401  (registers "8bit")
     results = []
     with torch.no_grad():
         if method == "bandwidth":
@@ -235,9 +235,10 @@ def run_worldstream(cfg, method, points, spec):
     from worldstream.runtime.streaming import place, unplace
     out = []
     if method == "resident":
-        import worldstream.models.dit as dit
-        dit.FUSE = spec.get("fuse", True)
+        fuse = spec.get("fuse", True)
         m, _ = build_worldstream(cfg, "cuda", spec.get("quant"))
+        m.set_fuse(fuse)
+        m.set_attention(spec.get("attention") or "sdpa")
         for frames, _cap in points:
             for batched in (True,) if spec.get("batched_only") else (True, False):
                 kw = inputs(cfg, frames, 2 if batched else 1)
@@ -245,15 +246,16 @@ def run_worldstream(cfg, method, points, spec):
                 torch.cuda.reset_peak_memory_stats()
                 with RssPeak() as rp:
                     s = time_step(step, reps_for(frames))
-                out.append(dict(frames=frames, cap_GB=None, cfg_batched=batched, s_per_step=s, fused=dit.FUSE,
+                out.append(dict(frames=frames, cap_GB=None, cfg_batched=batched, s_per_step=s, fused=fuse,
                                 peak_vram_GB=torch.cuda.max_memory_reserved() / GB,
                                 peak_alloc_GB=torch.cuda.max_memory_allocated() / GB, peak_rss_GB=rp.peak / GB))
                 del kw
         return out
     with RssPeak() as rp_build:
         m, sources = build_worldstream(cfg, "pinned", spec.get("quant"))
+    m.set_attention(spec.get("attention") or "sdpa")
     weights_ram = sum(s.buf.numel() for s in sources.values())
-    from worldstream.runtime.quant import QuantPolicy
+    from worldstream.checkpoints.compressed import QuantPolicy
     from worldstream.runtime.slab import BlockLayout
     block_bytes = BlockLayout.of(m.blocks[1]).nbytes          # a streamable block (compressed if quant)
     pinned = QuantPolicy(spec["quant"]).pinned(cfg.num_layers) if spec.get("quant") else ()
@@ -267,13 +269,13 @@ def run_worldstream(cfg, method, points, spec):
             continue
         m.set_ffn_chunk(p.ffn_chunk)
         cap_vram(cap * GB)
-        engine, handle = place(m, "cuda", sources, p.resident, p.prefetch)
-        kw = inputs(cfg, frames, 2 if p.cfg_batched else 1)
-        step = (lambda: m(**kw)) if p.cfg_batched else (lambda: (m(**kw), m(**kw)))
+        engine, handle = place(m, m.blocks, "cuda", sources, p.resident, p.prefetch)
+        kw = inputs(cfg, frames, 2 if p.batched_guidance else 1)
+        step = (lambda: m(**kw)) if p.batched_guidance else (lambda: (m(**kw), m(**kw)))
         with RssPeak() as rp:
             s = time_step(step, reps_for(frames))
-        streamed_bytes = len(p.streamed) * p.block_bytes * (1 if p.cfg_batched else 2)
-        out.append(dict(frames=frames, cap_GB=cap, cfg_batched=p.cfg_batched, s_per_step=s,
+        streamed_bytes = len(p.streamed) * p.block_bytes * (1 if p.batched_guidance else 2)
+        out.append(dict(frames=frames, cap_GB=cap, cfg_batched=p.batched_guidance, s_per_step=s,
                         predicted_s=p.step_seconds, predicted_vram_GB=p.vram_peak / GB,
                         resident_blocks=len(p.resident), prefetch=p.prefetch,
                         streamed_GB_per_step=streamed_bytes / GB,
@@ -282,7 +284,7 @@ def run_worldstream(cfg, method, points, spec):
                         peak_rss_GB=max(rp.peak, rp_build.peak) / GB, weights_in_ram_GB=weights_ram / GB,
                         resyncs=engine.stats["resyncs"] if engine else 0))
         del kw
-        unplace(m, sources, engine, handle)
+        unplace(m.blocks, sources, engine, handle)
         del engine, handle
         cap_vram(None)
     return out
@@ -292,7 +294,6 @@ def run_accelerate(cfg, points):
     from accelerate import dispatch_model, infer_auto_device_map
     from accelerate.hooks import remove_hook_from_module
 
-    from worldstream.runtime.planner import activation_bytes
     out = []
     with RssPeak() as rp_build:
         m, _ = build_worldstream(cfg, "cpu")
@@ -300,7 +301,7 @@ def run_accelerate(cfg, points):
     for frames, cap in points:
         L = (frames - 1) // 4 * 1560 + 1560
         # The recipe leaves the card's activations room: 20 GiB of a 24 GB L4. Here: cap - activations - 1 GB.
-        gpu_weights = max(1.0, cap - activation_bytes(cfg, L, 1) / GB - 1.0)
+        gpu_weights = max(1.0, cap - cfg.activation_bytes(L, 1) / GB - 1.0)
         dm = infer_auto_device_map(m, max_memory={0: f"{gpu_weights:.2f}GB", "cpu": "200GB"},
                                    no_split_module_classes=["Block"])
         cap_vram(cap * GB)

@@ -11,7 +11,7 @@ so:
     validates the folder exactly as it validates a download;
   * after `prepare()` the job's checkpoint config is swapped for the full-size `lingbot-cam` config, and `run()`
     gets a `runner_factory` that builds the real runner (planner, pinned slabs, streaming engine) with
-    `random_loader`: each expert's weights are generated on the GPU tensor by tensor and the streamed blocks
+    `RandomLoader`: each expert's weights are generated on the GPU tensor by tensor and the streamed blocks
     packed into pinned host slabs, as the checkpoint loader does; the tiny DiT weights are never read.
 
 So "load" measures VAE + umt5 reading from disk (page cache) but DiT generation instead of DiT reading:
@@ -70,7 +70,7 @@ def write_random_t5(path: Path, cfg, device, seed: int = 0) -> int:
     """
     import torch
 
-    from worldstream.models.text_encoder import upstream_shapes
+    from worldstream.checkpoints.t5 import upstream_shapes
 
     g = torch.Generator(device=device).manual_seed(seed)
     state = {}
@@ -93,13 +93,13 @@ def write_random_t5(path: Path, cfg, device, seed: int = 0) -> int:
 
 def write_random_fp8_experts(root: Path, cfg, device) -> int:
     """Both experts of `cfg` as a `worldstream convert --quant fp8` checkpoint (default policy), random weights
-    generated on `device` one block at a time (scaled as runner.random_loader); bytes written."""
+    generated on `device` one block at a time (scaled as loading.RandomLoader); bytes written."""
     import torch
 
+    from worldstream.checkpoints.compressed import QuantPolicy, quantize_stream, quantized_keys
+    from worldstream.checkpoints.keymap import upstream_config
     from worldstream.models.dit import WanDiT
-    from worldstream.models.keymap import upstream_config
     from worldstream.runtime.convert import NON_BLOCK_FILE, block_file, write_expert
-    from worldstream.runtime.quant import QuantPolicy, quantize_stream, quantized_keys
 
     policy = QuantPolicy("fp8")
     keys = quantized_keys(cfg, policy)
@@ -180,9 +180,10 @@ def build_folder(root: Path, smoke: bool, dit: str = "random") -> dict:
     or, with dit="fp8-files", full-size (smoke: tiny) fp8 experts that the run reads."""
     import torch
 
-    from worldstream.models.text_encoder import T5_CHECKPOINT, T5_TOKENIZER, T5Config
+    from worldstream.checkpoints.t5 import T5_CHECKPOINT, T5_TOKENIZER
+    from worldstream.checkpoints.vae import VAE_FILE
+    from worldstream.models.text_encoder import T5Config
     from worldstream.models.vae import VAEConfig
-    from worldstream.pipelines.generate import VAE_FILE
     from worldstream.runtime.memory import peak_rss_bytes
     from worldstream.testing.dit import write_dit_checkpoint
     from worldstream.testing.text import write_tiny_tokenizer
@@ -235,7 +236,7 @@ class TimedRunner:
         self.forwards: list[dict] = []
         self.peaks: dict[str, dict] = {}
 
-    def __getattr__(self, name):            # report, cfg_batched, expect, plan, ...
+    def __getattr__(self, name):            # report, batched_guidance, start, plan, ...
         return getattr(self.inner, name)
 
     def _cut(self, label: str) -> None:
@@ -274,10 +275,12 @@ def run_once(root: Path, vram_text: str, smoke: bool, steps: int, mp4_dir: Path,
     import torch
 
     from worldstream.models.configs import get_config
-    from worldstream.pipelines.generate import format_report, prepare, run
+    from worldstream.pipelines.generate import format_report, run
+    from worldstream.pipelines.tasks import prepare
     from worldstream.pipelines.schedulers import FlowUniPC, expert_for
     from worldstream.runtime.memory import parse_bytes, peak_rss_bytes
-    from worldstream.runtime.runner import build_runner, random_loader
+    from worldstream.runtime.loading import RandomLoader
+    from worldstream.runtime.runner import build_runner
     from worldstream.testing.checkpoint import demo_image
 
     spec = SMOKE if smoke else FULL
@@ -304,9 +307,9 @@ def run_once(root: Path, vram_text: str, smoke: bool, steps: int, mp4_dir: Path,
     ram = parse_bytes(ram_text) if ram_text else None
     holder: dict = {}
 
-    def factory(ckpt, device_, dtype, workload, vram=None, ram=None):
-        loader = random_loader(ckpt.config, seed=0) if dit == "random" else None   # None: the checkpoint's
-        inner = build_runner(ckpt, device_, dtype, workload, vram=vram, ram=ram, loader=loader)
+    def factory(ckpt, device_, dtype, workload, vram=None, ram=None, **options):
+        loader = RandomLoader(ckpt.config, seed=0) if dit == "random" else None   # None: the checkpoint's
+        inner = build_runner(ckpt, device_, dtype, workload, vram=vram, ram=ram, loader=loader, **options)
         holder["runner"] = TimedRunner(inner, torch.device(device_))
         return holder["runner"]
 
@@ -365,10 +368,10 @@ def run_once(root: Path, vram_text: str, smoke: bool, steps: int, mp4_dir: Path,
         "first_forward_s": fw[0]["s"] if fw else None,         # incl. the first expert's load and kernel compile
         "switch_forward_s": switch_fw[0]["s"] if switch_fw else None,
         "forwards": fw,
-        "expert_steps": rep["expert_steps"], "cfg_batched": rep["cfg_batched"],
+        "expert_steps": rep["expert_steps"], "cfg_batched": rep["batched_guidance"],
         "plan": None if plan is None else {
             "resident": plan.resident, "n_resident": len(plan.resident), "n_blocks": plan.n_blocks,
-            "prefetch": plan.prefetch, "slots": plan.slots, "cfg_batched": plan.cfg_batched,
+            "prefetch": plan.prefetch, "slots": plan.slots, "cfg_batched": plan.batched_guidance,
             "ffn_chunk": plan.ffn_chunk, "block_bytes": plan.block_bytes,
             "predicted_vram_peak": plan.vram_peak, "predicted_s_per_step": plan.step_seconds,
             "predicted_ram_peak": plan.ram_peak, "describe": plan.describe()},

@@ -41,8 +41,8 @@ sys.path.insert(0, str(ROOT / "src"))   # runs from a checkout without installin
 
 from worldstream.models.configs import get_config          # noqa: E402
 from worldstream.models.dit import Block, rope_grid, rope_table  # noqa: E402
-from worldstream.runtime import quant                        # noqa: E402
-from worldstream.runtime.quant import FORMATS, QLinear, quantize_block_  # noqa: E402
+from worldstream.models import quant                         # noqa: E402
+from worldstream.models.quant import FORMATS, QLinear, quantize_block_, set_matmul_options  # noqa: E402
 from worldstream.runtime.slab import BlockLayout              # noqa: E402
 
 # Latent grids (frames, rows, columns) of 480x832 video: 9 frames -> 3 latent frames, 81 -> 21.
@@ -130,18 +130,23 @@ def timed(fn, warmup: int, reps: int, device) -> float:
     return statistics.median(times)
 
 
+TARGETS: list[torch.nn.Module] = []     # the compressed blocks whose QLinear options `switches` sets
+COMPILED = {"on": True}                 # the quantizer option for direct quantize_rows_fp8 calls below
+
+
 @contextlib.contextmanager
 def switches(scaled_mm: bool = False, compiled: bool = True, fast_accum: bool = True):
-    """Set quant's module switches (fp8 matmul on/off, compiled activation quantizer, fast accumulation)."""
-    names = ("USE_SCALED_MM", "COMPILE_ACT_QUANT", "SCALED_MM_FAST_ACCUM")
-    saved = [getattr(quant, n) for n in names]
-    for n, v in zip(names, (scaled_mm, compiled, fast_accum)):
-        setattr(quant, n, v)
+    """Set the QLinear options of every block in TARGETS (fp8 matmul on/off, compiled activation quantizer,
+    fast accumulation), then restore the defaults."""
+    for m in TARGETS:
+        set_matmul_options(m, scaled_mm=scaled_mm, fast_accum=fast_accum, compile_quantizer=compiled)
+    COMPILED["on"] = compiled
     try:
         yield
     finally:
-        for n, v in zip(names, saved):
-            setattr(quant, n, v)
+        for m in TARGETS:
+            set_matmul_options(m, scaled_mm=True, fast_accum=True, compile_quantizer=True)
+        COMPILED["on"] = True
 
 
 def variants(fp8_mm: bool) -> list[tuple[str, str | None, dict]]:
@@ -191,6 +196,7 @@ def main(argv=None) -> int:
     bf16 = Block(cfg).to(device=device, dtype=torch.bfloat16).eval()
     realistic_(bf16, seed=0)
     blocks = {fmt: quantized(bf16, fmt) for fmt in FORMATS}
+    TARGETS[:] = list(blocks.values())
     sizes = {"bf16": BlockLayout.of(bf16).nbytes, **{f: BlockLayout.of(b).nbytes for f, b in blocks.items()}}
     result: dict = dict(env=env, slab_bytes=sizes)
     print("slab bytes: " + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in sizes.items()))
@@ -215,13 +221,13 @@ def main(argv=None) -> int:
                     y = q(x)
                     entry["scaled_mm"] = rel_err(y, ref)
                     # the kernel against its definition in float32: per-token fp8 activations x fp8 weight
-                    xq, sx = quant.quantize_rows_fp8(x)
+                    xq, sx = quant.quantize_rows_fp8(x, COMPILED["on"])
                     emulated = F.linear(xq.float() * sx, q.weight.float() * q.weight_scale, q.bias.float())
                     entry["scaled_mm_vs_emulation"] = rel_err(y, emulated)
                 with switches(scaled_mm=True, fast_accum=False):
                     entry["scaled_mm_exact_accum"] = rel_err(q(x), ref)
                 with switches(compiled=False):
-                    xq_eager, sx_eager = quant.quantize_rows_fp8(x)
+                    xq_eager, sx_eager = quant.quantize_rows_fp8(x, COMPILED["on"])
                 compiled_same &= torch.equal(xq.view(torch.uint8), xq_eager.view(torch.uint8)) and torch.equal(sx, sx_eager)
             row[fmt] = entry
         per_linear[name] = row
@@ -317,8 +323,8 @@ def main(argv=None) -> int:
         if fp8_mm:
             for label, compiled in (("quantize activations (compiled)", True), ("quantize activations (eager)", False)):
                 with switches(compiled=compiled):
-                    rec[label] = timed(lambda: quant.quantize_rows_fp8(x), warmup, reps, device)
-            xq, sx = quant.quantize_rows_fp8(x)
+                    rec[label] = timed(lambda: quant.quantize_rows_fp8(x, COMPILED["on"]), warmup, reps, device)
+            xq, sx = quant.quantize_rows_fp8(x, COMPILED["on"])
             for label, fast in (("fp8 GEMM alone", False), ("fp8 GEMM alone, fast accum", True)):
                 rec[label] = timed(lambda: torch._scaled_mm(xq, q.weight.t(), scale_a=sx, scale_b=q.weight_scale.view(1, -1),
                                                             bias=q.bias, out_dtype=torch.bfloat16, use_fast_accum=fast),

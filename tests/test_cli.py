@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from worldstream.cli import main
-from worldstream.pipelines.generate import GenerationError, _parse_size
+from worldstream.pipelines.tasks import GenerationError, _parse_size
 from worldstream.pipelines.video import mp4_info, read_mp4
 from worldstream.testing import demo_image, write_tiny_checkpoint
 

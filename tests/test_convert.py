@@ -11,12 +11,13 @@ import torch
 
 from worldstream.cli import main
 from worldstream.models.configs import get_config
-from worldstream.models.loader import CheckpointError, find_checkpoint, index_model_dir, load_dit
+from worldstream.checkpoints.dit import CheckpointError, find_checkpoint, index_model_dir, load_dit
 from worldstream.runtime import convert as convert_mod
 from worldstream.runtime.convert import NON_BLOCK_FILE, block_file, convert
 from worldstream.runtime.planner import Plan
-from worldstream.runtime.quant import QLinear
-from worldstream.runtime.runner import DiTRunner, build_runner, checkpoint_loader
+from worldstream.models.quant import QLinear
+from worldstream.runtime.loading import CheckpointLoader
+from worldstream.runtime.runner import DiTRunner, Forward, build_runner
 from worldstream.testing import demo_image, write_dit_checkpoint, write_dit_dir, write_tiny_checkpoint
 
 # Relative error of a whole tiny DiT's output vs float32 (random weights of std 0.2, every block compressed);
@@ -29,9 +30,9 @@ def rel_err(a, b):
 
 
 def make_plan(n, resident, ram, disk, prefetch=1):
-    return Plan(n_blocks=n, block_bytes=0, resident=resident, prefetch=prefetch, cfg_batched=True, ffn_chunk=None,
-                ram_blocks=ram, disk_blocks=disk, vram_peak=0, ram_peak=0, weights_in_ram=0, step_seconds=0,
-                resident_step_seconds=0, block_compute_s=0, block_copy_s=0)
+    return Plan(n_blocks=n, block_bytes=0, resident=resident, prefetch=prefetch, batched_guidance=True,
+                ffn_chunk=None, ram_blocks=ram, disk_blocks=disk, vram_peak=0, ram_peak=0, weights_in_ram=0,
+                step_seconds=0, resident_step_seconds=0, block_compute_s=0, block_copy_s=0)
 
 
 def inputs(cfg, camera=True):
@@ -44,16 +45,6 @@ def inputs(cfg, camera=True):
     if camera and cfg.has_camera:
         kw["camera"] = torch.randn(1, cfg.control_in // 4, f, h, w, generator=g)
     return kw
-
-
-def run_runner(runner, experts, inp):
-    outs = {}
-    for k, name in enumerate(experts):
-        if k + 1 < len(experts):
-            runner.expect(experts[k + 1])
-        outs[name] = runner(name, **inp)
-    runner.close()
-    return outs
 
 
 @pytest.fixture(scope="module")
@@ -91,22 +82,21 @@ def test_runner_reads_converted_checkpoint_from_ram_and_disk(cam, resident, ram,
     inp = inputs(ckpt.config)
     with torch.no_grad():
         ref = {n: load_dit(d, torch.float32, cfg=ckpt.config)(**inp) for n, d in ckpt.experts.items()}
-    runner = DiTRunner(["high", "low"], checkpoint_loader(ckpt), "cpu", torch.float32,
-                       make_plan(2, resident, ram, disk), keep_all=True, cfg=ckpt.config)
+    runner = DiTRunner(["high", "low"], CheckpointLoader(ckpt), "cpu", torch.float32,
+                       make_plan(2, resident, ram, disk), keep_all=True)
     order = ["high", "high", "low", "low"]
+    runner.start(Forward(name, 2) for name in order)
     for k, name in enumerate(order):
-        if k + 1 < len(order):
-            runner.expect(order[k + 1])
         assert torch.equal(runner(name, **inp), ref[name]), (k, name)
-    if disk:
-        assert runner.tier.stats["reads"] > 0
+        if disk and k == 2:
+            assert runner.tier.stats["reads"] > 0
     runner.close()
 
 
 def test_quantize_on_load_equals_convert_then_load(cam):
     src, out = find_checkpoint(cam / "src"), find_checkpoint(cam / "int8")
-    on_load = checkpoint_loader(src, out.quant)("low", set(), "cpu", torch.float32)[0].state_dict()
-    converted = checkpoint_loader(out)("low", set(), "cpu", torch.float32)[0].state_dict()
+    on_load = CheckpointLoader(src, out.quant).load("low", set(), "cpu", torch.float32)[0].state_dict()
+    converted = CheckpointLoader(out).load("low", set(), "cpu", torch.float32)[0].state_dict()
     assert on_load.keys() == converted.keys() and any(k.endswith("weight_scale") for k in on_load)
     for k in on_load:
         assert on_load[k].dtype == converted[k].dtype and torch.equal(on_load[k], converted[k]), k
@@ -142,20 +132,22 @@ def test_whole_first_last_blocks_stay_resident_while_compressed_blocks_stream(de
         exact = load_dit(src.experts["main"], torch.float32, cfg=src.config)(**inp)
     assert type(load_dit(out.experts["main"], torch.float32, cfg=out.config).blocks[0].ffn[0]) is torch.nn.Linear
     assert rel_err(ref, exact) < BOUNDS["int8"]
-    for loader, plan_ in [(checkpoint_loader(out), make_plan(4, [0, 3], [1], [2])),
-                          (checkpoint_loader(src, "int8"), make_plan(4, [0, 3], [1, 2], []))]:
-        runner = DiTRunner(["main"], loader, "cpu", torch.float32, plan_, cfg=out.config)
+    for loader, plan_ in [(CheckpointLoader(out), make_plan(4, [0, 3], [1], [2])),
+                          (CheckpointLoader(src, "int8"), make_plan(4, [0, 3], [1, 2], []))]:
+        runner = DiTRunner(["main"], loader, "cpu", torch.float32, plan_)
+        runner.start([Forward("main", 2)] * 3)
         for _ in range(2):
             assert torch.equal(runner("main", **inp), ref)
         assert runner.engine.stats["copies"] > 0
         runner.close()
     # the compressed blocks cannot share slots with the whole ones, and quantize-on-load cannot use the disk tier
-    with pytest.raises(ValueError, match="must stay resident"):
-        DiTRunner(["main"], checkpoint_loader(out), "cpu", torch.float32, make_plan(4, [1, 2], [0, 3], []),
-                  cfg=out.config)("main", **inp)
-    with pytest.raises(ValueError, match="worldstream convert"):
-        DiTRunner(["main"], checkpoint_loader(src, "int8"), "cpu", torch.float32, make_plan(4, [0, 3], [1], [2]),
-                  cfg=out.config)("main", **inp)
+    for loader, plan_, message in [(CheckpointLoader(out), make_plan(4, [1, 2], [0, 3], []), "must stay resident"),
+                                   (CheckpointLoader(src, "int8"), make_plan(4, [0, 3], [1], [2]),
+                                    "worldstream convert")]:
+        runner = DiTRunner(["main"], loader, "cpu", torch.float32, plan_)
+        runner.start([Forward("main", 2)])
+        with pytest.raises(ValueError, match=message):
+            runner("main", **inp)
 
 
 def test_failed_conversion_leaves_nothing(tmp_path, monkeypatch):
@@ -215,8 +207,9 @@ def test_generate_quant_and_converted_checkpoint_end_to_end(tmp_path, capsys, mo
     assert (tmp_path / "a.mp4").stat().st_size > 0
     # the same path with every block compressed (the tiny model has only its first and last blocks): the
     # runner that generate builds holds int8 QLinears, and the video stays close to the float32 one
-    from worldstream.pipelines.generate import prepare, run
-    from worldstream.runtime.quant import QuantPolicy
+    from worldstream.checkpoints.compressed import QuantPolicy
+    from worldstream.pipelines.generate import run
+    from worldstream.pipelines.tasks import prepare
     job = prepare(root, "a red car", image=demo_image(48, 32), size="48*32", frame_num=5, steps=2, seed=1)
     built = []
 
@@ -247,7 +240,8 @@ def test_build_runner_on_cpu_quantizes_on_load(cam):
     src = find_checkpoint(cam / "src")
     runner = build_runner(src, "cpu", torch.float32, Workload(), quant="int8")
     assert runner.quant.fmt == "int8"
+    runner.start([Forward("high", 2)] * 2)
     out = runner("high", **inputs(src.config))
-    assert type(runner.loaded["high"][0].blocks[1].ffn[0]) is torch.nn.Linear   # default: first/last whole
+    assert type(runner.experts["high"].model.blocks[1].ffn[0]) is torch.nn.Linear   # default: first/last whole
     assert torch.isfinite(out).all()
     runner.close()

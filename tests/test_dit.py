@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 
 from worldstream.models import attention as attn_mod
-from worldstream.models.attention import register_backend, set_backend
+from worldstream.models.attention import register_backend
 from worldstream.models.configs import DiTConfig, get_config
 from worldstream.models.dit import WanDiT
-from worldstream.models.keymap import diffusers_config, upstream_to_diffusers
+from worldstream.checkpoints.keymap import diffusers_config, upstream_to_diffusers
 
 # Latent grid used throughout: 3 latent frames of 6 x 10 (non-square) -> 3 x 3 x 5 = 45 tokens.
 FRAMES, LAT_H, LAT_W = 3, 6, 10
@@ -355,12 +355,6 @@ def test_camera_batch_of_one_broadcasts():
 
 # ---- 4. attention seam -----------------------------------------------------------------------------
 
-@pytest.fixture
-def restore_sdpa():
-    yield
-    set_backend("sdpa", ("self", "cross"))
-
-
 def plain_attention(q, k, v):
     """softmax(q k^T / sqrt(d)) v on [B, L, heads, d] tensors."""
     q, k, v = (a.transpose(1, 2).float() for a in (q, k, v))
@@ -371,7 +365,7 @@ def plain_attention(q, k, v):
 @pytest.mark.parametrize("name, calls_per_block", [("wan2.2-i2v-a14b-tiny", 2), ("lingbot-cam-tiny", 2),
                                                     ("wan2.1-i2v-14b-tiny", 3)])
 @torch.no_grad()
-def test_attention_backend_routes_every_call(name, calls_per_block, restore_sdpa):
+def test_attention_backend_routes_every_call(name, calls_per_block):
     cfg = get_config(name)
     model = build(cfg, seed=9)
     inp = make_inputs(cfg, seed=10)
@@ -384,9 +378,9 @@ def test_attention_backend_routes_every_call(name, calls_per_block, restore_sdpa
         return plain_attention(q, k, v)
 
     register_backend("test-counting", counting)
-    set_backend("test-counting", ("self", "cross"))
+    model.set_attention("test-counting", "test-counting")
     out = model(**inp)
-    set_backend("sdpa", ("self", "cross"))
+    model.set_attention("sdpa", "sdpa")
 
     assert len(calls) == calls_per_block * cfg.num_layers
     assert rel_err(out, base) <= 1e-5
@@ -397,29 +391,36 @@ def test_attention_backend_routes_every_call(name, calls_per_block, restore_sdpa
 
     # a backend that gets it wrong must show: the seam really carries the output
     register_backend("test-zero", lambda q, k, v: torch.zeros_like(q))
-    set_backend("test-zero", ("self", "cross"))
+    model.set_attention("test-zero", "test-zero")
     assert rel_err(model(**inp), base) > 1e-2
 
 
 @torch.no_grad()
-def test_set_backend_defaults_to_self_attention_only(restore_sdpa):
+def test_set_attention_defaults_to_self_attention_only_and_is_per_model():
+    """`set_attention(name)` changes self-attention of that model only: its cross-attention stays SDPA, and
+    another model in the same process is untouched (no process-wide switch)."""
     cfg = get_config("wan2.2-i2v-a14b-tiny")
-    model = build(cfg, seed=9)
+    model, other = build(cfg, seed=9), build(cfg, seed=9)
     inp = make_inputs(cfg, seed=10)
     calls = []
     register_backend("test-self", lambda q, k, v: calls.append(k.shape[1]) or plain_attention(q, k, v))
-    set_backend("test-self")
+    model.set_attention("test-self")
     model(**inp)
     assert calls == [TOKENS] * cfg.num_layers
-    assert attn_mod.get_backend("cross") == "sdpa"
+    calls.clear()
+    other(**inp)
+    assert calls == []
 
 
-def test_unknown_backend_raises(restore_sdpa):
+def test_unknown_backend_raises(monkeypatch):
+    model = build(get_config("wan2.2-i2v-a14b-tiny"), seed=9)
     with pytest.raises(KeyError, match="no-such-backend"):
-        set_backend("no-such-backend")
-    with pytest.raises(KeyError, match="sideways"):
-        set_backend("sdpa", ("sideways",))
-    assert attn_mod.get_backend("self") == attn_mod.get_backend("cross") == "sdpa"
+        model.set_attention("no-such-backend")
+    assert {m.backend for m in model.modules() if hasattr(m, "backend")} == {"sdpa"}
+    # a kernel that registers itself from outside the model code is named with where it comes from
+    monkeypatch.setattr(attn_mod, "_BACKENDS", {"sdpa": attn_mod.sdpa})
+    with pytest.raises(KeyError, match="worldstream.runtime.attention8"):
+        model.set_attention("8bit")
 
 
 # ---- 5. bad input ----------------------------------------------------------------------------------

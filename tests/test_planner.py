@@ -4,7 +4,7 @@ import pytest
 
 from worldstream.cli import main
 from worldstream.models.configs import get_config
-from worldstream.runtime.planner import Hardware, PlanError, Workload, activation_bytes, plan, simulate
+from worldstream.runtime.planner import Hardware, PlanError, Workload, plan, simulate
 
 LINGBOT = get_config("lingbot-cam")
 WAN = get_config("wan2.2-i2v-a14b")
@@ -71,7 +71,7 @@ def test_simulated_schedule():
 
 
 def test_batched_cfg_needs_more_activation_memory():
-    assert activation_bytes(LINGBOT, 32760, 2) > 1.8 * activation_bytes(LINGBOT, 32760, 1) - 1e9
+    assert LINGBOT.activation_bytes(32760, 2) > 1.8 * LINGBOT.activation_bytes(32760, 1) - 1e9
 
 
 def test_cli_plan_prints_the_plan_and_refuses_bad_budgets(capsys):

@@ -1,4 +1,5 @@
-"""Compressed block weights (`worldstream.runtime.quant`): formats, QLinear, policy, slab size.
+"""Compressed block weights (models/quant.py, checkpoints/compressed.py, runtime/quant.py): formats, QLinear,
+policy, slab size.
 
 All on CPU. The fp8 x fp8 matmul path (`torch._scaled_mm`) needs an Ada/Hopper GPU and is measured by
 benchmarks/quant_accuracy.py; here the dequantize path runs, and the per-token activation quantizer it uses is
@@ -16,9 +17,9 @@ import torch.nn.functional as F
 
 from worldstream.models.configs import get_config
 from worldstream.models.dit import Block, WanDiT
-from worldstream.runtime import quant
-from worldstream.runtime.quant import (FORMATS, QLinear, dequantize, quantize, quantize_blocks_,
-                                       quantize_rows_fp8, quantized_block_bytes)
+from worldstream.models import quant
+from worldstream.models.quant import FORMATS, QLinear, dequantize, quantize, quantize_rows_fp8
+from worldstream.runtime.quant import quantize_blocks_, quantized_block_bytes
 from worldstream.runtime.slab import BlockLayout
 
 
@@ -311,7 +312,7 @@ def test_full_size_block_bytes_on_meta():
 
 
 def test_policy_json_round_trip_and_bad_entries():
-    from worldstream.runtime.quant import QuantPolicy
+    from worldstream.checkpoints.compressed import QuantPolicy
     p = QuantPolicy("fp8-block", skip_first_last=False, skip=("cam_", "ffn.2"))
     assert QuantPolicy.from_json(p.to_json()) == p
     assert QuantPolicy("int8").pinned(5) == (0, 4) and QuantPolicy("int8").blocks(5) == [1, 2, 3]
@@ -323,7 +324,7 @@ def test_policy_json_round_trip_and_bad_entries():
 
 
 def test_quantize_stream_replaces_only_policy_keys():
-    from worldstream.runtime.quant import QuantPolicy, quantize_stream, quantized_keys, quantized_model
+    from worldstream.checkpoints.compressed import QuantPolicy, quantize_stream, quantized_keys, quantized_model
     cfg = get_config("lingbot-cam-tiny")
     policy = QuantPolicy("int8", skip_first_last=False)
     keys = quantized_keys(cfg, policy)
@@ -351,8 +352,8 @@ def test_fp8_block_stays_within_the_documented_error_gpu(attention):
     """One full-width Wan2.2 block (random weights, bf16) against its fp8 copy computed with `_scaled_mm`
     (and optionally 8-bit self-attention): the block's update to the residual stream stays within the error
     the README documents for `--quant fp8` (6.5%; 6.1% measured here on an H100)."""
-    from worldstream.models import attention as attn_mod
     from worldstream.models.dit import rope_grid, rope_table
+    from worldstream.runtime import attention8  # noqa: F401  (registers "8bit")
     cfg = get_config("wan2.2-i2v-a14b")
     torch.manual_seed(0)
     with torch.device("cuda"):
@@ -371,11 +372,8 @@ def test_fp8_block_stays_within_the_documented_error_gpu(attention):
     qblock = copy.deepcopy(block)
     quant.quantize_block_(qblock, "fp8")
     assert qblock.self_attn.q.uses_scaled_mm(x.bfloat16())
-    try:
-        attn_mod.set_backend(attention)
-        out = qblock(x.clone(), e0, rot, ctx) - x
-    finally:
-        attn_mod.set_backend("sdpa")
+    qblock.self_attn.backend = attention
+    out = qblock(x.clone(), e0, rot, ctx) - x
     err = rel_err(out, ref)
     print(f"full-width block, fp8 weights + {attention} attention: update error {err:.3%}")
     assert 0.01 < err < 0.08

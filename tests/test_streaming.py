@@ -35,7 +35,7 @@ def make_inputs(cfg, batch=2, seed=1, device="cpu"):
 def streamed(model, resident, prefetch, device="cpu", engine=None, name="model", trace=True):
     layout = BlockLayout.of(model.blocks[0])
     sources = host_slabs_from_blocks(model.blocks, range(len(model.blocks)), layout)
-    engine, handle = place(model, device, sources, resident, prefetch, engine=engine, name=name, trace=trace)
+    engine, handle = place(model, model.blocks, device, sources, resident, prefetch, engine=engine, name=name, trace=trace)
     return engine, handle, sources
 
 
@@ -114,7 +114,7 @@ def test_unplace_returns_resident_blocks_to_their_slabs():
     inp = make_inputs(model.cfg)
     ref = model(**inp)
     engine, handle, sources = streamed(model, [0, 3], prefetch=1)
-    unplace(model, sources, engine, handle)
+    unplace(model.blocks, sources, engine, handle)
     for i, src in sources.items():
         for p in model.blocks[i].parameters():
             assert src.buf.data_ptr() <= p.data_ptr() < src.buf.data_ptr() + src.buf.numel()
@@ -159,19 +159,19 @@ def test_streamed_is_bit_identical_to_resident_on_gpu():
         for m, ref in ((high, ref_h), (low, ref_l)):
             layout = BlockLayout.of(m.blocks[0])
             sources = host_slabs_from_blocks(m.blocks, range(cfg.num_layers), layout)
-            engine, handle = place(m, "cuda", sources, resident, prefetch)
+            engine, handle = place(m, m.blocks, "cuda", sources, resident, prefetch)
             for k in range(3):
                 out = m(**kw)
                 if not torch.equal(out, ref):
                     bad.append((resident, prefetch, k, (out - ref).abs().max().item()))
-            unplace(m, sources, engine, handle)
+            unplace(m.blocks, sources, engine, handle)
             m.blocks.to("cuda")
     assert not bad, bad
     # Two experts sharing one ring, switching with prefetch across the switch.
     sh = host_slabs_from_blocks(high.blocks, range(6), BlockLayout.of(high.blocks[0]))
     sl = host_slabs_from_blocks(low.blocks, range(6), BlockLayout.of(low.blocks[0]))
-    engine, hh = place(high, "cuda", sh, [3], 2, name="high")
-    _, lh = place(low, "cuda", sl, [3], 2, engine=engine, name="low")
+    engine, hh = place(high, high.blocks, "cuda", sh, [3], 2, name="high")
+    _, lh = place(low, low.blocks, "cuda", sl, [3], 2, engine=engine, name="low")
     engine.expect(hh)
     assert torch.equal(high(**kw), ref_h)
     engine.expect(lh)
@@ -185,7 +185,7 @@ def test_streamed_is_bit_identical_to_resident_on_gpu():
 def test_disk_tier_streams_from_the_original_shards(tmp_path):
     """Blocks read at their byte ranges from fp32 safetensors shards (converted to the model dtype on the way)
     give the same output as the resident model; half the blocks from a RAM cache, half from disk."""
-    from worldstream.models.loader import index_model_dir
+    from worldstream.checkpoints.dit import index_model_dir
     from worldstream.runtime.disk import DiskTier, placeholder
     from worldstream.testing import write_dit_dir
 
@@ -204,7 +204,7 @@ def test_disk_tier_streams_from_the_original_shards(tmp_path):
         sources[i] = tier.source(locations, f"blocks.{i}.")
         for name, p in model.blocks[i].named_parameters():
             p.data = placeholder(p.shape, p.dtype)
-    engine, _ = place(model, "cpu", sources, [], prefetch=2)
+    engine, _ = place(model, model.blocks, "cpu", sources, [], prefetch=2)
     for _ in range(3):
         assert torch.equal(model(**inp), ref)
     assert tier.stats["reads"] >= 9 and engine.stats["resyncs"] == 0

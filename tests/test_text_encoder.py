@@ -8,11 +8,12 @@ import shutil
 import pytest
 import torch
 
-from worldstream.models import text_encoder as te
-from worldstream.models.text_encoder import (
-    T5_CHECKPOINT, T5_TOKENIZER, PromptCache, T5Config, clean_prompt, encode_prompts, load_text_encoder,
-    upstream_shapes, upstream_to_hf_key,
+from worldstream.checkpoints.t5 import (
+    T5_CHECKPOINT, T5_TOKENIZER, load_text_encoder, upstream_shapes, upstream_to_hf_key,
 )
+from worldstream.models.text_encoder import T5Config, clean_prompt
+from worldstream.pipelines import prompts as te
+from worldstream.pipelines.prompts import PromptCache, encode_prompts
 from worldstream.testing.text import write_tiny_text_encoder
 
 PROMPTS = [
@@ -328,8 +329,8 @@ def test_streamed_blocks_give_the_resident_result(tiny_dir):
                                  text_len=64)
     for a, b in zip(plain, streamed):
         assert torch.equal(a, b)
-    encoder = te.load_text_encoder(tiny_dir, "cpu", torch.float32, text_len=64)
-    te.stream_blocks(encoder, "cpu")
+    encoder = load_text_encoder(tiny_dir, "cpu", torch.float32, text_len=64)
+    sources, engine, handle = te.stream_encoder(encoder, "cpu")
     encoder.encode(prompts)
-    assert encoder.engine.stats["copies"] >= 2 * len(encoder.blocks)   # every block crossed for each prompt
+    assert engine.stats["copies"] >= 2 * len(encoder.blocks)   # every block crossed for each prompt
     encoder.close()

@@ -10,19 +10,13 @@ def _gb(n_bytes: float) -> str:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    import torch
-
-    from .models.configs import TWO_EXPERTS, VARIANTS
-    from .models.dit import WanDiT
+    from .models.configs import VARIANTS
 
     print(f"{'variant':18} {'params':>16} {'blocks':>6} {'block params':>13} {'bf16':>9} {'fp8':>9}  experts")
     for name, cfg in VARIANTS.items():
-        with torch.device("meta"):
-            model = WanDiT(cfg)
-        n = sum(p.numel() for p in model.parameters())
-        nb = sum(p.numel() for p in model.blocks[0].parameters())
-        experts = 2 if name in TWO_EXPERTS else 1
-        print(f"{name:18} {n:>16,} {cfg.num_layers:>6} {nb:>13,} {_gb(2 * n):>9} {_gb(n):>9}  {experts}")
+        nb, outside = cfg.param_counts()
+        n = nb * cfg.num_layers + outside
+        print(f"{name:18} {n:>16,} {cfg.num_layers:>6} {nb:>13,} {_gb(2 * n):>9} {_gb(n):>9}  {cfg.experts}")
     return 0
 
 
@@ -58,7 +52,8 @@ def _guide_scale(text: str) -> float | tuple[float, float]:
 def _device(text: str | None):
     import torch
 
-    from .pipelines.generate import GenerationError, default_device
+    from .pipelines.conditioning import GenerationError
+    from .pipelines.generate import default_device
 
     if text is None:
         return default_device()
@@ -76,7 +71,7 @@ def _device(text: str | None):
 
 
 def _budget(flag: str, text: str | None) -> int | None:
-    from .pipelines.generate import GenerationError
+    from .pipelines.conditioning import GenerationError
     from .runtime.memory import parse_bytes
 
     try:
@@ -93,7 +88,7 @@ def _output_path(save_file: str | None, default_name: str):
     import os
     from pathlib import Path
 
-    from .pipelines.generate import GenerationError
+    from .pipelines.conditioning import GenerationError
 
     path = Path(save_file) if save_file else Path("outputs") / default_name
     if path.is_dir():
@@ -105,6 +100,12 @@ def _output_path(save_file: str | None, default_name: str):
     if not os.access(path.parent, os.W_OK):
         raise GenerationError(f"--save_file {path}: the folder {path.parent} is not writable")
     return path
+
+
+def _fuse_from_env() -> bool:
+    """WORLDSTREAM_FUSE=0 runs the DiT's float32 elementwise work eagerly (same math; for debugging)."""
+    import os
+    return os.environ.get("WORLDSTREAM_FUSE", "1") != "0"
 
 
 def _write_and_report(result, path) -> None:
@@ -127,9 +128,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .models.loader import CheckpointError
-    from .models.text_encoder import PromptCache
-    from .pipelines.generate import GenerationError, prepare, run
+    from .checkpoints.tensors import CheckpointError
+    from .pipelines.conditioning import GenerationError
+    from .pipelines.generate import run
+    from .pipelines.prompts import PromptCache
+    from .pipelines.tasks import prepare
     from .runtime.planner import PlanError
 
     try:
@@ -155,7 +158,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             raise GenerationError(f"--vae_tile must be at least 2 latent pixels, got {args.vae_tile}")
         result = run(job, device=device, dtype=dtype, t5_cpu=args.t5_cpu,
                      vae_cpu=args.vae_cpu, vae_tile=args.vae_tile, vram=vram, ram=ram, quant=args.quant,
-                     attention=args.attention,
+                     attention=args.attention, fuse=_fuse_from_env(),
                      prompt_cache=None if args.no_prompt_cache else PromptCache())
         _write_and_report(result, path)
     except (GenerationError, CheckpointError, PlanError) as e:
@@ -169,7 +172,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     import tempfile
 
-    from .pipelines.generate import GenerationError, prepare, run
+    from .pipelines.conditioning import GenerationError
+    from .pipelines.generate import run
+    from .pipelines.tasks import prepare
     from .testing.checkpoint import DEMO_HEIGHT, DEMO_PROMPT, DEMO_VARIANT, DEMO_WIDTH, demo_image, write_demo_checkpoint
 
     print(f"worldstream demo: the whole generation path (umt5 text encoder, VAE, two-expert DiT with camera "
@@ -276,9 +281,10 @@ def _add_demo_parser(sub) -> None:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     """Print what the planner would do for a model, a clip and a machine, without loading anything."""
-    from .models.configs import TWO_EXPERTS, get_config
-    from .models.loader import CheckpointError, find_checkpoint
-    from .pipelines.generate import GenerationError
+    from .checkpoints.dit import find_checkpoint
+    from .checkpoints.tensors import CheckpointError
+    from .models.configs import get_config
+    from .pipelines.conditioning import GenerationError
     from .runtime.memory import fmt_bytes
     from .runtime.planner import Hardware, PlanError, Workload, plan
 
@@ -291,7 +297,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             cfg, experts = ckpt.config, len(ckpt.experts)
         else:
             cfg = get_config(args.variant)
-            experts = 2 if cfg.name.removesuffix("-tiny") in TWO_EXPERTS else 1
+            experts = cfg.experts
         try:
             w, h = (int(v) for v in args.size.split("*"))
         except ValueError:
@@ -310,7 +316,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         if args.quant:
             from .runtime.quant import quantized_block_bytes
             block_bytes = quantized_block_bytes(cfg, args.quant)
-        p = plan(cfg, Workload(frames=frames, height=h, width=w, cfg=not args.no_cfg, experts=experts),
+        p = plan(cfg, Workload(frames=frames, height=h, width=w, guidance=not args.no_cfg, experts=experts),
                  vram, ram, hw, block_bytes=block_bytes)
     except (GenerationError, CheckpointError, PlanError, KeyError, ValueError) as e:
         return _fail(e.args[0] if isinstance(e, KeyError) else e)
@@ -343,7 +349,7 @@ def _add_plan_parser(sub) -> None:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     """Write a compressed copy of a checkpoint (runtime/convert.py)."""
-    from .models.loader import CheckpointError
+    from .checkpoints.tensors import CheckpointError
     from .runtime.convert import convert
 
     if args.ckpt_dir is None or args.out is None or args.quant is None:

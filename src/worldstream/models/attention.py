@@ -1,26 +1,25 @@
-"""The attention seam: every attention call in the DiT goes through `attention(q, k, v, kind)`.
+"""The attention seam: every attention call in the DiT goes through `attention(q, k, v, backend)`.
 
-q, k, v are [B, L, heads, head_dim] (the layout upstream's flash-attn call uses); `kind` is "self" (video tokens
-to video tokens) or "cross" (video tokens to the text / image context). Each kind has its backend:
+q, k, v are [B, L, heads, head_dim] (the layout upstream's flash-attn call uses). Which kernel runs is chosen
+per attention module (`SelfAttention.backend`, `CrossAttention.backend`; `WanDiT.set_attention` sets them for
+one model), never process-wide: two models in one process may use different kernels.
 
-  "sdpa"  `torch.nn.functional.scaled_dot_product_attention` (default for both): CPU and GPU (cuDNN / flash
-          kernels on Hopper).
-  "8bit"  runtime/attention8.py: int8 Q·Kᵀ and fp8 P·V in Triton kernels on sm89+ (their float32 emulation
-          elsewhere). Worth it for self-attention at long sequences; for cross-attention (512 context tokens)
-          quantizing all the queries costs more than the attention itself, so `set_backend` leaves "cross"
-          alone unless asked.
-Other kernels plug in with `register_backend(name, fn)`.
+Kernels are looked up by name in a registry. "sdpa" (`torch.nn.functional.scaled_dot_product_attention`: CPU
+and GPU, cuDNN / flash kernels on Hopper) is built in; other kernels register themselves from outside the
+model code with `register_backend(name, fn)` — runtime/attention8.py adds "8bit" (int8 Q·Kᵀ, fp8 P·V Triton
+kernels) when it is imported.
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-KINDS = ("self", "cross")
+
+# Where kernels that are not built in come from, for the error message when one is asked for unregistered.
+_PROVIDERS = {"8bit": "worldstream.runtime.attention8"}
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -28,44 +27,21 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return out.transpose(1, 2)
 
 
-def attention8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    from ..runtime.attention8 import attention8 as fn   # Triton is imported only when this backend runs
-    return fn(q, k, v)
-
-
-_BACKENDS: dict[str, AttentionFn] = {"sdpa": sdpa, "8bit": attention8}
-_active = {"self": "sdpa", "cross": "sdpa"}
+_BACKENDS: dict[str, AttentionFn] = {"sdpa": sdpa}
 
 
 def register_backend(name: str, fn: AttentionFn) -> None:
+    """Make kernel `fn(q, k, v) -> out` available as `name` (same layout as `sdpa`)."""
     _BACKENDS[name] = fn
 
 
-def set_backend(name: str, kinds: tuple[str, ...] = ("self",)) -> None:
-    """Use backend `name` for the attention `kinds` ("self", "cross")."""
+def get_backend(name: str) -> AttentionFn:
+    """The registered kernel `name`; KeyError naming the registered ones (and where a known one comes from)."""
     if name not in _BACKENDS:
-        raise KeyError(f"unknown attention backend {name!r}; registered: {', '.join(_BACKENDS)}")
-    for kind in kinds:
-        if kind not in KINDS:
-            raise KeyError(f"unknown attention kind {kind!r}; one of {', '.join(KINDS)}")
-        _active[kind] = name
+        hint = f" (import {_PROVIDERS[name]} to register it)" if name in _PROVIDERS else ""
+        raise KeyError(f"unknown attention backend {name!r}{hint}; registered: {', '.join(_BACKENDS)}")
+    return _BACKENDS[name]
 
 
-def get_backend(kind: str = "self") -> str:
-    return _active[kind]
-
-
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: str = "self") -> torch.Tensor:
-    return _BACKENDS[_active[kind]](q, k, v)
-
-
-@contextlib.contextmanager
-def backend(name: str | None, kinds: tuple[str, ...] = ("self",)) -> Iterator[None]:
-    """`with backend("8bit"):` use `name` for `kinds` inside the block, then restore (None: no change)."""
-    before = {kind: _active[kind] for kind in KINDS}
-    if name is not None:
-        set_backend(name, kinds)
-    try:
-        yield
-    finally:
-        _active.update(before)
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa") -> torch.Tensor:
+    return get_backend(backend)(q, k, v)

@@ -33,9 +33,11 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
+from .configs import WAN_LATENTS
+
 SRC_HEIGHT, SRC_WIDTH = 480, 832      # image size the intrinsics files describe (upstream assumption)
-CELL = 8                              # VAE spatial stride: pixels per latent cell side
-TEMPORAL_STRIDE = 4                   # VAE temporal stride: video frames per latent frame (after the first)
+CELL = WAN_LATENTS.stride[1]          # VAE spatial stride: pixels per latent cell side
+TEMPORAL_STRIDE = WAN_LATENTS.stride[0]   # VAE temporal stride: video frames per latent frame (after the first)
 
 # Intrinsics used for keyboard-string trajectories, which come without a calibration file: row 0 of the
 # real example `shared/data/camera/00/intrinsics.npy` (fx, fy, cx, cy of a 480×832 camera, ~79° horizontal
@@ -61,7 +63,7 @@ def usable_frames(num_poses: int, frame_num: int) -> int:
     return min(int(frame_num), ((num_poses - 1) // TEMPORAL_STRIDE) * TEMPORAL_STRIDE + 1)
 
 
-def latent_frames(frames: int) -> int:
+def latent_frames(frames: int) -> int:  # (WAN_LATENTS.latent_frames, for plain ints from files)
     """Latent frames of a `frames`-frame video: (F − 1)//4 + 1."""
     return (int(frames) - 1) // TEMPORAL_STRIDE + 1
 

@@ -1,11 +1,58 @@
-"""Every DiT variant worldstream runs, as one table of dataclasses.
+"""The Wan model family: every DiT variant worldstream runs, as one table of dataclasses, and every fact about
+them that other code derives from (this file is their one home).
 
-Shapes come from `shared/spec/wan-architecture.md` (section 1-2). Each full-size config has a `tiny`
-sibling with the same structure (same optional branches, same control channels) for CPU tests.
+Shapes come from `shared/spec/wan-architecture.md` (sections 1-2), sampling defaults from section 4. Each
+full-size config has a `tiny` sibling with the same structure (same optional branches, same control channels,
+same experts and defaults) for CPU tests.
+
+What lives here, per config:
+  * the DiT's shape (`DiTConfig` fields) and how many experts the model has;
+  * the latent grid it works on (`LatentSpace`: the VAE's channels and its time / space strides) and the
+    token arithmetic derived from it and the patch size (`latent_grid`, `tokens`);
+  * the upstream task name and the sampling defaults (`Sampling`);
+  * the block cost model the planner schedules with: parameters per block and outside the blocks, FLOPs and
+    elementwise bytes of one block forward, and the activation peak of a forward, all from tokens and batch.
+A second model family (Kandinsky 5) adds its own config class with the same methods; the planner and the CLI
+only call those methods.
 """
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass, replace
+
+
+@dataclass(frozen=True)
+class LatentSpace:
+    """The video VAE's latent grid: `channels` per latent pixel; `stride` = (time, height, width) compression.
+
+    The first latent frame is one video frame, every later one `stride[0]` frames: F = s*(T-1) + 1."""
+    channels: int = 16
+    stride: tuple[int, int, int] = (4, 8, 8)
+
+    def latent_frames(self, frames: int) -> int:
+        return (frames - 1) // self.stride[0] + 1
+
+    def video_frames(self, latent_frames: int) -> int:
+        return self.stride[0] * (latent_frames - 1) + 1
+
+    def round_frames(self, frames: int) -> int:
+        """The largest valid frame count (s*n + 1) <= frames."""
+        return (frames - 1) // self.stride[0] * self.stride[0] + 1
+
+
+WAN_LATENTS = LatentSpace(channels=16, stride=(4, 8, 8))   # the Wan2.1 VAE (spec section 6)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Sampling defaults of a variant (spec section 4; upstream configs)."""
+    steps: int
+    shift: float
+    guide_scale: tuple[float, float]     # (low-noise expert or the single model, high-noise expert)
+    boundary: float | None = None        # two experts: "high" while t >= boundary * 1000
+    seed: int | None = None              # None: a random seed (printed)
+    frame_num: int = 81
 
 
 @dataclass(frozen=True)
@@ -29,7 +76,12 @@ class DiTConfig:
     control_dim: int | None = None    # LingBot-World: 6 (camera rays) or 7 (rays_d + WASD)
     causal: bool = False              # LingBot-World Fast: chunked causal attention
     rope_max_len: int = 1024
+    experts: int = 1                  # 2: Wan2.2 / LingBot high-noise + low-noise experts
+    task: str | None = None           # upstream's task name (generate.py --task)
+    sampling: Sampling | None = None  # None: not runnable by `generate` (no defaults known)
+    latents: LatentSpace = WAN_LATENTS
 
+    # ---- shape ---------------------------------------------------------------------------------------------
     @property
     def head_dim(self) -> int:
         return self.dim // self.num_heads
@@ -41,11 +93,15 @@ class DiTConfig:
         return d - 4 * (d // 6), 2 * (d // 6), 2 * (d // 6)
 
     @property
+    def control_cell(self) -> int:
+        """Pixels per side of the camera map's cells folded into channels: one latent pixel (the VAE stride)."""
+        return self.latents.stride[1]
+
+    @property
     def control_in(self) -> int:
-        """Input features of `patch_embedding_wancamctrl`: 8x8 pixel cells x 1x2x2 latent patch."""
+        """Input features of `patch_embedding_wancamctrl`: cell x cell pixels x the 1x2x2 latent patch."""
         assert self.control_dim is not None
-        pt, ph, pw = self.patch_size
-        return self.control_dim * 64 * pt * ph * pw
+        return self.control_dim * self.control_cell ** 2 * math.prod(self.patch_size)
 
     @property
     def has_camera(self) -> bool:
@@ -55,6 +111,56 @@ class DiTConfig:
     def has_image_branch(self) -> bool:
         return self.image_dim is not None
 
+    @property
+    def pixel_multiple(self) -> int:
+        """Video sides must be multiples of this: the VAE's spatial stride times the DiT's spatial patch."""
+        return self.latents.stride[1] * self.patch_size[1]
+
+    # ---- tokens ----------------------------------------------------------------------------------------------
+    def latent_grid(self, frames: int, height: int, width: int) -> tuple[int, int, int]:
+        """(latent frames, latent height, latent width) of a frames x height x width video."""
+        st, sh, sw = self.latents.stride
+        return self.latents.latent_frames(frames), height // sh, width // sw
+
+    def tokens(self, frames: int, height: int, width: int) -> int:
+        """DiT tokens of a video: latent grid / patch (480x832: 1,560 per latent frame)."""
+        f, h, w = self.latent_grid(frames, height, width)
+        pt, ph, pw = self.patch_size
+        return (f // pt) * (h // ph) * (w // pw)
+
+    # ---- the block cost model (runtime/planner.py schedules with it) ------------------------------------------
+    def param_counts(self) -> tuple[int, int]:
+        """(parameters of one block, parameters outside the blocks), from the module definitions."""
+        return _param_counts(self)
+
+    def block_flops(self, tokens: int, batch: int) -> tuple[float, float]:
+        """(matmul FLOPs, attention FLOPs) of one block forward over `tokens` tokens for `batch` samples."""
+        d, f, L = self.dim, self.ffn_dim, tokens
+        mm = 2 * batch * L * (6 * d * d + 2 * d * f) + 2 * batch * self.text_len * 2 * d * d
+        if self.has_camera:
+            mm += 2 * 1 * L * 4 * d * d          # camera layers run once for the whole CFG batch
+        attn = 4 * batch * L * L * d + 4 * batch * L * self.text_len * d
+        return mm, attn
+
+    def block_elementwise_bytes(self, tokens: int, batch: int) -> float:
+        """Memory traffic of the block's float32 elementwise work (~12 passes over [B, L, dim])."""
+        return 12 * batch * tokens * self.dim * 4
+
+    def activation_bytes(self, tokens: int, batch: int, ffn_chunk: int | None = None) -> float:
+        """Peak activation memory of a forward (residual stream + the largest block intermediate).
+
+        Per token and sample: the float32 residual (4*dim bytes) lives throughout; inside a block the peak is
+        the FFN (bf16 modulated input and two bf16 hidden tensors: 2*dim + 4*ffn bytes, over `ffn_chunk`
+        tokens when the FFN is chunked) or self-attention (modulated input, q, k, v, rotated q, k, output:
+        about 18*dim bytes); the camera features (2*dim, batch 1) live throughout. Calibrated against H100
+        peaks (x1.1, BENCHMARKS.md)."""
+        ffn_tokens = tokens if ffn_chunk is None else min(tokens, ffn_chunk)
+        peak = max(ffn_tokens * (2 * self.dim + 4 * self.ffn_dim), tokens * 18 * self.dim)
+        cam = 2 * self.dim * tokens if self.has_camera else 0
+        text = batch * self.text_len * self.dim * 2 * 4
+        return 1.1 * (batch * (tokens * 4 * self.dim + peak) + cam + text)
+
+    # ---- variants ---------------------------------------------------------------------------------------------
     def tiny(self) -> "DiTConfig":
         """Same structure, toy sizes: 2 blocks of width 64 (head_dim 16), 32-wide text."""
         return replace(
@@ -63,21 +169,43 @@ class DiTConfig:
             image_dim=32 if self.image_dim is not None else None,
             image_tokens=5 if self.image_dim is not None else self.image_tokens)
 
+    @property
+    def base_name(self) -> str:
+        """The variant without the '-tiny' suffix."""
+        return self.name.removesuffix("-tiny")
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.name.endswith("-tiny")
+
+
+@functools.lru_cache(maxsize=64)
+def _param_counts(cfg: DiTConfig) -> tuple[int, int]:
+    import torch
+
+    from .dit import WanDiT
+    with torch.device("meta"):
+        m = WanDiT(cfg)
+    per_block = sum(p.numel() for p in m.blocks[0].parameters())
+    total = sum(p.numel() for p in m.parameters())
+    return per_block, total - cfg.num_layers * per_block
+
 
 _WAN14B = dict(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40)
+_LINGBOT = Sampling(70, 10.0, (5.0, 5.0), boundary=0.947, seed=42)
 
 VARIANTS: dict[str, DiTConfig] = {c.name: c for c in [
-    DiTConfig("wan2.1-t2v-1.3b", dim=1536, ffn_dim=8960, num_heads=12, num_layers=30),
-    DiTConfig("wan2.1-t2v-14b", **_WAN14B),
-    DiTConfig("wan2.1-i2v-14b", **_WAN14B, in_dim=36, image_dim=1280),
-    DiTConfig("wan2.2-i2v-a14b", **_WAN14B, in_dim=36),
-    DiTConfig("lingbot-cam", **_WAN14B, in_dim=36, control_dim=6),
-    DiTConfig("lingbot-act", **_WAN14B, in_dim=36, control_dim=7),
+    DiTConfig("wan2.1-t2v-1.3b", dim=1536, ffn_dim=8960, num_heads=12, num_layers=30, task="t2v-1.3B",
+              sampling=Sampling(50, 5.0, (5.0, 5.0))),
+    DiTConfig("wan2.1-t2v-14b", **_WAN14B, task="t2v-14B", sampling=Sampling(50, 5.0, (5.0, 5.0))),
+    DiTConfig("wan2.1-i2v-14b", **_WAN14B, in_dim=36, image_dim=1280, task="i2v-14B",
+              sampling=Sampling(40, 5.0, (5.0, 5.0))),
+    DiTConfig("wan2.2-i2v-a14b", **_WAN14B, in_dim=36, experts=2, task="i2v-A14B",
+              sampling=Sampling(40, 5.0, (3.5, 3.5), boundary=0.900)),
+    DiTConfig("lingbot-cam", **_WAN14B, in_dim=36, control_dim=6, experts=2, task="i2v-A14B", sampling=_LINGBOT),
+    DiTConfig("lingbot-act", **_WAN14B, in_dim=36, control_dim=7, experts=2, task="i2v-A14B", sampling=_LINGBOT),
     DiTConfig("lingbot-fast", **_WAN14B, in_dim=36, control_dim=6, causal=True),
 ]}
-
-# Models that come as two experts (high noise / low noise) in subfolders.
-TWO_EXPERTS = {"wan2.2-i2v-a14b", "lingbot-cam", "lingbot-act"}
 
 
 def get_config(name: str) -> DiTConfig:

@@ -14,32 +14,35 @@ below that cast.
 Speed: the float32 residual stream makes the elementwise work (norms, modulation, RoPE, gated residuals) a
 large share of a block's time at long sequences. The small functions marked `@fused` are that work; on CUDA they
 are compiled with torch.compile (one kernel each instead of 3-6 passes over [B, L, dim] in float32), keeping
-every explicit cast (`emulate_precision_casts`). Set WORLDSTREAM_FUSE=0 to run them eagerly.
+every explicit cast (`emulate_precision_casts`). Whether they are compiled is a per-model choice
+(`WanDiT.set_fuse`), not a process-wide switch.
+
+Per-model state set from outside: `set_attention` (the attention kernel of the self- and cross-attention
+modules, models/attention.py), `set_fuse`, `set_ffn_chunk` (tokens per FFN chunk, for memory). Nothing that
+changes from call to call is kept on the modules (the RoPE table is a cache of constants).
 """
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import attention
+from .attention import attention, get_backend
 from .configs import DiTConfig
-
-FUSE = os.environ.get("WORLDSTREAM_FUSE", "1") != "0"
 
 
 def fused(fn):
-    """Run `fn` compiled (torch.compile, dynamic shapes) on CUDA tensors when FUSE is on, eagerly otherwise.
+    """`fn(*args, fuse=True)`: run `fn` compiled (torch.compile, dynamic shapes) on CUDA tensors when `fuse`,
+    eagerly otherwise.
 
     Arguments are made contiguous (views at different storage offsets would each compile anew); if compiling
     fails (no Triton, a recompile limit), the function runs eagerly from then on."""
     compiled = []
 
-    def call(*args):
-        if FUSE and args[0].is_cuda and compiled != [None]:
+    def call(*args, fuse: bool = True):
+        if fuse and args[0].is_cuda and compiled != [None]:
             if not compiled:
                 import torch._dynamo.config as dynamo_config
                 import torch._inductor.config as inductor_config
@@ -130,9 +133,10 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.fuse = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps, fuse=self.fuse)
 
 
 def sinusoid(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -172,6 +176,8 @@ class SelfAttention(nn.Module):
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
         self.norm_q = RMSNorm(dim, cfg.eps) if cfg.qk_norm else nn.Identity()
         self.norm_k = RMSNorm(dim, cfg.eps) if cfg.qk_norm else nn.Identity()
+        self.backend = "sdpa"     # attention kernel (models/attention.py)
+        self.fuse = True
 
     def forward(self, x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
         heads = (self.num_heads, -1)
@@ -179,7 +185,8 @@ class SelfAttention(nn.Module):
         q = self.norm_q(linear(self.q, x)).unflatten(-1, heads)
         k = self.norm_k(linear(self.k, x)).unflatten(-1, heads)
         v = linear(self.v, x).unflatten(-1, heads)
-        out = attention(rope(q, *rot, v.dtype), rope(k, *rot, v.dtype), v)
+        out = attention(rope(q, *rot, v.dtype, fuse=self.fuse), rope(k, *rot, v.dtype, fuse=self.fuse), v,
+                        self.backend)
         return linear(self.o, out.flatten(2))
 
 
@@ -196,6 +203,7 @@ class CrossAttention(nn.Module):
         if cfg.has_image_branch:
             self.k_img, self.v_img = nn.Linear(dim, dim), nn.Linear(dim, dim)
             self.norm_k_img = RMSNorm(dim, cfg.eps) if cfg.qk_norm else nn.Identity()
+        self.backend = "sdpa"     # attention kernel (models/attention.py)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, context_img: torch.Tensor | None) -> torch.Tensor:
         heads = (self.num_heads, -1)
@@ -203,11 +211,11 @@ class CrossAttention(nn.Module):
         q = self.norm_q(linear(self.q, x)).unflatten(-1, heads)
         k = self.norm_k(linear(self.k, context)).unflatten(-1, heads)
         v = linear(self.v, context).unflatten(-1, heads)
-        out = attention(q, k, v, "cross")
+        out = attention(q, k, v, self.backend)
         if context_img is not None:
             k_img = self.norm_k_img(linear(self.k_img, context_img)).unflatten(-1, heads)
             v_img = linear(self.v_img, context_img).unflatten(-1, heads)
-            out = out + attention(q, k_img, v_img, "cross")
+            out = out + attention(q, k_img, v_img, self.backend)
         return linear(self.o, out.flatten(2))
 
 
@@ -236,6 +244,7 @@ class Block(nn.Module):
                                  nn.Linear(cfg.ffn_dim, dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
         self.ffn_chunk: int | None = None   # tokens per FFN chunk (memory), set by WanDiT.set_ffn_chunk
+        self.fuse = True                    # compiled elementwise kernels on CUDA, set by WanDiT.set_fuse
         self.has_camera = cfg.has_camera
         if cfg.has_camera:  # upstream keeps these four directly on the block
             for name, layer in CameraInjector(dim).named_children():
@@ -245,8 +254,10 @@ class Block(nn.Module):
         """x [B, L, dim]; e0 [B, 1 or L, 6, dim] float32; cam [B or 1, L, dim] or None."""
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.float() + e0).unbind(2)
 
-        y = self.self_attn(modulate(x, shift_sa, scale_sa, self.norm1.eps, compute_dtype(self.self_attn.q)), rot)
-        x = gate_residual(x, y, gate_sa)
+        fuse = self.fuse
+        y = self.self_attn(modulate(x, shift_sa, scale_sa, self.norm1.eps, compute_dtype(self.self_attn.q),
+                                    fuse=fuse), rot)
+        x = gate_residual(x, y, gate_sa, fuse=fuse)
 
         if cam is not None:
             h = linear(self.cam_injector_layer2, F.silu(linear(self.cam_injector_layer1, cam))) + cam
@@ -255,16 +266,16 @@ class Block(nn.Module):
         x = x + self.cross_attn(self.norm3(x), context, context_img)
 
         if self.ffn_chunk is None or x.shape[1] <= self.ffn_chunk:
-            return gate_residual(x, self._ffn(x, shift_ff, scale_ff), gate_ff)
+            return gate_residual(x, self._ffn(x, shift_ff, scale_ff), gate_ff, fuse=fuse)
         # Token-chunked FFN: the same per-token math with a hidden tensor of ffn_chunk rows, not L.
         for s in range(0, x.shape[1], self.ffn_chunk):
             rows = slice(s, s + self.ffn_chunk)
             part = [m if m.shape[1] == 1 else m[:, rows] for m in (shift_ff, scale_ff, gate_ff)]
-            x[:, rows] = gate_residual(x[:, rows], self._ffn(x[:, rows], part[0], part[1]), part[2])
+            x[:, rows] = gate_residual(x[:, rows], self._ffn(x[:, rows], part[0], part[1]), part[2], fuse=fuse)
         return x
 
     def _ffn(self, x, shift, scale):
-        h = modulate(x, shift, scale, self.norm2.eps, compute_dtype(self.ffn[0]))
+        h = modulate(x, shift, scale, self.norm2.eps, compute_dtype(self.ffn[0]), fuse=self.fuse)
         h = linear(self.ffn[0], h)
         return linear(self.ffn[2], shared_input(h.to(compute_dtype(self.ffn[2])), (self.ffn[2],), gelu=True))
 
@@ -393,6 +404,23 @@ class WanDiT(nn.Module):
         """Run each block's FFN over at most `tokens` rows at a time (bounds the [L, ffn_dim] hidden tensor)."""
         for block in self.blocks:
             block.ffn_chunk = tokens
+
+    def set_attention(self, self_attention: str = "sdpa", cross_attention: str = "sdpa") -> None:
+        """The attention kernels of this model by registered name (models/attention.py). "8bit" pays off for
+        self-attention at long sequences; for cross-attention (512 context tokens) quantizing every query
+        costs more than the attention itself."""
+        get_backend(self_attention), get_backend(cross_attention)   # unknown names fail here, not mid-run
+        for m in self.modules():
+            if isinstance(m, SelfAttention):
+                m.backend = self_attention
+            elif isinstance(m, CrossAttention):
+                m.backend = cross_attention
+
+    def set_fuse(self, fuse: bool) -> None:
+        """Compile the float32 elementwise work on CUDA (True, default) or run it eagerly (same math)."""
+        for m in self.modules():
+            if hasattr(m, "fuse"):
+                m.fuse = bool(fuse)
 
     def finish(self, x: torch.Tensor, e: torch.Tensor, grid) -> torch.Tensor:
         return self.unpatchify(self.head(x, e), grid)

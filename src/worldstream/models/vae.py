@@ -29,13 +29,14 @@ so overlapping tiles are blended with linear ramps to hide the seams. tests/test
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, replace
 from typing import Callable, Iterator
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .configs import LatentSpace
 
 # Per-channel statistics of the latent space (upstream `Wan2_1_VAE.__init__`).
 WAN21_LATENTS_MEAN = (
@@ -47,9 +48,7 @@ WAN21_LATENTS_STD = (
     3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
 )
 
-TIME_STRIDE = 4      # latent frame = 4 video frames (after the first)
-SPACE_STRIDE = 8     # latent pixel = 8x8 video pixels
-FIRST_CHUNK, CHUNK = 1, 4   # encoder: the first frame alone, then 4 frames per chunk
+FIRST_CHUNK = 1      # encoder: the first frame alone, then chunks of one latent frame's worth (time stride)
 
 
 @dataclass(frozen=True)
@@ -66,6 +65,13 @@ class VAEConfig:
     def tiny(cls, dim: int = 8) -> "VAEConfig":
         """Same structure (and latent constants), toy width: fast on CPU."""
         return replace(cls(), dim=dim)
+
+    @property
+    def latent_space(self) -> LatentSpace:
+        """The latent grid this VAE makes: z_dim channels; time stride 2 per temporal downsample, space
+        stride 2 per stage transition (the Wan2.1 VAE: 4 x 8 x 8)."""
+        return LatentSpace(self.z_dim, (2 ** sum(self.temporal_downsample), 2 ** (len(self.dim_mult) - 1),
+                                        2 ** (len(self.dim_mult) - 1)))
 
     def __post_init__(self):
         if len(self.temporal_downsample) != len(self.dim_mult) - 1:
@@ -408,17 +414,17 @@ class WanVAE(nn.Module):
         if video.dim() != 5 or video.shape[1] != 3:
             raise ValueError(f"encode expects video [B,3,F,H,W], got shape {tuple(video.shape)}")
         _, _, f, h, w = video.shape
-        if f % TIME_STRIDE != 1:
-            raise ValueError(f"encode needs 4k+1 frames (1, 5, 9, ...), got {f}")
-        if h % SPACE_STRIDE or w % SPACE_STRIDE:
-            raise ValueError(f"encode needs height and width divisible by 8, got {h}x{w}")
+        st, ss, _ = self.cfg.latent_space.stride
+        if f % st != 1:
+            raise ValueError(f"encode needs {st}k+1 frames (1, {st + 1}, {2 * st + 1}, ...), got {f}")
+        if h % ss or w % ss:
+            raise ValueError(f"encode needs height and width divisible by {ss}, got {h}x{w}")
         x = video.to(self.device, self.dtype)
         if tile is None:
             mu = self.encode_mean(x)
         else:
             # the grid is laid out in video pixels (tile and overlap are given in latent pixels, x8)
-            tiles, wsum = tile_grid((h, w), (tile[0] * SPACE_STRIDE, tile[1] * SPACE_STRIDE),
-                                    overlap * SPACE_STRIDE, 1 / SPACE_STRIDE)
+            tiles, wsum = tile_grid((h, w), (tile[0] * ss, tile[1] * ss), overlap * ss, 1 / ss)
             outs = [self.encode_mean(x[..., t.rows, t.cols]) for t in tiles]
             mu = blend_tiles(tiles, wsum, outs)
         return (mu - self.latents_mean) / self.latents_std
@@ -428,7 +434,8 @@ class WanVAE(nn.Module):
         through one causal stream."""
         stream: Stream = {}
         f = x.shape[2]
-        bounds = [(0, FIRST_CHUNK)] + [(s, s + CHUNK) for s in range(FIRST_CHUNK, f, CHUNK)]
+        chunk = self.cfg.latent_space.stride[0]
+        bounds = [(0, FIRST_CHUNK)] + [(s, s + chunk) for s in range(FIRST_CHUNK, f, chunk)]
         h = torch.cat([self.encoder(x[:, :, a:b], stream) for a, b in bounds], dim=2)
         mu, _log_var = self.conv1(h).chunk(2, dim=1)
         return mu.float()
@@ -451,7 +458,7 @@ class WanVAE(nn.Module):
             for chunk in self._decode_stream(x):
                 yield chunk.float().clamp_(-1, 1)
             return
-        tiles, wsum = tile_grid(tuple(x.shape[-2:]), tile, overlap, SPACE_STRIDE)
+        tiles, wsum = tile_grid(tuple(x.shape[-2:]), tile, overlap, self.cfg.latent_space.stride[1])
         streams = [self._decode_stream(x[..., t.rows, t.cols]) for t in tiles]
         for _ in range(x.shape[2]):
             yield blend_tiles(tiles, wsum, [next(s).float() for s in streams]).clamp_(-1, 1)
@@ -485,10 +492,10 @@ class WanVAE(nn.Module):
                               for c in self.decode_frames(latents)], dim=2)
         x = self._decoder_input(latents)
         b, _, t, h, w = x.shape
-        tiles, wsum = tile_grid((h, w), tile, overlap, SPACE_STRIDE)
+        st, ss, _ = self.cfg.latent_space.stride
+        tiles, wsum = tile_grid((h, w), tile, overlap, ss)
         out_device = out_device if out_device is not None else self.device
-        out = torch.zeros(b, 3, TIME_STRIDE * (t - 1) + 1, h * SPACE_STRIDE, w * SPACE_STRIDE,
-                          device=out_device)
+        out = torch.zeros(b, 3, st * (t - 1) + 1, h * ss, w * ss, device=out_device)
         for tl in tiles:
             weight = tl.weight.to(self.device)
             frame = 0
@@ -497,54 +504,3 @@ class WanVAE(nn.Module):
                 out[:, :, frame:frame + n, tl.out_rows, tl.out_cols] += (chunk.float() * weight).to(out_device)
                 frame += n
         return out.div_(wsum.to(out_device)).clamp_(-1, 1)
-
-
-# ---- loading -----------------------------------------------------------------------------------------
-
-def check_vae_state_dict(sd: object, model: WanVAE, source: str) -> None:
-    """Raise ValueError (naming `source` and the key) unless `sd` is a flat str -> floating Tensor dict with
-    exactly `model`'s keys and shapes. `model` may live on the meta device: nothing is allocated."""
-    if not isinstance(sd, dict):
-        raise ValueError(f"{source}: expected a flat state dict (str -> Tensor), got {type(sd).__name__}")
-    for k, v in sd.items():
-        if not isinstance(k, str):
-            raise ValueError(f"{source}: state dict key {k!r} is not a string")
-        if not isinstance(v, torch.Tensor):
-            hint = " (nested dict: is this a training checkpoint rather than the VAE weights?)" \
-                if isinstance(v, dict) else ""
-            raise ValueError(f"{source}: key {k!r} holds {type(v).__name__}, expected a Tensor{hint}")
-        if not v.is_floating_point():
-            raise ValueError(f"{source}: key {k!r} has dtype {v.dtype}, expected a floating point tensor")
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    if missing:
-        raise ValueError(f"{source}: missing key {missing[0]!r} ({len(missing)} missing in all; "
-                         f"is this the Wan2.1 VAE with this config?)")
-    if unexpected:
-        raise ValueError(f"{source}: unexpected key {unexpected[0]!r} ({len(unexpected)} unexpected in all)")
-    for k, ref in expected.items():
-        if tuple(sd[k].shape) != tuple(ref.shape):
-            raise ValueError(f"{source}: key {k!r} has shape {tuple(sd[k].shape)}, "
-                             f"expected {tuple(ref.shape)}")
-
-
-def load_vae(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-             cfg: VAEConfig | None = None) -> WanVAE:
-    """Load upstream's `Wan2.1_VAE.pth` (a plain state dict) into a `WanVAE` on `device` in `dtype`.
-
-    The file is read with `weights_only=True` (memory-mapped when it is a zip-format checkpoint), then its
-    keys and shapes are checked against the model built on the meta device before any weights are
-    allocated. Upstream runs the VAE in float32; bf16 saves memory at some cost in accuracy."""
-    path = os.fspath(path)
-    cfg = cfg or VAEConfig()
-    from .loader import read_pth
-    sd = read_pth(path)
-    with torch.device("meta"):
-        model = WanVAE(cfg)
-    check_vae_state_dict(sd, model, path)
-    model.load_state_dict(sd, assign=True)
-    # the latent constants are not in the file (non-persistent buffers): rebuild them off the meta device
-    model.latents_mean = torch.tensor(cfg.latents_mean).view(1, -1, 1, 1, 1)
-    model.latents_std = torch.tensor(cfg.latents_std).view(1, -1, 1, 1, 1)
-    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)

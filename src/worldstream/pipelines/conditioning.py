@@ -30,10 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models import camera as cam
-
-VAE_STRIDE = (4, 8, 8)      # time, height, width
-PATCH = (1, 2, 2)           # DiT patch: sizes must be multiples of 8 * 2 = 16 pixels
-Z_DIM = 16
+from ..models.configs import WAN_LATENTS, DiTConfig, LatentSpace
 
 
 class GenerationError(ValueError):
@@ -42,16 +39,12 @@ class GenerationError(ValueError):
 
 # ---------------------------------------------------------------------------------------------- frames
 
-def round_frames(frame_num: int) -> int:
+def round_frames(frame_num: int, latents: LatentSpace = WAN_LATENTS) -> int:
     """The largest 4n+1 <= frame_num (what the VAE can produce: latent frame 0 is one video frame, every later
     latent four). Raises GenerationError for frame_num < 1."""
     if int(frame_num) != frame_num or frame_num < 1:
         raise GenerationError(f"--frame_num must be a positive integer (4n+1: 1, 5, 9, ..., 81), got {frame_num}")
-    return (int(frame_num) - 1) // VAE_STRIDE[0] * VAE_STRIDE[0] + 1
-
-
-def latent_frames(frames: int) -> int:
-    return (frames - 1) // VAE_STRIDE[0] + 1
+    return latents.round_frames(int(frame_num))
 
 
 # ---------------------------------------------------------------------------------------------- image
@@ -77,14 +70,14 @@ def image_to_tensor(img) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255).sub_(0.5).div_(0.5)
 
 
-def i2v_size(img_height: int, img_width: int, max_area: int) -> tuple[int, int]:
+def i2v_size(img_height: int, img_width: int, max_area: int, cfg: DiTConfig) -> tuple[int, int]:
     """Output (height, width) for an image-to-video run: the image's aspect ratio at about `max_area` pixels,
-    both sides multiples of 16 (upstream's formula, spec section 4).
+    both sides multiples of `cfg.pixel_multiple` (16 for Wan: upstream's formula, spec section 4).
 
     Kept float-for-float as upstream computes it, quirks included: a 480x832 image at max_area 832*480 gives
     464x832, because sqrt(399360 * 480 / 832) evaluates to 479.99999... and is floored."""
     aspect = img_height / img_width
-    s, p = VAE_STRIDE[1], PATCH[1]
+    s, p = cfg.latents.stride[1], cfg.patch_size[1]
     lat_h = round(math.sqrt(max_area * aspect) // s // p * p)
     lat_w = round(math.sqrt(max_area / aspect) // s // p * p)
     if lat_h < p or lat_w < p:
@@ -122,10 +115,10 @@ def image_condition(vae, image: torch.Tensor, frames: int) -> torch.Tensor:
     return torch.cat([mask, latents], dim=0)
 
 
-def initial_noise(seed: int, lat_f: int, lat_h: int, lat_w: int) -> torch.Tensor:
-    """randn(16, lat_f, lat_h, lat_w) float32 from a CPU generator seeded once with `seed`."""
+def initial_noise(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """randn(shape) float32 ([16, lat_f, lat_h, lat_w] for a Wan video) from a CPU generator seeded once."""
     g = torch.Generator(device="cpu").manual_seed(int(seed))
-    return torch.randn(Z_DIM, lat_f, lat_h, lat_w, generator=g, dtype=torch.float32)
+    return torch.randn(shape, generator=g, dtype=torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------- camera

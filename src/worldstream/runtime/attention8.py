@@ -23,6 +23,9 @@ attention). The output is bf16.
 yardstick); `attention8(q, k, v)` runs the Triton kernels on CUDA GPUs with fp8 tensor cores (compute capability
 8.9+; `available()`), and `reference` elsewhere. Layouts follow models/attention.py: q [B, Lq, H, D], k and v
 [B, Lk, H, D]; the kernel takes D = 64 or 128.
+
+Importing this module registers `attention8` as the attention backend "8bit" (models/attention.py); a model
+uses it once told to (`WanDiT.set_attention("8bit")`).
 """
 from __future__ import annotations
 
@@ -30,6 +33,8 @@ import functools
 import math
 
 import torch
+
+from ..models.attention import register_backend
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -234,3 +239,6 @@ def attention8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tenso
                  sk.stride(0), sk.stride(1), out.stride(0), out.stride(1), out.stride(2),
                  HEAD_DIM=d)
     return out
+
+
+register_backend("8bit", attention8)

@@ -28,8 +28,11 @@ from typing import Callable
 
 from safetensors.torch import save_file
 
-from ..models.loader import INDEX_NAME, CheckpointError, find_checkpoint, index_model_dir, iter_tensors, validate
-from .quant import DEFAULT_SKIP, FORMATS, QuantPolicy, quantize_stream, quantized_keys
+from ..checkpoints import keymap
+from ..checkpoints.compressed import QuantPolicy, quantize_stream, quantized_keys
+from ..checkpoints.dit import INDEX_NAME, find_checkpoint, index_model_dir, validate
+from ..checkpoints.tensors import CheckpointError, iter_tensors
+from ..models.quant import DEFAULT_SKIP, FORMATS
 
 NON_BLOCK_FILE = "non_block.safetensors"
 
@@ -121,7 +124,6 @@ def _convert_expert(cfg, src: Path, dst: Path, policy: QuantPolicy, label: str, 
         except json.JSONDecodeError as e:
             raise CheckpointError(f"{src / 'config.json'}: not valid JSON ({e})") from None
     if not config:
-        from ..models import keymap
         config = keymap.upstream_config(cfg)
     write_expert(dst, parts(), config, policy)
     own = {loc.file.resolve() for loc in locations.values()}

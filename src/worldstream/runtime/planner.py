@@ -6,17 +6,33 @@ streamed block comes from (pinned RAM or the user's safetensors shards on disk),
 peak host RAM, seconds per denoising step. A budget that cannot work raises `PlanError` saying what is needed.
 
 Seconds per step come from simulating the schedule the engine runs (copy engine and compute stream as two
-servers with the slot dependencies), with block compute time from a FLOP / byte model of the block and transfer
-time from the measured pinned bandwidth. The constants below were measured on an H100 PCIe-Gen5 host
-(BENCHMARKS.md); pass a `Hardware` measured on your machine (`measure_hardware()`) for yours.
+servers with the slot dependencies), with block compute time from the model's cost model and transfer time
+from the measured pinned bandwidth. The constants below were measured on an H100 PCIe-Gen5 host
+(BENCHMARKS.md); pass a `Hardware` measured on your machine for yours.
+
+The planner knows no model family. It asks the config (`StackModel`: models/configs.py for Wan) for the
+block count, parameters per block and outside the blocks, tokens of a clip, FLOPs and elementwise bytes of one
+block forward and the activation peak of a forward. A new family plans by giving its config these methods.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
-from ..models.configs import DiTConfig
 from .memory import fmt_bytes
 from .streaming import spread_resident
+
+
+class StackModel(Protocol):
+    """What the planner needs of a model: a stack of `num_layers` same-shaped blocks and its cost model."""
+    name: str
+    num_layers: int
+
+    def param_counts(self) -> tuple[int, int]: ...                        # (per block, outside the blocks)
+    def tokens(self, frames: int, height: int, width: int) -> int: ...
+    def block_flops(self, tokens: int, batch: int) -> tuple[float, float]: ...   # (matmul, attention)
+    def block_elementwise_bytes(self, tokens: int, batch: int) -> float: ...
+    def activation_bytes(self, tokens: int, batch: int, ffn_chunk: int | None = None) -> float: ...
 
 
 class PlanError(ValueError):
@@ -45,13 +61,8 @@ class Workload:
     frames: int = 81
     height: int = 480
     width: int = 832
-    cfg: bool = True                 # classifier-free guidance: cond + uncond per step
+    guidance: bool = True            # classifier-free guidance: cond + uncond per step
     experts: int = 1                 # 2 for Wan2.2 / LingBot (high + low noise)
-
-    @property
-    def tokens(self) -> int:
-        lat_f = (self.frames - 1) // 4 + 1
-        return lat_f * (self.height // 16) * (self.width // 16)
 
 
 @dataclass
@@ -60,7 +71,7 @@ class Plan:
     block_bytes: int
     resident: list[int]
     prefetch: int
-    cfg_batched: bool
+    batched_guidance: bool           # CFG's cond + uncond as one batch-2 forward (else two forwards)
     ffn_chunk: int | None
     ram_blocks: list[int]
     disk_blocks: list[int]
@@ -87,7 +98,7 @@ class Plan:
             f" {self.resident if len(self.resident) < self.n_blocks else '(all)'}",
             f"streamed: {len(self.streamed)} blocks through {self.slots} GPU slots (prefetch depth {self.prefetch})",
             f"host tiers: {len(self.ram_blocks)} blocks pinned in RAM, {len(self.disk_blocks)} read from disk",
-            f"CFG: {'cond+uncond batched in one forward' if self.cfg_batched else 'cond and uncond as two forwards'}"
+            f"CFG: {'cond+uncond batched in one forward' if self.batched_guidance else 'cond and uncond as two forwards'}"
             + (f"; FFN in chunks of {self.ffn_chunk} tokens" if self.ffn_chunk else ""),
             f"block compute {self.block_compute_s * 1e3:.1f} ms vs copy {self.block_copy_s * 1e3:.1f} ms",
             f"predicted: {self.step_seconds:.2f} s/step (resident would be {self.resident_step_seconds:.2f} s),"
@@ -97,48 +108,12 @@ class Plan:
         return "\n".join(lines + [f"note: {n}" for n in self.notes])
 
 
-# ---- sizes ---------------------------------------------------------------------------------------------------
+# ---- costs ---------------------------------------------------------------------------------------------------
 
-def param_counts(cfg: DiTConfig) -> tuple[int, int]:
-    """(parameters of one block, parameters outside the blocks), from the module definitions."""
-    import torch
-
-    from ..models.dit import WanDiT
-    with torch.device("meta"):
-        m = WanDiT(cfg)
-    per_block = sum(p.numel() for p in m.blocks[0].parameters())
-    total = sum(p.numel() for p in m.parameters())
-    return per_block, total - cfg.num_layers * per_block
-
-
-def activation_bytes(cfg: DiTConfig, tokens: int, batch: int, ffn_chunk: int | None = None) -> float:
-    """Peak activation memory of a forward (residual stream + the largest block intermediate).
-
-    Per token and sample: the float32 residual (4*dim bytes) lives throughout; inside a block the peak is the
-    FFN (bf16 modulated input and two bf16 hidden tensors: 2*dim + 4*ffn bytes, over `ffn_chunk` tokens when
-    the FFN is chunked) or self-attention (modulated input, q, k, v, rotated q, k, output: about 18*dim bytes);
-    the camera features (2*dim, batch 1) live throughout. Calibrated against H100 peaks (x1.1, BENCHMARKS.md).
-    """
-    ffn_tokens = tokens if ffn_chunk is None else min(tokens, ffn_chunk)
-    peak = max(ffn_tokens * (2 * cfg.dim + 4 * cfg.ffn_dim), tokens * 18 * cfg.dim)
-    cam = 2 * cfg.dim * tokens if cfg.has_camera else 0
-    text = batch * cfg.text_len * cfg.dim * 2 * 4
-    return 1.1 * (batch * (tokens * 4 * cfg.dim + peak) + cam + text)
-
-
-def block_flops(cfg: DiTConfig, tokens: int, batch: int) -> tuple[float, float]:
-    """(matmul FLOPs, attention FLOPs) of one block forward."""
-    d, f, L = cfg.dim, cfg.ffn_dim, tokens
-    mm = 2 * batch * L * (6 * d * d + 2 * d * f) + 2 * batch * cfg.text_len * 2 * d * d
-    if cfg.has_camera:
-        mm += 2 * 1 * L * 4 * d * d          # camera layers run once for the whole CFG batch
-    attn = 4 * batch * L * L * d + 4 * batch * L * cfg.text_len * d
-    return mm, attn
-
-
-def block_seconds(cfg: DiTConfig, tokens: int, batch: int, hw: Hardware) -> float:
-    mm, attn = block_flops(cfg, tokens, batch)
-    elementwise = 12 * batch * tokens * cfg.dim * 4   # ~12 float32 passes over [B, L, dim] per block
+def block_seconds(cfg: StackModel, tokens: int, batch: int, hw: Hardware) -> float:
+    """One block forward: matmuls and attention at their measured rates, elementwise traffic at HBM speed."""
+    mm, attn = cfg.block_flops(tokens, batch)
+    elementwise = cfg.block_elementwise_bytes(tokens, batch)
     return mm / hw.matmul_flops + attn / hw.attn_flops + elementwise / hw.hbm_bw + hw.block_overhead_s
 
 
@@ -173,26 +148,26 @@ def simulate(n_blocks: int, resident: set[int], prefetch: int, compute_s: float,
 
 # ---- the plan ------------------------------------------------------------------------------------------------
 
-def plan(cfg: DiTConfig, workload: Workload, vram_budget: float | None, ram_budget: float | None = None,
+def plan(cfg: StackModel, workload: Workload, vram_budget: float | None, ram_budget: float | None = None,
          hardware: Hardware | None = None, bytes_per_param: float = 2.0, max_prefetch: int = 4,
          block_bytes: int | None = None, pinned_resident: tuple[int, ...] = ()) -> Plan:
     """`block_bytes` overrides the streamed size of a block (compressed weights, runtime/quant.py);
     `pinned_resident` blocks must stay resident (e.g. uncompressed first/last blocks)."""
     hw = hardware or Hardware()
-    per_block, non_block = param_counts(cfg)
+    per_block, non_block = cfg.param_counts()
     block_bytes = block_bytes or int(per_block * bytes_per_param)
     n = cfg.num_layers
-    L = workload.tokens
+    L = cfg.tokens(workload.frames, workload.height, workload.width)
     fixed = non_block * 2 + hw.vram_reserve
     budget = float("inf") if vram_budget is None else vram_budget * (1 - HEADROOM)
 
-    options = [True, False] if workload.cfg else [False]
+    options = [True, False] if workload.guidance else [False]
     best: Plan | None = None
     needs = []
     for batched, chunk in [(b, c) for b in options for c in (None, FFN_CHUNK)]:
         batch = 2 if batched else 1
-        forwards = 2 if (workload.cfg and not batched) else 1
-        act = activation_bytes(cfg, L, batch, chunk)
+        forwards = 2 if (workload.guidance and not batched) else 1
+        act = cfg.activation_bytes(L, batch, chunk)
         comp = block_seconds(cfg, L, batch, hw)
         copy = block_bytes / hw.pcie_bw
         resident_step = forwards * n * comp
@@ -230,14 +205,15 @@ def plan(cfg: DiTConfig, workload: Workload, vram_budget: float | None, ram_budg
         raise PlanError(
             f"{cfg.name} at {workload.frames} frames {workload.height}x{workload.width} needs at least "
             f"{fmt_bytes(min(needs) / (1 - HEADROOM))} of VRAM (non-block weights {fmt_bytes(non_block * 2)}, "
-            f"activations {fmt_bytes(activation_bytes(cfg, L, 1, FFN_CHUNK))}, two block slots "
+            f"activations {fmt_bytes(cfg.activation_bytes(L, 1, FFN_CHUNK))}, two block slots "
             f"{fmt_bytes(2 * block_bytes)}); the budget is {fmt_bytes(vram_budget)}. Use fewer frames, a smaller "
             f"size, or compressed weights.")
 
     return best
 
 
-def _assign_host_tiers(p: Plan, cfg: DiTConfig, workload: Workload, ram_budget: float | None, hw: Hardware) -> None:
+def _assign_host_tiers(p: Plan, cfg: StackModel, workload: Workload, ram_budget: float | None,
+                       hw: Hardware) -> None:
     streamed = p.streamed
     ram_for_weights = float("inf") if ram_budget is None else ram_budget - hw.host_overhead
     ring = 0
@@ -253,7 +229,7 @@ def _assign_host_tiers(p: Plan, cfg: DiTConfig, workload: Workload, ram_budget: 
         p.ram_blocks = [b for k, b in enumerate(streamed) if k in keep]
         p.disk_blocks = [b for k, b in enumerate(streamed) if k not in keep]
         disk_s = p.block_bytes / hw.disk_bw
-        forwards = 1 if (p.cfg_batched or not workload.cfg) else 2
+        forwards = 1 if (p.batched_guidance or not workload.guidance) else 2
         disk_step = forwards * len(p.disk_blocks) * disk_s
         if disk_step > p.step_seconds:
             p.step_seconds = disk_step

@@ -254,21 +254,32 @@ def spread_resident(n_blocks: int, n_resident: int) -> list[int]:
     return sorted({int(step * (k + 0.5)) for k in range(n_resident)})
 
 
-def place(model: nn.Module, device, sources: dict[int, object], resident: list[int], prefetch: int,
-          engine: StreamEngine | None = None, name: str = "model", trace: bool = False,
-          blocks_attr: str = "blocks") -> tuple[StreamEngine, Streamed | None]:
-    """Put a model on `device` under a plan: everything outside `model.<blocks_attr>` and the `resident`
-    blocks get device copies of their bytes; the other blocks stream from `sources` (block -> RamSource /
-    DiskSource). Streamed blocks share one slab layout; resident ones may have their own (e.g. uncompressed
-    first/last blocks of a compressed model). Pass an existing `engine` to share its slots with another stack of the same layout (the
-    second expert). Undo with `unplace`."""
-    blocks = getattr(model, blocks_attr)
-    for child in model.children():
-        if child is not blocks:
-            child.to(device)
-    for p in model._parameters.values():
-        if p is not None:
-            p.data = p.data.to(device)
+def _move_outside(model: nn.Module, blocks: nn.ModuleList, device) -> None:
+    """Every parameter and buffer of `model` that does not belong to `blocks`, moved to `device`."""
+    inside = {id(m) for m in blocks.modules()}
+    for m in model.modules():
+        if id(m) in inside:
+            continue
+        for p in m._parameters.values():
+            if p is not None:
+                p.data = p.data.to(device)
+        for name, b in m._buffers.items():
+            if b is not None:
+                m._buffers[name] = b.to(device)
+
+
+def place(model: nn.Module, blocks: nn.ModuleList, device, sources: dict[int, object], resident: list[int],
+          prefetch: int, engine: StreamEngine | None = None, name: str = "model",
+          trace: bool = False) -> tuple[StreamEngine | None, Streamed | None]:
+    """Put `model` on `device` under a plan, streaming its block stack `blocks` (any `nn.ModuleList` of
+    same-shaped blocks inside it: the DiT's `blocks`, the text encoder's `encoder.block`).
+
+    Everything of `model` outside `blocks` and the `resident` blocks get device copies of their bytes; the
+    other blocks stream from `sources` (block -> RamSource / DiskSource). Streamed blocks share one slab
+    layout; resident ones may have their own (e.g. uncompressed first/last blocks of a compressed model).
+    Pass an existing `engine` to share its slots with another stack of the same layout (the second expert).
+    Undo with `unplace`."""
+    _move_outside(model, blocks, device)
     for i in resident:
         if i in sources:   # device copy of the host bytes; the host slab stays the block's home
             buf = sources[i].acquire().to(device)
@@ -286,14 +297,13 @@ def place(model: nn.Module, device, sources: dict[int, object], resident: list[i
     return engine, handle
 
 
-def unplace(model: nn.Module, sources: dict[int, object], engine: StreamEngine | None, handle: Streamed | None,
-            blocks_attr: str = "blocks") -> None:
+def unplace(blocks: nn.ModuleList, sources: dict[int, object], engine: StreamEngine | None,
+            handle: Streamed | None) -> None:
     """Detach from the engine and point resident blocks back at their host slabs (device copies are freed)."""
-    blocks = getattr(model, blocks_attr)
     if engine is not None and handle is not None:
         engine.release()
         engine.detach(handle)
     for i, src in sources.items():
-        if isinstance(src, RamSource):
+        if isinstance(src, RamSource) and src.buf is not None:
             for pname, view in BlockLayout.of(blocks[i]).views(src.buf).items():
                 blocks[i].get_parameter(pname).data = view

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ..checkpoints.vae import VAE_FILE
 from .dit import write_dit_checkpoint
 from .text import write_tiny_text_encoder
 from .vae import write_tiny_vae
 
-VAE_FILE = "Wan2.1_VAE.pth"
 
 # The built-in demo: LingBot-World Cam (two experts, camera layers) at toy width, driven by a keyboard string.
 DEMO_VARIANT = "lingbot-cam-tiny"

@@ -12,11 +12,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..models import keymap
-from ..models.configs import TWO_EXPERTS, DiTConfig, get_config
+from ..checkpoints import keymap
+from ..checkpoints.dit import INDEX_NAME
+from ..models.configs import DiTConfig, get_config
 from ..models.dit import WanDiT
 
-INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 SINGLE_NAME = "diffusion_pytorch_model.safetensors"
 
 
@@ -90,17 +90,16 @@ def write_dit_dir(model_dir: str | Path, cfg: DiTConfig, layout: str = "upstream
 def write_dit_checkpoint(root: str | Path, variant: str, layout: str = "upstream", **kw) -> dict[str, dict]:
     """Write the DiT part of a checkpoint folder for `variant` (e.g. "lingbot-cam-tiny").
 
-    Wan2.1: root (upstream) or transformer/ (diffusers). Two experts (configs.TWO_EXPERTS):
+    Wan2.1: root (upstream) or transformer/ (diffusers). Two experts (config.experts == 2):
     high_noise_model/ + low_noise_model/, or transformer/ (high) + transformer_2/ (low).
     LingBot Fast: lingbot_world_fast/. Returns {expert: upstream state dict} with experts
     "main" | "high", "low" | "fast". Extra keywords go to `write_dit_dir` (seed offsets per expert).
     """
     root = Path(root)
     cfg = get_config(variant)
-    base = variant.removesuffix("-tiny")
     seed = kw.pop("seed", 0)
     diff = layout == "diffusers"
-    if base in TWO_EXPERTS:
+    if cfg.experts == 2:
         dirs = {"high": "transformer", "low": "transformer_2"} if diff else \
             {"high": "high_noise_model", "low": "low_noise_model"}
     elif cfg.causal:

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from ..models.text_encoder import T5_CHECKPOINT, T5_TOKENIZER, T5Config, upstream_shapes
+from ..checkpoints.t5 import T5_CHECKPOINT, T5_TOKENIZER, upstream_shapes
+from ..models.text_encoder import T5Config
 
 CORPUS = [
     "A cat walks across a sunny garden full of flowers.",

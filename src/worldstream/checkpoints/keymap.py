@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from .configs import DiTConfig
+from ..models.configs import DiTConfig
 
 # Top-level prefixes (upstream, diffusers).
 _TOP = [

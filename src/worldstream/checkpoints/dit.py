@@ -1,7 +1,7 @@
 """Find, check and load DiT checkpoints as users have them on disk (upstream or diffusers layout).
 
-Everything is checked before anything big is allocated: safetensors headers are parsed here (so every
-tensor's absolute byte range is known, which the disk-streaming tier reuses), keys and shapes are compared
+Everything is checked before anything big is allocated: safetensors headers are parsed (checkpoints/tensors.py,
+so every tensor's absolute byte range is known, which the disk-streaming tier reuses), keys and shapes are compared
 with `WanDiT(cfg)` built on the `meta` device, and only then are tensors read, one at a time, converted to the
 target dtype and moved to the target device. Peak host RAM is the loaded model plus about one tensor.
 
@@ -15,43 +15,21 @@ import math
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 import torch.nn as nn
 
+from ..models.configs import VARIANTS, WAN_LATENTS, DiTConfig
+from ..models.dit import WanDiT
 from . import keymap
-from .configs import TWO_EXPERTS, VARIANTS, DiTConfig
-from .dit import WanDiT
+from .compressed import QuantPolicy, quantized_model, stored_as_is
+from .tensors import CheckpointError, TensorLocation, iter_tensors, read_pth, read_safetensors_header
 
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 # Companion files that sit next to a Wan2.1 DiT at the checkpoint root and are not the DiT.
 _NOT_DIT = ("models_t5", "models_clip", "Wan2.1_VAE", "Wan2.2_VAE")
 _SHARD_RE = re.compile(r"^(.*)-(\d+)-of-(\d+)\.safetensors$")
-_MAX_HEADER = 100 * 2**20  # the safetensors format's own limit
-
-_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used as is; the message names the file (and key) at fault."""
-
-
-@dataclass(frozen=True)
-class TensorLocation:
-    """Where one tensor lives. `offset` is the absolute byte offset in `file` (-1 for `.pth` files, which
-    are read through torch.load); `key` is the name as stored in the file (diffusers or upstream)."""
-    file: Path
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    offset: int
-    nbytes: int
-    key: str
-
 
 @dataclass
 class Checkpoint:
@@ -59,87 +37,7 @@ class Checkpoint:
     layout: str                 # "upstream" or "diffusers"
     experts: dict[str, Path]    # {"main": ...} | {"high": ..., "low": ...} | {"fast": ...}
     config: DiTConfig
-    quant: object = None        # runtime.quant.QuantPolicy of a converted (compressed) checkpoint, else None
-
-
-# ---- reading files ------------------------------------------------------------------------------------
-
-def read_safetensors_header(path: str | Path) -> dict[str, TensorLocation]:
-    """Parse a safetensors header (u64 little-endian length + JSON) into absolute byte locations."""
-    path = Path(path)
-    size = path.stat().st_size
-    if size < 8:
-        raise CheckpointError(f"{path}: {size} bytes, too short for a safetensors file")
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        if n > min(size - 8, _MAX_HEADER):
-            raise CheckpointError(f"{path}: header length {n} exceeds the file size {size} or the 100 MB limit "
-                                  "(corrupt or not safetensors)")
-        raw = f.read(n)
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: safetensors header is not valid JSON ({e})") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: safetensors header is not a JSON object")
-    out = {}
-    for key, e in header.items():
-        if key == "__metadata__":
-            continue
-        where = f"{path}: tensor {key!r}"
-        try:
-            dtype_s, shape, (begin, end) = e["dtype"], e["shape"], e["data_offsets"]
-            ok = all(type(v) is int and v >= 0 for v in [*shape, begin, end]) and begin <= end
-        except (KeyError, TypeError, ValueError):
-            ok = False
-        if not ok:
-            raise CheckpointError(f"{where}: malformed header entry {e!r}")
-        if dtype_s not in _DTYPES:
-            raise CheckpointError(f"{where}: unknown dtype {dtype_s!r}")
-        dtype = _DTYPES[dtype_s]
-        if 8 + n + end > size:
-            raise CheckpointError(f"{where}: data ends at byte {8 + n + end}, the file has {size} (truncated?)")
-        if end - begin != math.prod(shape) * dtype.itemsize:
-            raise CheckpointError(f"{where}: {end - begin} bytes do not match shape {tuple(shape)} of {dtype_s}")
-        out[key] = TensorLocation(path, dtype, tuple(shape), 8 + n + begin, end - begin, key)
-    return out
-
-
-def read_tensor(loc: TensorLocation) -> torch.Tensor:
-    """Read one safetensors tensor's byte range into a fresh CPU tensor (stored dtype)."""
-    if loc.offset < 0:
-        raise CheckpointError(f"{loc.file}: {loc.key!r} is not byte-addressable (.pth); use iter_tensors")
-    if loc.nbytes == 0:
-        return torch.empty(loc.shape, dtype=loc.dtype)
-    buf = bytearray(loc.nbytes)
-    with open(loc.file, "rb") as f:
-        f.seek(loc.offset)
-        if f.readinto(buf) != loc.nbytes:
-            raise CheckpointError(f"{loc.file}: short read for {loc.key!r} (file changed or truncated)")
-    return torch.frombuffer(buf, dtype=torch.uint8).view(loc.dtype).reshape(loc.shape)
-
-
-def read_pth(path: str | Path) -> dict[str, torch.Tensor]:
-    """A `.pth` state dict (DiT, umT5, VAE), unpickled safely (weights_only: no code from the file runs) and
-    memory-mapped where the format allows; anything but a flat dict of name -> tensor is refused."""
-    path = Path(path)
-    try:
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e) and "zip" not in str(e):
-                raise
-            sd = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
-    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
-        raise CheckpointError(f"{path}: cannot read as a weights-only PyTorch state dict "
-                              f"({type(e).__name__}: {e})") from None
-    if not isinstance(sd, dict):
-        raise CheckpointError(f"{path}: expected a flat state dict (str -> Tensor), found a {type(sd).__name__}")
-    for k, v in sd.items():
-        if not isinstance(k, str) or not isinstance(v, torch.Tensor):
-            raise CheckpointError(f"{path}: expected a flat state dict (str -> Tensor); "
-                                  f"entry {k!r} is a {type(v).__name__}")
-    return sd
+    quant: QuantPolicy | None = None   # the policy of a converted (compressed) checkpoint, else None
 
 
 def _weight_files(d: Path) -> list[Path]:
@@ -242,11 +140,9 @@ def index_model_dir(model_dir: str | Path) -> dict[str, TensorLocation]:
     return _index(Path(model_dir))[0]
 
 
-def read_quantization(model_dir: str | Path):
+def read_quantization(model_dir: str | Path) -> QuantPolicy | None:
     """The `"quantization"` entry of a DiT folder's config.json (written by `worldstream convert`) as a
-    runtime.quant.QuantPolicy, or None for ordinary bf16/fp32 weights."""
-    from ..runtime.quant import QuantPolicy
-
+    QuantPolicy, or None for ordinary bf16/fp32 weights."""
     model_dir = Path(model_dir)
     entry = _read_config(model_dir).get("quantization")
     if entry is None:
@@ -300,7 +196,8 @@ def detect_config(model_dir: str | Path, locations: dict[str, TensorLocation],
                  image_dim=shape("img_emb.proj.0.weight")[0] if "img_emb.proj.0.weight" in locations else None,
                  control_dim=None, causal=bool(causal) or js.get("_class_name") == "WanModelFast")
     if "patch_embedding_wancamctrl.weight" in locations:
-        n_in, cell = shape("patch_embedding_wancamctrl.weight")[1], 64 * math.prod(patch)
+        n_in = shape("patch_embedding_wancamctrl.weight")[1]
+        cell = WAN_LATENTS.stride[1] ** 2 * math.prod(patch)    # one latent pixel's cell x the latent patch
         if n_in % cell:
             raise CheckpointError(f"{locations['patch_embedding_wancamctrl.weight'].file}: "
                                   f"'patch_embedding_wancamctrl.weight' has {n_in} in-features, not a multiple "
@@ -378,10 +275,9 @@ def find_checkpoint(ckpt_dir: str | Path, fast: bool | None = None) -> Checkpoin
     if any(c != cfg for c in configs.values()):
         raise CheckpointError(f"{root}: the experts disagree: " +
                               "; ".join(f"{experts[n].name}/ is {c}" for n, c in configs.items()))
-    base = cfg.name.removesuffix("-tiny")
-    if len(experts) == 2 and base not in TWO_EXPERTS:
+    if len(experts) == 2 and cfg.experts != 2:
         raise CheckpointError(f"{root}: two expert folders, but the weights are {cfg.name}, a single model")
-    if "main" in experts and base in TWO_EXPERTS:
+    if "main" in experts and cfg.experts == 2:
         missing = "transformer_2/" if layout == "diffusers" else "high_noise_model/ and low_noise_model/"
         raise CheckpointError(f"{root}: {missing} missing: the DiT in {experts['main']} is "
                               f"one {cfg.name} expert of two")
@@ -397,12 +293,10 @@ def validate(cfg: DiTConfig, locations: dict[str, TensorLocation], model_dir: st
              quant=_FROM_CONFIG) -> None:
     """Compare keys, shapes and dtypes with WanDiT(cfg) built on `meta`; raise one error listing all problems.
 
-    `quant` (a runtime.quant.QuantPolicy, None, or by default the folder's config.json entry): a compressed
-    folder is compared with the model holding QLinears, so its 8-bit `weight`s (exact dtype required) and
-    float32 `weight_scale`s are expected.
+    `quant` (a QuantPolicy, None, or by default the folder's config.json entry): a compressed folder is
+    compared with the model holding QLinears, so its 8-bit `weight`s (exact dtype required) and float32
+    `weight_scale`s are expected.
     """
-    from ..runtime.quant import quantized_model
-
     if quant == _FROM_CONFIG:
         quant = read_quantization(model_dir)
     state = quantized_model(cfg, torch.float32, quant).state_dict()   # meta: shapes and dtypes only
@@ -430,21 +324,6 @@ def validate(cfg: DiTConfig, locations: dict[str, TensorLocation], model_dir: st
                               + "\n".join(problems[:20]) + more)
 
 
-def iter_tensors(locations: dict[str, TensorLocation], dtype: torch.dtype | None = None,
-                 device: str | torch.device = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
-    """(key, tensor) one at a time, in file order, converted to `dtype` (None: as stored) and moved to `device`."""
-    pth: dict[Path, dict[str, torch.Tensor]] = {}
-    for key, loc in sorted(locations.items(), key=lambda kv: (str(kv[1].file), kv[1].offset, kv[0])):
-        if loc.offset < 0:
-            if loc.file not in pth:
-                pth.clear()   # keep at most one (memory-mapped) .pth open
-                pth[loc.file] = read_pth(loc.file)
-            t = pth[loc.file][loc.key].clone()  # own memory, not a view of the mapped file
-        else:
-            t = read_tensor(loc)
-        yield key, t.to(device=device, dtype=dtype or t.dtype).contiguous()
-
-
 def load_dit(model_dir: str | Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
              cfg: DiTConfig | None = None, progress: Callable[[int, int], None] | None = None) -> WanDiT:
     """Build WanDiT on meta, validate the folder, then fill it tensor by tensor (no full-size host copy).
@@ -462,10 +341,8 @@ def load_dit(model_dir: str | Path, dtype: torch.dtype = torch.bfloat16, device:
             model = WanDiT(cfg)
         stored = set()
     else:   # compressed folder (worldstream convert): QLinears; 8-bit weights and scales keep their dtype
-        from ..runtime.quant import quantized_model
         model = quantized_model(cfg, dtype, quant)
-        stored = {k for k, v in model.state_dict().items() if v.dtype in (torch.float8_e4m3fn, torch.int8)
-                  or k.endswith(".weight_scale")}
+        stored = stored_as_is(model)
     for i, (key, t) in enumerate(iter_tensors(locations, dtype, device) if not stored else
                                  ((k, v if k in stored else v.to(dtype))
                                   for k, v in iter_tensors(locations, None, device))):

@@ -1,0 +1,95 @@
+"""The bidirectional denoising loop: experts, classifier-free guidance, the sampler.
+
+    runner.start(forward_schedule(sampler.timesteps, ...))     # the runner hears every forward up front
+    for each timestep t:
+        expert = "high" while t >= boundary * 1000, else "low" (one model: its only expert)
+        v = v_uncond + g * (v_cond - v_uncond)                  # g per expert; g == 1: v_cond alone
+        x = sampler.step(v, x)
+
+Classifier-free guidance runs cond and uncond as ONE forward of batch 2 by default (latents repeated, contexts
+stacked, camera batch 1), so each weight crosses the bus once per step; the runner's plan may ask for two
+forwards instead (less activation memory). Same math either way.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..runtime.runner import Forward
+from .progress import Progress
+from .schedulers import expert_for
+
+
+def _pad_rows(t: torch.Tensor, n: int) -> torch.Tensor:
+    return F.pad(t, (0, 0, 0, n - t.shape[0]))
+
+
+def _expert_of(t, experts: list[str], boundary: float | None) -> str:
+    return expert_for(t, boundary) if len(experts) == 2 else experts[0]
+
+
+def _scale_of(expert: str, guide_scale: tuple[float, float]) -> float:
+    return guide_scale[1] if expert == "high" else guide_scale[0]
+
+
+def forward_schedule(timesteps, experts: list[str], boundary: float | None, guide_scale: tuple[float, float],
+                     batched: bool) -> list[Forward]:
+    """Every DiT forward of the run, in order: per step one batch-2 forward (guided, batched), two batch-1
+    forwards (guided, not batched) or one batch-1 forward (scale 1), on that step's expert."""
+    out = []
+    for t in timesteps:
+        e = _expert_of(t, experts, boundary)
+        if _scale_of(e, guide_scale) == 1.0:
+            out.append(Forward(e, 1))
+        else:
+            out += [Forward(e, 2)] if batched else [Forward(e, 1), Forward(e, 1)]
+    return out
+
+
+def guided_velocity(runner, expert: str, x: torch.Tensor, t: torch.Tensor, scale: float, context: torch.Tensor,
+                    context_null: torch.Tensor, y: torch.Tensor | None, camera: torch.Tensor | None,
+                    batched: bool) -> torch.Tensor:
+    """v_uncond + scale * (v_cond - v_uncond) at latents x [16, F, H, W] and timestep t (0-dim).
+
+    batched: one forward of batch 2 (x repeated, contexts zero-padded to a common length and stacked, camera
+    batch 1); else two batch-1 forwards. The DiT zero-pads every context to text_len itself, so padding here
+    changes nothing. scale == 1: only the conditional forward.
+    """
+    kw = {"camera": camera}
+    if scale == 1.0:
+        return runner(expert, x=x[None], t=t.reshape(1), context=context[None],
+                      y=None if y is None else y[None], **kw)[0]
+    if batched:
+        n = max(context.shape[0], context_null.shape[0])
+        ctx = torch.stack([_pad_rows(context, n), _pad_rows(context_null, n)])
+        out = runner(expert, x=x[None].expand(2, *x.shape), t=t.reshape(1).expand(2), context=ctx,
+                     y=None if y is None else y[None].expand(2, *y.shape), **kw)
+        v_cond, v_uncond = out[0], out[1]
+    else:
+        yy = None if y is None else y[None]
+        v_cond = runner(expert, x=x[None], t=t.reshape(1), context=context[None], y=yy, **kw)[0]
+        v_uncond = runner(expert, x=x[None], t=t.reshape(1), context=context_null[None], y=yy, **kw)[0]
+    return v_uncond + scale * (v_cond - v_uncond)
+
+
+def sample(runner, noise: torch.Tensor, sampler, experts: list[str], boundary: float | None,
+           guide_scale: tuple[float, float], context: torch.Tensor, context_null: torch.Tensor,
+           y: torch.Tensor | None = None, camera: torch.Tensor | None = None, batched_guidance: bool = True,
+           progress: Progress | None = None, log: list | None = None) -> torch.Tensor:
+    """Run the whole schedule from `noise` [16, F, H, W] (float32, on the device) and return the latents.
+
+    Step t uses expert_for(t, boundary) ("high" / "low") with guide_scale[1] / [0]; a single model uses
+    experts[0] and guide_scale[0]. `log`, if given, receives (step, expert) per step.
+    """
+    runner.start(forward_schedule(sampler.timesteps, experts, boundary, guide_scale, batched_guidance))
+    x = noise
+    for i, t in enumerate(sampler.timesteps):
+        e = _expert_of(t, experts, boundary)
+        v = guided_velocity(runner, e, x, t.to(x.device), _scale_of(e, guide_scale), context, context_null, y,
+                            camera, batched_guidance)
+        x = sampler.step(v.float(), x)
+        if log is not None:
+            log.append((i, e))
+        if progress is not None:
+            progress.update(note=f"({e})" if len(experts) == 2 else "")
+    return x
