@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def _gb(n_bytes: float) -> str:
@@ -277,6 +278,103 @@ def _add_demo_parser(sub) -> None:
     d.set_defaults(fn=cmd_demo)
 
 
+# ---- stream -------------------------------------------------------------------------------------------------
+
+def cmd_stream(args: argparse.Namespace) -> int:
+    """Run a causal student's chunk loop offline (pipelines/stream.py), writing the MP4 as chunks come."""
+    import re
+    import tempfile
+    import time
+
+    import torch
+
+    from .checkpoints.tensors import CheckpointError
+    from .pipelines.conditioning import GenerationError
+    from .pipelines.prompts import PromptCache
+    from .pipelines.stream import format_chunk, open_session, prepare_stream, run_stream
+    from .runtime.planner import PlanError
+    from .testing.checkpoint import demo_image, write_tiny_checkpoint
+
+    try:
+        device = _device(args.device)
+        vram, ram = _budget("--vram", args.vram), _budget("--ram", args.ram)
+        with tempfile.TemporaryDirectory(prefix="worldstream-stream-") as tmp:
+            ckpt_dir, image, prompt = args.ckpt_dir, args.image, args.prompt
+            if ckpt_dir is None:     # the built-in tiny causal student (random weights), as `demo` does
+                print("worldstream stream: no --ckpt_dir: a tiny built-in causal model with RANDOM weights (it shows "
+                      "the chunk loop runs, not a world)")
+                ckpt_dir = write_tiny_checkpoint(Path(tmp), "lingbot-fast-v2-tiny", seed=0)
+                image = image or demo_image()
+                prompt = prompt or "A walk through a sunny field."
+            request = prepare_stream(ckpt_dir, prompt, image=image, size=args.size, frame_num=args.frame_num,
+                                     action_string=args.action_string, action_path=args.action_path,
+                                     seed=args.base_seed, steps=args.steps, window=args.window, sink=args.sink,
+                                     noise=args.noise, notice=lambda m: print(f"note: {m}"))
+            slug = re.sub(r"[^A-Za-z0-9]+", "_", request.prompt)[:40].strip("_") or "stream"
+            path = _output_path(args.save_file, f"stream_{request.width}x{request.height}_{slug}_"
+                                                 f"{time.strftime('%Y%m%d_%H%M%S')}.mp4")
+            print(request.describe())
+            dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(args.dtype)
+            session = open_session(request, device=device, dtype=dtype, vram=vram, ram=ram, quant=args.quant,
+                                   attention=args.attention, vae=args.vae, taehv=args.taehv,
+                                   prompt_cache=None if args.no_prompt_cache else PromptCache())
+            t0, frames = time.perf_counter(), 0
+            try:
+                for chunk in run_stream(session, request, path):
+                    n = chunk.frames.shape[1]
+                    frames += n
+                    print(format_chunk(chunk, n), flush=True)
+            finally:
+                session.close()
+            wall = time.perf_counter() - t0
+            print(f"wrote {path}: {frames} frames {request.width}x{request.height}, H.264 16 fps; "
+                  f"{wall:.1f} s ({frames / wall:.1f} FPS overall)")
+    except (GenerationError, CheckpointError, PlanError) as e:
+        return _fail(e)
+    except KeyboardInterrupt:
+        print("\nworldstream: interrupted; no video written", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _add_stream_parser(sub) -> None:
+    st = sub.add_parser(
+        "stream", help="run a causal (real-time) LingBot student chunk by chunk, as long as you like",
+        description="Stream a LingBot-World Fast student (v1, v2 causal-fast 14B / 1.3B): chunks of latent frames "
+                    "with a KV cache, 4 denoising steps + a refresh each, camera from the keys; the MP4 is written "
+                    "as chunks are produced (it appears complete at the end). Without --ckpt_dir a tiny built-in "
+                    "causal model (random weights) runs.")
+    a = st.add_argument
+    a("--ckpt_dir", help="checkpoint folder: lingbot_world_fast/ (v1, inside Base Cam) or transformers/ (v2 14B), "
+                         "or the v2 1.3B; Wan2.1_VAE.pth, umt5 .pth and google/umt5-xxl/ at its root")
+    a("--image", help="first frame (required with --ckpt_dir)")
+    a("--prompt", help="what the world shows")
+    a("--action_string", help="keys per frame, e.g. 'w-40,jw-20,none-8' (W/A/S/D move, I/K pitch, J/L yaw)")
+    a("--action_path", help="folder with poses.npy + intrinsics.npy: the camera of the whole clip, computed as "
+                            "upstream does (its length sets the frames)")
+    a("--frame_num", type=int, help="frames to stream (rounded up to whole chunks). Default: the action "
+                                    "string's length")
+    a("--size", help="W*H pixel budget; the image's aspect ratio is kept (default 832*480)")
+    a("--steps", type=int, help="denoising steps per chunk: the student's 4 (default), or 1 (t = 999 only)")
+    a("--window", type=int, default=-1, help="latent frames the KV cache holds (default: the student's; v1 "
+                                             "global, v2 18)")
+    a("--sink", type=int, help="first latent frames kept forever in a windowed cache (default: the student's)")
+    a("--noise", choices=["chunk", "upstream"], default="chunk",
+      help="noise draws: per chunk (default, what a live stream can do) or upstream's order (whole clip first)")
+    a("--vae", choices=["wan", "tiny"], default="wan", help="decoder: the Wan VAE (exact) or the TAEHV tiny one")
+    a("--taehv", help="taew2_1.pth / .safetensors for --vae tiny (madebyollin/taehv; never downloaded)")
+    a("--base_seed", type=int, help="noise seed (default 42)")
+    a("--save_file", help="output .mp4 (default outputs/stream_<size>_<prompt>_<time>.mp4)")
+    a("--device", help="cuda, cuda:N or cpu (default: cuda if available)")
+    a("--dtype", choices=["bf16", "fp32"], help="DiT compute dtype (default bf16 on CUDA, fp32 on CPU)")
+    a("--vram", help="GPU memory budget (weights + KV cache); blocks that do not fit stream from host RAM")
+    a("--ram", help="host RAM budget for the weights")
+    a("--quant", choices=["fp8", "fp8-block", "int8"], help="compress the DiT's block linears while loading")
+    a("--attention", choices=["sdpa", "8bit"], default="sdpa", help="self-attention kernel")
+    a("--no_prompt_cache", action="store_true", help="do not read or store prompt embeddings")
+    st.set_defaults(fn=cmd_stream)
+
+
 # ---- plan ----------------------------------------------------------------------------------------------------
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -389,6 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("info", help="list the model variants and their sizes").set_defaults(fn=cmd_info)
     _add_generate_parser(sub)
     _add_demo_parser(sub)
+    _add_stream_parser(sub)
     _add_plan_parser(sub)
     _add_convert_parser(sub)
     return p

@@ -172,10 +172,15 @@ def detect_config(model_dir: str | Path, locations: dict[str, TensorLocation],
     """The DiTConfig of a folder from its weight shapes plus config.json (heads, eps, text length).
 
     Named after the matching VARIANTS entry or its tiny sibling, else "custom". `causal` (LingBot Fast) is
-    not visible in the weights: it comes from the argument, or config.json's `_class_name` WanModelFast.
+    not visible in the weights: it comes from the argument, config.json's `_class_name` (WanModelFast, or a
+    diffusers export's Causal... class), or the shapes themselves when only a causal variant has them (the v2
+    1.3B). A causal model's chunk loop settings (models/configs.py CausalSampling) come from its variant, with
+    `num_frames_per_block` (chunk) and a positive `local_attn_size` / `sink_size` (window) from config.json.
     """
     model_dir = Path(model_dir)
     js = _read_config(model_dir)
+    if causal is None and ("Fast" in str(js.get("_class_name", "")) or "Causal" in str(js.get("_class_name", ""))):
+        causal = True
 
     def shape(key: str) -> tuple[int, ...]:
         if key not in locations:
@@ -220,13 +225,54 @@ def detect_config(model_dir: str | Path, locations: dict[str, TensorLocation],
     for src, dst in (("eps", "eps"), ("text_len", "text_len"), ("rope_max_seq_len", "rope_max_len")):
         if js.get(src) is not None:
             known[dst] = js[src]
-    for base in VARIANTS.values():
-        for cand in (base, base.tiny()):
-            if replace(cand, **known) == cand:
-                return cand
+    candidates = [c for base in VARIANTS.values() for c in (base, base.tiny())]
+    match = next((c for c in candidates if replace(c, **known) == c), None)
+    if match is None and causal is None:     # shapes only a causal student has (the v2 1.3B)
+        match = next((c for c in candidates if replace(c, **dict(known, causal=True)) == c), None)
+    if match is not None:
+        return _realtime_from_config(match, js, model_dir)
     if "num_heads" not in known:
         raise CheckpointError(f"{model_dir}: no config.json (needed for the head count of a non-standard DiT)")
     return DiTConfig(name="custom", **known)
+
+
+def _realtime_from_config(cfg: DiTConfig, js: dict, model_dir: Path) -> DiTConfig:
+    """A causal variant's chunk loop settings, with what config.json says where it says something usable.
+    Upstream passes the window on its command line and files carry -1 ("global"): only a positive value here
+    replaces the variant's window."""
+    if cfg.realtime is None:
+        return cfg
+    rt = cfg.realtime
+    chunk = js.get("num_frames_per_block", rt.chunk)
+    window = js.get("local_attn_size")
+    window = window if isinstance(window, int) and window > 0 else rt.window
+    sink = js.get("sink_size", rt.sink) if window != rt.window else rt.sink
+    for name, value in (("num_frames_per_block", chunk), ("sink_size", sink)):
+        if not isinstance(value, int) or value < (1 if name == "num_frames_per_block" else 0):
+            raise CheckpointError(f"{model_dir / 'config.json'}: {name} = {value!r} is not a usable count")
+    if window is not None and window < sink + chunk:
+        sink = 0 if window >= chunk else sink     # a sink the window cannot keep is no sink (as upstream)
+    return replace(cfg, realtime=replace(rt, chunk=chunk, window=window, sink=sink))
+
+
+def _fast_variant(cfg: DiTConfig, model_dir: Path, at_root: bool) -> DiTConfig:
+    """v1 and v2 students share shapes (and every tiny sibling shares one): the folder they come in tells
+    which one it is, and so its chunk loop; what config.json says about chunk and window is kept."""
+    if at_root:
+        wanted = FAST_AT_ROOT
+    elif model_dir.name == "transformer":
+        wanted = FAST_BY_CHUNK.get(cfg.realtime.chunk if cfg.realtime else None)
+    else:
+        wanted = FAST_DIRS.get(model_dir.name)
+    if wanted is None or cfg.base_name == wanted:
+        return cfg
+    other = VARIANTS[wanted].tiny() if cfg.is_tiny else VARIANTS[wanted]
+    if replace(other, name=cfg.name, realtime=cfg.realtime) != cfg:
+        return cfg                                   # other shapes: not that student
+    rt = other.realtime
+    if cfg.realtime is not None and cfg.realtime != VARIANTS[cfg.base_name].realtime:
+        rt = replace(rt, chunk=cfg.realtime.chunk, window=cfg.realtime.window, sink=cfg.realtime.sink)
+    return replace(cfg, name=other.name, realtime=rt)
 
 
 # ---- finding the experts of a checkpoint folder -------------------------------------------------------
@@ -234,19 +280,29 @@ def detect_config(model_dir: str | Path, locations: dict[str, TensorLocation],
 _ROLE = {"high": "high-noise expert", "low": "low-noise expert", "fast": "LingBot Fast model", "main": "DiT"}
 
 
+# Where the causal students live: v1 `lingbot_world_fast/` inside a Base Cam folder, v2 14B `transformers/`
+# (its 40-step causal pretrain, `transformer_causal/`, is not a few-step student), and which variant each is.
+# The v2 1.3B comes as shards at the root of its own folder; a diffusers export in `transformer/` says its
+# chunk (`num_frames_per_block`: 3 is v1, 4 is v2).
+FAST_DIRS = {"lingbot_world_fast": "lingbot-fast", "transformers": "lingbot-fast-v2"}
+FAST_AT_ROOT = "lingbot-fast-v2-1.3b"
+FAST_BY_CHUNK = {3: "lingbot-fast", 4: "lingbot-fast-v2"}
+
+
 def find_checkpoint(ckpt_dir: str | Path, fast: bool | None = None) -> Checkpoint:
     """Locate the DiT folders of a checkpoint and detect its variant (both experts must agree).
 
     Wan2.1: DiT at the root (upstream) or in transformer/ (diffusers). Two experts: high_noise_model/ and
-    low_noise_model/, or transformer/ and transformer_2/. LingBot Fast: lingbot_world_fast/ (taken when
-    `fast` is True, or when there are no two-expert folders).
+    low_noise_model/, or transformer/ and transformer_2/. LingBot Fast (the causal students): v1
+    lingbot_world_fast/, v2 14B transformers/ (taken when `fast` is True, or when there are no two-expert
+    folders), a diffusers export's transformer/ with a causal class, or a v2 1.3B at the root.
     """
     root = Path(ckpt_dir)
     if not root.is_dir():
         raise CheckpointError(f"{root}: checkpoint folder does not exist")
     up_hi, up_lo = root / "high_noise_model", root / "low_noise_model"
     df_hi, df_lo = root / "transformer", root / "transformer_2"
-    fast_dir = root / "lingbot_world_fast"
+    fast_dir = next((root / d for d in FAST_DIRS if (root / d).is_dir()), root / "lingbot_world_fast")
     two = up_hi.is_dir() or up_lo.is_dir()
     if fast or (fast is None and fast_dir.is_dir() and not two):
         experts = {"fast": fast_dir}
@@ -264,6 +320,8 @@ def find_checkpoint(ckpt_dir: str | Path, fast: bool | None = None) -> Checkpoin
         locations, layout = _index(d)
         layouts.add(layout)
         configs[name] = detect_config(d, locations, causal=True if name == "fast" else None)
+        if configs[name].causal:
+            configs[name] = _fast_variant(configs[name], d, at_root=d == root)
         quants[name] = read_quantization(d)
     if len(set(quants.values())) > 1:
         raise CheckpointError(f"{root}: the experts are stored differently: " +
@@ -272,6 +330,9 @@ def find_checkpoint(ckpt_dir: str | Path, fast: bool | None = None) -> Checkpoin
     if len(layouts) > 1:
         raise CheckpointError(f"{root}: the experts mix upstream and diffusers key naming")
     layout, cfg = layouts.pop(), next(iter(configs.values()))
+    if cfg.causal and set(experts) == {"main"}:      # a student at the root or in a diffusers transformer/
+        experts = {"fast": experts["main"]}
+        layout = "diffusers" if experts["fast"].name == "transformer" else layout
     if any(c != cfg for c in configs.values()):
         raise CheckpointError(f"{root}: the experts disagree: " +
                               "; ".join(f"{experts[n].name}/ is {c}" for n, c in configs.items()))

@@ -324,14 +324,21 @@ def camera_condition(poses, intrinsics, frame_num: int, height: int, width: int,
 
     c2w = torch.from_numpy(interpolate_poses(poses, lat_f)).to(pose_dtype)
     rel = relative_framewise(c2w).float()
-    dirs = ray_directions(scale_intrinsics(intrinsics[0], height, width), height, width)
+    return plucker_frames(rel, intrinsics[0], height, width, act)
 
-    channels = 7 if act is not None else 6
-    out = torch.empty(channels * CELL * CELL, lat_f, height // CELL, width // CELL)
-    for i in range(lat_f):  # one latent frame at a time: peak memory is one frame's [H, W, C]
+
+def plucker_frames(rel: torch.Tensor, intrinsics, height: int, width: int, actions: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+    """Per latent frame motions `rel` [n, 4, 4] (framewise, normalized: `relative_framewise`) -> the folded
+    conditioning [C·64, n, H/8, W/8]: Cam cat(translation, rays_d), Act cat(rays_d, WASD `actions` [n, 4])."""
+    rel = rel.float()
+    dirs = ray_directions(scale_intrinsics(intrinsics, height, width), height, width)
+    channels = 7 if actions is not None else 6
+    out = torch.empty(channels * CELL * CELL, len(rel), height // CELL, width // CELL)
+    for i in range(len(rel)):  # one latent frame at a time: peak memory is one frame's [H, W, C]
         rays_d = dirs @ rel[i, :3, :3].T
-        if act is not None:
-            emb = torch.cat([rays_d, act[i].expand(height, width, 4)], dim=-1)
+        if actions is not None:
+            emb = torch.cat([rays_d, actions[i].expand(height, width, 4)], dim=-1)
         else:
             emb = torch.cat([rel[i, :3, 3].expand(height, width, 3), rays_d], dim=-1)
         out[:, i] = fold(emb[None])[:, 0]
@@ -410,28 +417,39 @@ def trajectory_from_actions(frame_keys: Sequence[Iterable[str]], num_frames: int
         raise ValueError(f"num_frames must be 4n+1, got {num_frames}")
     frame_keys = frame_keys + [frozenset()] * (num_frames - len(frame_keys))
 
-    step = np.deg2rad(ROTATE_SPEED_DEG)
-    limit = np.deg2rad(PITCH_LIMIT_DEG)
-    pose = np.eye(4)
-    pitch = 0.0
+    pose, pitch = np.eye(4), 0.0
     out = [pose]
     for keys in frame_keys:
-        d_pitch = step * (("i" in keys) - ("k" in keys))
-        if -limit <= pitch + d_pitch <= limit:
-            pitch += d_pitch
-        else:
-            d_pitch = 0.0
-        d_yaw = step * (("l" in keys) - ("j" in keys))
-        R = _rot_y(d_yaw) @ pose[:3, :3] @ _rot_x(d_pitch)
-        forward, right = _flat_unit(R[:, 2]), _flat_unit(R[:, 0])
-        move = np.zeros(3)
-        move += MOVE_SPEED * forward * (("w" in keys) - ("s" in keys))
-        move += MOVE_SPEED * right * (("d" in keys) - ("a" in keys))
-        pose = np.eye(4)
-        pose[:3, :3] = R
-        pose[:3, 3] = out[-1][:3, 3] + move
+        pose, pitch = step_pose(pose, pitch, keys)
         out.append(pose)
     return np.stack(out)
+
+
+def step_pose(pose: np.ndarray, pitch: float, keys: Iterable[str], look: tuple[float, float] = (0.0, 0.0)
+              ) -> tuple[np.ndarray, float]:
+    """One video frame of keyboard (and mouse) control: (pose [4, 4] camera-to-world, pitch in radians) after
+    pressing `keys` for a frame, plus `look` = (yaw, pitch) degrees of mouse motion (right and up positive).
+
+    Pitch (I up / K down, about the camera x axis, applied on the right) unless it would pass ±85°, yaw (J
+    left / L right, about the world y axis, applied on the left), then W/S/A/D move 0.05 along the new
+    forward / right axes flattened onto the horizontal plane."""
+    keys = frozenset(keys)
+    step, limit = np.deg2rad(ROTATE_SPEED_DEG), np.deg2rad(PITCH_LIMIT_DEG)
+    d_pitch = step * (("i" in keys) - ("k" in keys)) + np.deg2rad(look[1])
+    if -limit <= pitch + d_pitch <= limit:
+        pitch += d_pitch
+    else:
+        d_pitch = 0.0
+    d_yaw = step * (("l" in keys) - ("j" in keys)) + np.deg2rad(look[0])
+    R = _rot_y(d_yaw) @ pose[:3, :3] @ _rot_x(d_pitch)
+    forward, right = _flat_unit(R[:, 2]), _flat_unit(R[:, 0])
+    move = np.zeros(3)
+    move += MOVE_SPEED * forward * (("w" in keys) - ("s" in keys))
+    move += MOVE_SPEED * right * (("d" in keys) - ("a" in keys))
+    out = np.eye(4)
+    out[:3, :3] = R
+    out[:3, 3] = pose[:3, 3] + move
+    return out, pitch
 
 
 def action_string_condition(action_string: str, height: int, width: int, frame_num: int | None = None,

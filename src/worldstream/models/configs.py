@@ -56,6 +56,20 @@ class Sampling:
 
 
 @dataclass(frozen=True)
+class CausalSampling:
+    """How a causal (real-time) student runs (spec realtime.md): chunks of `chunk` latent frames, each denoised
+    at the timesteps `timesteps[i]` of the 1000-step flow schedule with `shift` (one forward per step, no CFG),
+    then one refresh forward at t = 0; self-attention over a KV cache of `window` frames with `sink` (None:
+    global, every frame since the start)."""
+    chunk: int
+    step_indices: tuple[int, ...]
+    shift: float = 10.0
+    window: int | None = None
+    sink: int = 0
+    seed: int = 42
+
+
+@dataclass(frozen=True)
 class DiTConfig:
     name: str
     dim: int
@@ -79,6 +93,7 @@ class DiTConfig:
     experts: int = 1                  # 2: Wan2.2 / LingBot high-noise + low-noise experts
     task: str | None = None           # upstream's task name (generate.py --task)
     sampling: Sampling | None = None  # None: not runnable by `generate` (no defaults known)
+    realtime: CausalSampling | None = None   # causal students: the chunk loop's settings
     latents: LatentSpace = WAN_LATENTS
 
     # ---- shape ---------------------------------------------------------------------------------------------
@@ -133,14 +148,21 @@ class DiTConfig:
         """(parameters of one block, parameters outside the blocks), from the module definitions."""
         return _param_counts(self)
 
-    def block_flops(self, tokens: int, batch: int) -> tuple[float, float]:
-        """(matmul FLOPs, attention FLOPs) of one block forward over `tokens` tokens for `batch` samples."""
+    def block_flops(self, tokens: int, batch: int, keys: int | None = None) -> tuple[float, float]:
+        """(matmul FLOPs, attention FLOPs) of one block forward over `tokens` tokens for `batch` samples, whose
+        self-attention sees `keys` tokens (default: the same tokens; a causal chunk: the KV cache's window)."""
         d, f, L = self.dim, self.ffn_dim, tokens
+        keys = L if keys is None else keys
         mm = 2 * batch * L * (6 * d * d + 2 * d * f) + 2 * batch * self.text_len * 2 * d * d
         if self.has_camera:
             mm += 2 * 1 * L * 4 * d * d          # camera layers run once for the whole CFG batch
-        attn = 4 * batch * L * L * d + 4 * batch * L * self.text_len * d
+        attn = 4 * batch * L * keys * d + 4 * batch * L * self.text_len * d
         return mm, attn
+
+    def kv_cache_bytes(self, frames: int, height: int, width: int, bytes_per_value: int = 2) -> int:
+        """A causal model's self-attention cache for `frames` latent frames: K and V of every layer."""
+        return 2 * self.num_layers * self.tokens(self.latents.video_frames(frames), height, width) * self.dim \
+            * bytes_per_value
 
     def block_elementwise_bytes(self, tokens: int, batch: int) -> float:
         """Memory traffic of the block's float32 elementwise work (~12 passes over [B, L, dim])."""
@@ -192,7 +214,12 @@ def _param_counts(cfg: DiTConfig) -> tuple[int, int]:
 
 
 _WAN14B = dict(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40)
+_WAN1_3B = dict(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30)
 _LINGBOT = Sampling(70, 10.0, (5.0, 5.0), boundary=0.947, seed=42)
+# LingBot-World Fast v1: 3-frame chunks at t = 999, 978, 947, 825; the cache is global (upstream's default).
+_FAST_V1 = CausalSampling(chunk=3, step_indices=(0, 179, 358, 679), shift=10.0)
+# v2 causal-fast: 4-frame chunks at t = 999, 967, 908, 768; upstream's scripts run a window of 18 with sink 6.
+_FAST_V2 = CausalSampling(chunk=4, step_indices=(0, 250, 500, 750), shift=10.0, window=18, sink=6)
 
 VARIANTS: dict[str, DiTConfig] = {c.name: c for c in [
     DiTConfig("wan2.1-t2v-1.3b", dim=1536, ffn_dim=8960, num_heads=12, num_layers=30, task="t2v-1.3B",
@@ -204,7 +231,9 @@ VARIANTS: dict[str, DiTConfig] = {c.name: c for c in [
               sampling=Sampling(40, 5.0, (3.5, 3.5), boundary=0.900)),
     DiTConfig("lingbot-cam", **_WAN14B, in_dim=36, control_dim=6, experts=2, task="i2v-A14B", sampling=_LINGBOT),
     DiTConfig("lingbot-act", **_WAN14B, in_dim=36, control_dim=7, experts=2, task="i2v-A14B", sampling=_LINGBOT),
-    DiTConfig("lingbot-fast", **_WAN14B, in_dim=36, control_dim=6, causal=True),
+    DiTConfig("lingbot-fast", **_WAN14B, in_dim=36, control_dim=6, causal=True, realtime=_FAST_V1),
+    DiTConfig("lingbot-fast-v2", **_WAN14B, in_dim=36, control_dim=6, causal=True, realtime=_FAST_V2),
+    DiTConfig("lingbot-fast-v2-1.3b", **_WAN1_3B, in_dim=36, control_dim=6, causal=True, realtime=_FAST_V2),
 ]}
 
 

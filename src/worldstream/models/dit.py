@@ -157,11 +157,23 @@ def rope_table(cfg: DiTConfig, device=None) -> list[torch.Tensor]:
     return tables
 
 
-def rope_grid(tables: list[torch.Tensor], f: int, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of the angles of every token of an f x h x w grid, tokens in (f, h, w) order: [L, 1, head_dim/2]."""
+def rope_frames(cfg: DiTConfig, start: int, f: int, device=None) -> torch.Tensor:
+    """Frame-axis rotation angles [f, n/2] for absolute frame positions start .. start+f-1, float64, computed
+    for any position (the causal model runs without end; upstream's 1024-position table would run out).
+    Bit-identical to the rows of `rope_table` where both exist."""
+    n = cfg.rope_split[0]
+    inv = 1.0 / torch.pow(10000.0, torch.arange(0, n, 2, dtype=torch.float64) / n)
+    return torch.outer(torch.arange(start, start + f, dtype=torch.float64), inv).to(device)
+
+
+def rope_grid(tables: list[torch.Tensor], f: int, h: int, w: int, frame_angles: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of the angles of every token of an f x h x w grid, tokens in (f, h, w) order: [L, 1, head_dim/2].
+    Frames are at positions 0..f-1, or have the angles `frame_angles` [f, n/2] (`rope_frames`)."""
     tf, th, tw = tables
+    tf = tf[:f] if frame_angles is None else frame_angles
     angles = torch.cat([
-        tf[:f].view(f, 1, 1, -1).expand(f, h, w, -1),
+        tf.view(f, 1, 1, -1).expand(f, h, w, -1),
         th[:h].view(1, h, 1, -1).expand(f, h, w, -1),
         tw[:w].view(1, 1, w, -1).expand(f, h, w, -1),
     ], dim=-1).reshape(f * h * w, 1, -1)
@@ -179,15 +191,18 @@ class SelfAttention(nn.Module):
         self.backend = "sdpa"     # attention kernel (models/attention.py)
         self.fuse = True
 
-    def forward(self, x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rot: torch.Tensor, kv=None) -> torch.Tensor:
+        """`kv` (causal model: a models.kv_cache.LayerKV): the chunk's keys / values, after RoPE, go into the
+        cache first; the queries then attend to every frame the cache holds."""
         heads = (self.num_heads, -1)
         x = shared_input(x.to(compute_dtype(self.q)), (self.q, self.k, self.v))  # one cast (or quantization)
         q = self.norm_q(linear(self.q, x)).unflatten(-1, heads)
         k = self.norm_k(linear(self.k, x)).unflatten(-1, heads)
         v = linear(self.v, x).unflatten(-1, heads)
-        out = attention(rope(q, *rot, v.dtype, fuse=self.fuse), rope(k, *rot, v.dtype, fuse=self.fuse), v,
-                        self.backend)
-        return linear(self.o, out.flatten(2))
+        q, k = rope(q, *rot, v.dtype, fuse=self.fuse), rope(k, *rot, v.dtype, fuse=self.fuse)
+        if kv is not None:
+            k, v = kv.update(k, v)
+        return linear(self.o, attention(q, k, v, self.backend).flatten(2))
 
 
 class CrossAttention(nn.Module):
@@ -205,12 +220,20 @@ class CrossAttention(nn.Module):
             self.norm_k_img = RMSNorm(dim, cfg.eps) if cfg.qk_norm else nn.Identity()
         self.backend = "sdpa"     # attention kernel (models/attention.py)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, context_img: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor, context_img: torch.Tensor | None,
+                kv=None) -> torch.Tensor:
+        """`kv` (a models.kv_cache.LayerCrossKV): the context's keys / values, computed once and reused."""
         heads = (self.num_heads, -1)
-        x, context = x.to(compute_dtype(self.q)), context.to(compute_dtype(self.k))
+        x = x.to(compute_dtype(self.q))
         q = self.norm_q(linear(self.q, x)).unflatten(-1, heads)
-        k = self.norm_k(linear(self.k, context)).unflatten(-1, heads)
-        v = linear(self.v, context).unflatten(-1, heads)
+        cached = kv.get() if kv is not None else None
+        if cached is None:
+            context = context.to(compute_dtype(self.k))
+            cached = (self.norm_k(linear(self.k, context)).unflatten(-1, heads),
+                      linear(self.v, context).unflatten(-1, heads))
+            if kv is not None:
+                kv.put(cached)
+        k, v = cached
         out = attention(q, k, v, self.backend)
         if context_img is not None:
             k_img = self.norm_k_img(linear(self.k_img, context_img)).unflatten(-1, heads)
@@ -250,20 +273,21 @@ class Block(nn.Module):
             for name, layer in CameraInjector(dim).named_children():
                 self.add_module(name, layer)
 
-    def forward(self, x, e0, rot, context, context_img=None, cam=None):
-        """x [B, L, dim]; e0 [B, 1 or L, 6, dim] float32; cam [B or 1, L, dim] or None."""
+    def forward(self, x, e0, rot, context, context_img=None, cam=None, kv=None, cross_kv=None):
+        """x [B, L, dim]; e0 [B, 1 or L, 6, dim] float32; cam [B or 1, L, dim] or None; kv / cross_kv: this
+        layer's views of the causal model's caches (models/kv_cache.py), or None."""
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.float() + e0).unbind(2)
 
         fuse = self.fuse
         y = self.self_attn(modulate(x, shift_sa, scale_sa, self.norm1.eps, compute_dtype(self.self_attn.q),
-                                    fuse=fuse), rot)
+                                    fuse=fuse), rot, kv)
         x = gate_residual(x, y, gate_sa, fuse=fuse)
 
         if cam is not None:
             h = linear(self.cam_injector_layer2, F.silu(linear(self.cam_injector_layer1, cam))) + cam
             x = (1.0 + linear(self.cam_scale_layer, h)) * x + linear(self.cam_shift_layer, h)
 
-        x = x + self.cross_attn(self.norm3(x), context, context_img)
+        x = x + self.cross_attn(self.norm3(x), context, context_img, cross_kv)
 
         if self.ffn_chunk is None or x.shape[1] <= self.ffn_chunk:
             return gate_residual(x, self._ffn(x, shift_ff, scale_ff), gate_ff, fuse=fuse)
@@ -365,10 +389,14 @@ class WanDiT(nn.Module):
         c0 = linear(self.patch_embedding_wancamctrl, tokens)
         return c0 + linear(self.c2ws_hidden_states_layer2, F.silu(linear(self.c2ws_hidden_states_layer1, c0)))
 
-    def rope_angles(self, f: int, h: int, w: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    def rope_angles(self, f: int, h: int, w: int, device, start_frame: int | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotations of an f x h x w token grid; with `start_frame`, its frames sit at absolute positions
+        start_frame.. (computed for any position: a causal stream has no end)."""
         if self._rope is None or self._rope[0].device != torch.device(device):
             self._rope = rope_table(self.cfg, device)
-        return rope_grid(self._rope, f, h, w)
+        frames = None if start_frame is None else rope_frames(self.cfg, start_frame, f, device)
+        return rope_grid(self._rope, f, h, w, frames)
 
     def unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         pt, ph, pw = self.cfg.patch_size
@@ -377,8 +405,9 @@ class WanDiT(nn.Module):
         x = x.view(b, f, h, w, pt, ph, pw, c).permute(0, 7, 1, 4, 2, 5, 3, 6)
         return x.reshape(b, c, f * pt, h * ph, w * pw)
 
-    def prepare(self, x, t, context, y=None, clip=None, camera=None):
-        """Everything before the blocks: returns (tokens, block kwargs, head inputs)."""
+    def prepare(self, x, t, context, y=None, clip=None, camera=None, start_frame=None, cross=None):
+        """Everything before the blocks: returns (tokens, block kwargs, head inputs). Causal chunks: frames at
+        absolute positions from `start_frame`; the embedded text kept in `cross` (models.kv_cache.CrossKV)."""
         cfg = self.cfg
         if y is not None:
             x = torch.cat([x, y], dim=1)
@@ -389,7 +418,13 @@ class WanDiT(nn.Module):
         grid = tuple(x.shape[2:])
         x = x.flatten(2).transpose(1, 2)
         e, e0 = self.embed_time(t)
-        kwargs = dict(e0=e0, rot=self.rope_angles(*grid, device=x.device), context=self.embed_text(context))
+        if cross is None:
+            text = self.embed_text(context)
+        else:
+            if cross.context is None:
+                cross.context = self.embed_text(context)
+            text = cross.context
+        kwargs = dict(e0=e0, rot=self.rope_angles(*grid, device=x.device, start_frame=start_frame), context=text)
         if cfg.has_image_branch:
             if clip is None:
                 raise ValueError(f"{cfg.name} needs CLIP image features (clip=...)")
@@ -425,8 +460,20 @@ class WanDiT(nn.Module):
     def finish(self, x: torch.Tensor, e: torch.Tensor, grid) -> torch.Tensor:
         return self.unpatchify(self.head(x, e), grid)
 
-    def forward(self, x, t, context, y=None, clip=None, camera=None) -> torch.Tensor:
-        x, kwargs, (e, grid) = self.prepare(x, t, context, y=y, clip=clip, camera=camera)
-        for block in self.blocks:
+    def forward(self, x, t, context, y=None, clip=None, camera=None, cache=None, cross=None,
+                start_frame: int | None = None) -> torch.Tensor:
+        """The velocity of the whole clip; or, for the causal model (`cache` given: models.kv_cache.KVCache),
+        of one chunk of latent frames starting at latent frame `start_frame`: the chunk's keys / values are
+        written into `cache` and its queries attend to every frame held, and the prompt's cross-attention keys /
+        values come from `cross` (a CrossKV; computed from `context` on the first forward of a prompt)."""
+        if cache is not None:
+            if start_frame is None or cross is None:
+                raise ValueError("a forward with a KV cache needs start_frame and cross")
+            cache.begin_chunk(start_frame, x.shape[2] // self.cfg.patch_size[0])
+        x, kwargs, (e, grid) = self.prepare(x, t, context, y=y, clip=clip, camera=camera, start_frame=start_frame,
+                                            cross=cross)
+        for i, block in enumerate(self.blocks):
+            if cache is not None:
+                kwargs.update(kv=cache.layer(i), cross_kv=cross.layer(i))
             x = block(x, **kwargs)
         return self.finish(x, e, grid)

@@ -38,7 +38,7 @@ What is ours:
   the memory (upstream's "sequential" mode). Any split of a clip into chunks gives the same frames.
 * Trimming happens only at the very start of a stream (counted in raw decoder frames in the state).
 
-This module reads no files; `checkpoints_taehv_draft.load_taehv` builds it from `taew2_1.pth`.
+This module reads no files; `checkpoints.taehv.load_taehv` builds it from `taew2_1.pth`.
 """
 from __future__ import annotations
 

@@ -440,6 +440,23 @@ class WanVAE(nn.Module):
         mu, _log_var = self.conv1(h).chunk(2, dim=1)
         return mu.float()
 
+    @torch.no_grad()
+    def encode_chunk(self, video: torch.Tensor, state: Stream) -> tuple[torch.Tensor, Stream]:
+        """Frames [B,3,f,H,W] in [-1,1] continuing the encoding stream `state` (a fresh one: `{}`) ->
+        (normalized latents [B,z,n,H/8,W/8] float32, the state). The first call takes the first frame alone
+        (f = 1), later calls whole latent frames (f = 4k): chunk after chunk equals one `encode`."""
+        st = self.cfg.latent_space.stride[0]
+        first = "encoder_frames" not in state
+        if (first and video.shape[2] != FIRST_CHUNK) or (not first and video.shape[2] % st):
+            raise ValueError(f"encode_chunk takes the first frame alone, then multiples of {st} frames; got "
+                             f"{video.shape[2]} frames {'first' if first else 'later'}")
+        x = video.to(self.device, self.dtype)
+        state["encoder_frames"] = state.get("encoder_frames", 0) + video.shape[2]
+        chunks = [x] if first else [x[:, :, s:s + st] for s in range(0, x.shape[2], st)]
+        h = torch.cat([self.encoder(c, state) for c in chunks], dim=2)
+        mu, _log_var = self.conv1(h).chunk(2, dim=1)
+        return (mu.float() - self.latents_mean) / self.latents_std, state
+
     # -- decode --
 
     @torch.no_grad()
@@ -462,6 +479,19 @@ class WanVAE(nn.Module):
         streams = [self._decode_stream(x[..., t.rows, t.cols]) for t in tiles]
         for _ in range(x.shape[2]):
             yield blend_tiles(tiles, wsum, [next(s).float() for s in streams]).clamp_(-1, 1)
+
+    def decoder_state(self) -> Stream:
+        """A fresh decoding stream's causal state (for `decode_chunk`)."""
+        return {}
+
+    @torch.no_grad()
+    def decode_chunk(self, latents: torch.Tensor, state: Stream) -> tuple[torch.Tensor, Stream]:
+        """Normalized latents [B,z,t,h,w] continuing the stream `state` -> (frames [B,3,n,8h,8w] in [-1,1],
+        float32, on the VAE's device; the state). n = 4t, or 4t - 3 when the chunk starts the stream. The state
+        (each conv's last input frames) is updated in place and returned: chunk after chunk equals one decode."""
+        x = self._decoder_input(latents)
+        out = [self.decoder(x[:, :, t:t + 1], state) for t in range(x.shape[2])]
+        return torch.cat(out, dim=2).float().clamp_(-1, 1), state
 
     def _decoder_input(self, latents: torch.Tensor) -> torch.Tensor:
         """Undo the normalization, then the 1x1x1 `conv2`: what the decoder consumes, one frame at a time."""

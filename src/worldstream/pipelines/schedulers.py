@@ -174,3 +174,43 @@ class FlowUniPC(_FlowSampler):
         self._steps_seen = min(self._steps_seen + 1, self.order)
         self.step_index += 1
         return x_next
+
+
+class CausalSchedule:
+    """The few-step sampler of the causal students (spec realtime.md, upstream image2video_fast.py).
+
+    The model sees the timesteps `t_k = timesteps[index_k]` of the 1000-step flow schedule with `shift`
+    (int64-truncated, as in `flow_schedule`). Each step predicts v at x_t and takes x0 = x_t − σ·v (in float64,
+    returned as float32); every step but the last re-noises x0 to the next timestep, x = (1 − σ')·x0 + σ'·ε.
+    Upstream looks σ up twice, differently, and both are reproduced:
+      * for x0, the first index of the 1000-step table holding t (argmin |timesteps − t|): `sigma_x0`;
+      * for the re-noise, the scheduler's `index_for_timestep`, which takes the second index when t repeats
+        in the table (it does near t = 1000 at shift 10): `sigma_noise`. They differ by ~1e-4..1e-3.
+    """
+
+    def __init__(self, step_indices: tuple[int, ...], shift: float, num_train_timesteps: int = 1000):
+        sigmas, timesteps = flow_schedule(num_train_timesteps, shift, num_train_timesteps)
+        self.indices = tuple(int(i) for i in step_indices)
+        if not self.indices or any(not 0 <= i < num_train_timesteps for i in self.indices):
+            raise ValueError(f"step indices {step_indices} must lie in 0..{num_train_timesteps - 1}")
+        self.shift = float(shift)
+        self.timesteps = [int(timesteps[i]) for i in self.indices]
+        self.sigma_x0, self.sigma_noise = [], []
+        for t in self.timesteps:
+            where = (timesteps == t).nonzero().flatten().tolist()
+            self.sigma_x0.append(float(sigmas[where[0]]))
+            self.sigma_noise.append(float(sigmas[where[1] if len(where) > 1 else where[0]]))
+
+    def __len__(self) -> int:
+        return len(self.timesteps)
+
+    @staticmethod
+    def x0(x_t: torch.Tensor, v: torch.Tensor, sigma: float) -> torch.Tensor:
+        """x0 = x_t − σ·v, computed in float64, returned as float32."""
+        return (x_t.double() - torch.tensor(sigma, dtype=torch.float32).double() * v.double()).float()
+
+    @staticmethod
+    def renoise(x0: torch.Tensor, noise: torch.Tensor, sigma: float) -> torch.Tensor:
+        """(1 − σ)·x0 + σ·ε in float32 (upstream's add_noise)."""
+        s = torch.tensor(sigma, dtype=torch.float32)
+        return (1 - s) * x0.float() + s * noise.float()

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..files import atomic_write
+from ..files import atomic_path
 
 FPS = 16
 CRF = 18   # x264 constant-quality setting: visually lossless for most content, ~1-3 MB per 5 s of 480p
@@ -56,23 +56,67 @@ def write_mp4(frames, path: str | os.PathLike, fps: int = FPS, crf: int = CRF) -
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or len(frames) == 0:
         raise ValueError(f"expected uint8 frames [F, H, W, 3] with F >= 1, got {frames.dtype} {list(frames.shape)}")
-    frames = _even(frames)
-    path = Path(path)
-    def encode(tmp: str) -> None:
-        with av.open(tmp, mode="w", format="mp4") as container:
-            stream = container.add_stream("libx264", rate=Fraction(int(fps), 1))
-            stream.width, stream.height = frames.shape[2], frames.shape[1]
-            stream.pix_fmt = "yuv420p"
-            stream.options = {"crf": str(crf)}
-            for rgb in frames:
-                frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
-                for packet in stream.encode(frame):
-                    container.mux(packet)
-            for packet in stream.encode():   # flush the encoder
-                container.mux(packet)
+    with Mp4Stream(path, fps, crf) as out:
+        out.write(frames)
+    return Path(path)
 
-    atomic_write(path, encode, suffix=".tmp.mp4")
-    return path
+
+class Mp4Stream:
+    """An MP4 written as frames arrive (`write` uint8 [F, H, W, 3] batches), appearing atomically when the
+    `with` block ends normally; on any failure nothing is left behind. Frame size is fixed by the first batch."""
+
+    def __init__(self, path: str | os.PathLike, fps: int = FPS, crf: int = CRF):
+        self.path, self.fps, self.crf = Path(path), fps, crf
+        self.frames = 0
+
+    def __enter__(self) -> "Mp4Stream":
+        import av
+
+        self._tmp = atomic_path(self.path, suffix=".tmp.mp4")
+        tmp = self._tmp.__enter__()
+        try:
+            self._container = av.open(tmp, mode="w", format="mp4")
+        except BaseException as e:
+            self._tmp.__exit__(type(e), e, e.__traceback__)
+            raise
+        self._stream = None
+        return self
+
+    def write(self, frames) -> None:
+        import av
+
+        if isinstance(frames, torch.Tensor):
+            frames = frames.cpu().numpy()
+        frames = np.asarray(frames)
+        if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+            raise ValueError(f"expected uint8 frames [F, H, W, 3], got {frames.dtype} {list(frames.shape)}")
+        frames = _even(frames)
+        if self._stream is None:
+            self._stream = self._container.add_stream("libx264", rate=Fraction(int(self.fps), 1))
+            self._stream.width, self._stream.height = frames.shape[2], frames.shape[1]
+            self._stream.pix_fmt = "yuv420p"
+            self._stream.options = {"crf": str(self.crf)}
+        elif (frames.shape[1], frames.shape[2]) != (self._stream.height, self._stream.width):
+            raise ValueError(f"frames of {frames.shape[2]}x{frames.shape[1]} in a {self._stream.width}x"
+                             f"{self._stream.height} video")
+        for rgb in frames:
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
+            for packet in self._stream.encode(frame):
+                self._container.mux(packet)
+        self.frames += len(frames)
+
+    def __exit__(self, kind, value, tb) -> bool:
+        try:
+            if kind is None:
+                if self._stream is None:
+                    raise ValueError("no frames were written")
+                for packet in self._stream.encode():   # flush the encoder
+                    self._container.mux(packet)
+            self._container.close()
+        except BaseException as e:
+            self._tmp.__exit__(type(e), e, e.__traceback__)
+            raise
+        return bool(self._tmp.__exit__(kind, value, tb))
 
 
 def read_mp4(path: str | os.PathLike) -> np.ndarray:

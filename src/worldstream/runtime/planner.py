@@ -30,7 +30,7 @@ class StackModel(Protocol):
 
     def param_counts(self) -> tuple[int, int]: ...                        # (per block, outside the blocks)
     def tokens(self, frames: int, height: int, width: int) -> int: ...
-    def block_flops(self, tokens: int, batch: int) -> tuple[float, float]: ...   # (matmul, attention)
+    def block_flops(self, tokens: int, batch: int, keys: int | None = None) -> tuple[float, float]: ...
     def block_elementwise_bytes(self, tokens: int, batch: int) -> float: ...
     def activation_bytes(self, tokens: int, batch: int, ffn_chunk: int | None = None) -> float: ...
 
@@ -58,11 +58,16 @@ class Hardware:
 
 @dataclass(frozen=True)
 class Workload:
+    """One forward's work: a clip of `frames` video frames (a causal model: one chunk), its self-attention
+    over `keys` tokens (None: the clip's own; a causal model: the KV cache's window), and `cache_bytes` of VRAM
+    that lives beside the weights (the KV cache)."""
     frames: int = 81
     height: int = 480
     width: int = 832
     guidance: bool = True            # classifier-free guidance: cond + uncond per step
     experts: int = 1                 # 2 for Wan2.2 / LingBot (high + low noise)
+    keys: int | None = None
+    cache_bytes: float = 0.0
 
 
 @dataclass
@@ -110,9 +115,9 @@ class Plan:
 
 # ---- costs ---------------------------------------------------------------------------------------------------
 
-def block_seconds(cfg: StackModel, tokens: int, batch: int, hw: Hardware) -> float:
+def block_seconds(cfg: StackModel, tokens: int, batch: int, hw: Hardware, keys: int | None = None) -> float:
     """One block forward: matmuls and attention at their measured rates, elementwise traffic at HBM speed."""
-    mm, attn = cfg.block_flops(tokens, batch)
+    mm, attn = cfg.block_flops(tokens, batch, keys)
     elementwise = cfg.block_elementwise_bytes(tokens, batch)
     return mm / hw.matmul_flops + attn / hw.attn_flops + elementwise / hw.hbm_bw + hw.block_overhead_s
 
@@ -158,7 +163,7 @@ def plan(cfg: StackModel, workload: Workload, vram_budget: float | None, ram_bud
     block_bytes = block_bytes or int(per_block * bytes_per_param)
     n = cfg.num_layers
     L = cfg.tokens(workload.frames, workload.height, workload.width)
-    fixed = non_block * 2 + hw.vram_reserve
+    fixed = non_block * 2 + hw.vram_reserve + workload.cache_bytes
     budget = float("inf") if vram_budget is None else vram_budget * (1 - HEADROOM)
 
     options = [True, False] if workload.guidance else [False]
@@ -168,7 +173,7 @@ def plan(cfg: StackModel, workload: Workload, vram_budget: float | None, ram_bud
         batch = 2 if batched else 1
         forwards = 2 if (workload.guidance and not batched) else 1
         act = cfg.activation_bytes(L, batch, chunk)
-        comp = block_seconds(cfg, L, batch, hw)
+        comp = block_seconds(cfg, L, batch, hw, workload.keys)
         copy = block_bytes / hw.pcie_bw
         resident_step = forwards * n * comp
         for prefetch in range(1, max_prefetch + 1):

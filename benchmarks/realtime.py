@@ -1,0 +1,234 @@
+"""Real-time benchmark: the causal students' chunk loop on one GPU, side by side with upstream's way.
+
+Full-size random weights (no checkpoint can be downloaded), 480x832, batch 1, the session of
+pipelines/realtime.py exactly as `worldstream stream` runs it. Variants, in one process and one run:
+
+  eager-upstream  LingBot Fast 18.5 B (v2 settings: 4-frame chunks, 4 steps + refresh, window 18 / sink 6),
+                  bf16, eager elementwise work, upstream's clone-shift cache (copies on eviction), Wan VAE decode
+  exact           the same model and settings through worldstream (fused kernels, ring cache), Wan VAE
+  fast            fp8 weights, 8-bit self-attention, window 9 / sink 3, TAEHV decoder (random weights), 4 steps
+  fast-1step      the same with one denoising step (t = 999) + refresh
+  1.3b / 1.3b-fast / 1.3b-1step   the v2 1.3B: bf16 exact; fp8 + 8-bit attention + TAEHV, 4 steps; 1 step
+  long            1.3B fast, 1 step, 500 chunks: per-chunk latency at chunk 500 vs chunk 60
+
+Each variant: warm-up chunks until the window is full, then `--chunks` measured chunks (steady state); per
+chunk: each forward, the refresh, decode, camera, and the wall time from keys in to the last pixel out
+(key-to-pixel latency = a chunk's wall time: keys for chunk n are read when it starts, its first pixel comes
+with its decode). FLOPs of the forwards at the measured bf16 rate give the compute floor.
+
+    python benchmarks/realtime.py --out $OUT/realtime.json            # H200
+    python benchmarks/realtime.py --smoke                             # tiny, CPU: checks the script runs
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+import torch  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+
+from worldstream.models.configs import get_config  # noqa: E402
+from worldstream.models.kv_cache import KVCache  # noqa: E402
+from worldstream.pipelines.realtime import RealtimeSession  # noqa: E402
+from worldstream.runtime.loading import RandomLoader  # noqa: E402
+from worldstream.runtime.runner import DiTRunner  # noqa: E402
+
+H, W = 480, 832
+
+
+class CloneShiftCache(KVCache):
+    """Upstream's cache (model_fast.py): one buffer of `window` frames; when a new chunk would overflow it, the
+    frames after the sink are copied left by the overflow (`.clone()` of the rolled span), and the chunk is
+    written at the end. What the baseline pays for eviction."""
+
+    def begin_chunk(self, start: int, n: int) -> None:
+        ft = self.frame_tokens
+        if start + n > self.frames and self.window is not None:
+            end = min(self.frames, self.capacity)
+            overflow = end + n - self.capacity
+            if overflow > 0:
+                rolled = end - overflow - self.sink
+                for buf in self.k + self.v:
+                    s, e = self.sink * ft, (self.sink + rolled) * ft
+                    buf[:, s:e] = buf[:, s + overflow * ft:e + overflow * ft].clone()
+            self._base = min(end, self.capacity - n)
+        self._writes = [(self._base * ft, 0, n * ft)]
+        self.frames = max(self.frames, start + n)
+        self._visible = (self._base + n) * ft
+
+
+def random_taehv(device, dtype):
+    from worldstream.models.taehv import TAEHV, TAEHVConfig
+    torch.manual_seed(0)
+    m = TAEHV(TAEHVConfig()).to(device=device, dtype=dtype).eval()
+    for p in m.parameters():
+        p.data.normal_(0, 0.02)
+    return m
+
+
+def random_vae(device, tiny: bool):
+    from worldstream.models.vae import VAEConfig, WanVAE
+    torch.manual_seed(0)
+    m = WanVAE(VAEConfig.tiny() if tiny else VAEConfig()).to(device).eval()
+    for p in m.parameters():
+        p.data.normal_(0, 0.02)
+    return m
+
+
+def runner_for(cfg, device, dtype, quant=None, attention="sdpa", fuse=True):
+    r = DiTRunner(["fast"], RandomLoader(cfg, quant=quant), device, dtype, None, attention=attention, fuse=fuse)
+    return r
+
+
+def forward_flops(cfg, chunk_tokens: int, keys: int) -> float:
+    mm, attn = cfg.block_flops(chunk_tokens, 1, keys)
+    return cfg.num_layers * (mm + attn)
+
+
+def run_variant(name, cfg, *, device, dtype, decoder, vae, chunks, warmup, steps=None, window=-1, sink=None,
+                quant=None, attention="sdpa", fuse=True, cache_cls=None, h=H, w=W, keep_latency=False):
+    t0 = time.perf_counter()
+    runner = runner_for(cfg, device, dtype, quant, attention, fuse)
+    g = torch.Generator().manual_seed(1)
+    image = torch.rand(3, h, w, generator=g) * 2 - 1
+    context = torch.randn(min(40, cfg.text_len), cfg.text_dim, generator=g)
+    s = RealtimeSession(runner, cfg, vae, decoder, context, image, h, w, device=device, dtype=dtype,
+                        steps=steps, window=window, sink=sink, timing=True)
+    if cache_cls is not None:
+        old = s.cache
+        s.cache = cache_cls(old.k, old.v, old.frame_tokens, old.capacity, old.sink, old.window)
+    build = time.perf_counter() - t0
+    rows = []
+    keys = ["w"] * 8 + ["wj"] * 8
+    for c in range(warmup + chunks):
+        wall0 = time.perf_counter()
+        ch = s.step(keys=set(keys[c % len(keys)]), look=(1.0, 0.0) if c % 3 == 0 else None)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - wall0
+        if c >= warmup or keep_latency:
+            rows.append(dict(chunk=c, wall=wall, frames=ch.frames.shape[1], **ch.seconds))
+    rt = cfg.realtime
+    ft = (h // 16) * (w // 16)
+    held = s.window if s.window is not None else s.frame
+    steady = rows if not keep_latency else rows[warmup:]
+    med = lambda k: statistics.median(r[k] for r in steady if k in r)   # noqa: E731
+    n_fw = len(s.schedule) + 1
+    flops = n_fw * forward_flops(cfg, rt.chunk * ft, held * ft)
+    out = dict(variant=name, model=cfg.name, steps=len(s.schedule), chunk_latent_frames=rt.chunk,
+               window=s.window, sink=s.sink, quant=quant, attention=attention, fused=fuse,
+               cache="clone-shift" if cache_cls else "ring", decoder=type(decoder).__name__,
+               frames_per_chunk=s.video_frames_per_chunk, chunk_wall_s=med("wall"),
+               fps=s.video_frames_per_chunk / med("wall"), forward_s=[med(f"forward {k}") for k in range(len(s.schedule))],
+               refresh_s=med("refresh"), decode_s=med("decode"), camera_s=med("camera"),
+               key_to_pixel_s=med("wall"), flops_per_chunk=flops, build_s=build, measured_chunks=len(steady),
+               kv_cache_GB=s.cache.nbytes / 1e9,
+               peak_vram_GB=torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None)
+    if keep_latency:
+        out["latency_by_chunk"] = [(r["chunk"], r["wall"]) for r in rows]
+    s.close()
+    del s, runner
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    print(json.dumps({k: v for k, v in out.items() if k != "latency_by_chunk"}), flush=True)
+    return out
+
+
+def matmul_tflops(device) -> float | None:
+    if device.type != "cuda":
+        return None
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    torch.cuda.synchronize()
+    return 10 * 2 * 8192 ** 3 / (time.perf_counter() - t0) / 1e12
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--smoke", action="store_true", help="tiny configs on the CPU (the script runs)")
+    ap.add_argument("--chunks", type=int, default=20, help="measured chunks per variant (steady state)")
+    ap.add_argument("--long", type=int, default=500, help="chunks of the long-run latency check")
+    ap.add_argument("--only", default=None, help="comma list of variants")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "realtime.json"))
+    args = ap.parse_args()
+    device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    h, w = (32, 48) if args.smoke else (H, W)
+    big = get_config("lingbot-fast-v2-tiny" if args.smoke else "lingbot-fast-v2")
+    small = get_config("lingbot-fast-v2-tiny" if args.smoke else "lingbot-fast-v2-1.3b")
+    if args.smoke:
+        from worldstream.runtime import attention8  # noqa: F401
+    chunks = 2 if args.smoke else args.chunks
+    wan = random_vae(device, tiny=args.smoke)
+    tae = random_taehv(device, torch.float32 if args.smoke else torch.float16)
+    common = dict(device=device, dtype=dtype, vae=wan, h=h, w=w)
+    warm14 = -(-big.realtime.window // big.realtime.chunk) + 1            # window full, then one more
+    fast_window = dict(window=9, sink=3) if not args.smoke else dict(window=9, sink=3)
+    variants = {
+        "eager-upstream": lambda: run_variant("eager-upstream", big, decoder=wan, chunks=max(chunks // 2, 2),
+                                              warmup=warm14, fuse=False, cache_cls=CloneShiftCache, **common),
+        "exact": lambda: run_variant("exact", big, decoder=wan, chunks=chunks, warmup=warm14, **common),
+        "fast": lambda: run_variant("fast", big, decoder=tae, chunks=chunks, warmup=4, quant="fp8",
+                                    attention="8bit", **fast_window, **common),
+        "fast-1step": lambda: run_variant("fast-1step", big, decoder=tae, chunks=chunks, warmup=4, quant="fp8",
+                                          attention="8bit", steps=1, **fast_window, **common),
+        "1.3b": lambda: run_variant("1.3b", small, decoder=wan, chunks=chunks, warmup=warm14, **common),
+        "1.3b-fast": lambda: run_variant("1.3b-fast", small, decoder=tae, chunks=chunks, warmup=4, quant="fp8",
+                                         attention="8bit", **fast_window, **common),
+        "1.3b-1step": lambda: run_variant("1.3b-1step", small, decoder=tae, chunks=chunks, warmup=4, quant="fp8",
+                                          attention="8bit", steps=1, **fast_window, **common),
+        "long": lambda: run_variant("long", small, decoder=tae, chunks=(10 if args.smoke else args.long) - 4,
+                                    warmup=4, quant="fp8", attention="8bit", steps=1, keep_latency=True,
+                                    **fast_window, **common),
+    }
+    wanted = args.only.split(",") if args.only else list(variants)
+    result = {"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name(0) if device.type == "cuda"
+              else "cpu", "torch": torch.__version__, "height": h, "width": w,
+              "bf16_matmul_TFLOPs": matmul_tflops(device), "rows": []}
+    for name in wanted:
+        try:
+            result["rows"].append(variants[name]())
+        except Exception as e:   # noqa: BLE001 - record and go on: one variant's failure must not lose the run
+            import traceback
+            traceback.print_exc()
+            result["rows"].append(dict(variant=name, error=f"{type(e).__name__}: {e}"))
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    print(f"\n{'variant':15} {'model':22} {'steps':>5} {'chunk s':>8} {'FPS':>6} {'fwd ms':>7} {'refresh':>8} "
+          f"{'decode':>7} {'floor s':>8}")
+    tf = result["bf16_matmul_TFLOPs"] or 1.0
+    for r in result["rows"]:
+        if "error" in r:
+            print(f"{r['variant']:15} ERROR {r['error'][:100]}")
+            continue
+        print(f"{r['variant']:15} {r['model']:22} {r['steps']:>5} {r['chunk_wall_s']:>8.3f} {r['fps']:>6.1f} "
+              f"{1e3 * statistics.mean(r['forward_s']):>7.0f} {1e3 * r['refresh_s']:>8.0f} {1e3 * r['decode_s']:>7.0f} "
+              f"{r['flops_per_chunk'] / (tf * 1e12):>8.3f}")
+        if "latency_by_chunk" in r:
+            lat = dict(r["latency_by_chunk"])
+            near = lambda c: statistics.median(v for k, v in lat.items() if abs(k - c) <= 5)   # noqa: E731
+            early, late = min(60, max(lat) // 2), max(lat) - 5
+            r["latency_early_late"] = (early, near(early), late, near(late))
+            print(f"   latency around chunk {early}: {near(early):.4f} s, around chunk {late}: {near(late):.4f} s "
+                  f"({near(late) / near(early):.3f}x)")
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,166 @@
+"""The real-time chunk loop (pipelines/realtime.py) on tiny causal students written in their real layouts.
+
+1. The session reproduces a sampler written here by hand from the spec, for v1 and v2: the 1000-step
+   schedule, x0 with the first-index σ in float64, the re-noise with the second-index σ, the t = 0 refresh,
+   and both noise orders.
+2. Deterministic for a seed; a prompt switch keeps the frames seen and recomputes only the prompt's K/V.
+3. 3,000 latent frames (past upstream's 1024-position RoPE table) with a window: constant memory.
+4. Live keys move the camera; the incremental y equals a whole-clip encode.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from worldstream.checkpoints.dit import find_checkpoint
+from worldstream.checkpoints.vae import VAE_FILE, load_vae
+from worldstream.models.kv_cache import CrossKV, KVCache
+from worldstream.models.taehv import TAEHV, TAEHVConfig
+from worldstream.pipelines.realtime import ImageCondition, RealtimeSession
+from worldstream.runtime.memory import rss_bytes
+from worldstream.runtime.planner import Workload
+from worldstream.runtime.runner import build_runner
+from worldstream.testing import write_tiny_checkpoint
+
+H, W = 32, 48
+
+
+@pytest.fixture(scope="module")
+def students(tmp_path_factory):
+    out = {}
+    for variant in ("lingbot-fast-tiny", "lingbot-fast-v2-tiny"):
+        root = tmp_path_factory.mktemp(variant)
+        write_tiny_checkpoint(root, variant, seed=3)
+        out[variant] = root
+    return out
+
+
+def session(root, **kw):
+    ckpt = find_checkpoint(root)
+    vae = load_vae(root / VAE_FILE)
+    g = torch.Generator().manual_seed(5)
+    image = torch.rand(3, kw.pop("h", H), kw.pop("w", W), generator=g) * 2 - 1
+    context = kw.pop("context", torch.randn(4, ckpt.config.text_dim, generator=g))
+    runner = build_runner(ckpt, "cpu", torch.float32, Workload(guidance=False))
+    decoder = kw.pop("decoder", vae)
+    return RealtimeSession(runner, ckpt.config, vae, decoder, context, image, image.shape[1], image.shape[2], **kw)
+
+
+def spec_schedule(indices, shift):
+    """From the spec: sigmas = linspace(0.999, 0, 1001)[:-1] shifted; t = int64(1000 σ); x0 uses the first
+    index holding t, the re-noise the second when t repeats."""
+    sig = np.linspace(float(np.float32(0.999)), 0.0, 1001)[:-1]      # float64, from float32(0.999)
+    sig = shift * sig / (1 + (shift - 1) * sig)
+    ts = (sig * 1000).astype(np.int64)
+    sig = sig.astype(np.float32)
+    out = []
+    for i in indices:
+        where = np.nonzero(ts == ts[i])[0]
+        out.append((int(ts[i]), float(sig[where[0]]), float(sig[where[min(1, len(where) - 1)]])))
+    return out
+
+
+@pytest.mark.parametrize("variant,indices,chunk", [("lingbot-fast-tiny", (0, 179, 358, 679), 3),
+                                                   ("lingbot-fast-v2-tiny", (0, 250, 500, 750), 4)])
+@pytest.mark.parametrize("noise", ["chunk", "upstream"])
+@torch.no_grad()
+def test_session_reproduces_the_samplers_written_from_the_spec(students, variant, indices, chunk, noise):
+    chunks = 3
+    frames = 4 * chunk * chunks - 3
+    s = session(students[variant], noise=noise, total_frames=frames, window=None if "v2" not in variant else -1)
+    assert s.rt.chunk == chunk and s.schedule.indices == indices
+    got = [s.step() for _ in range(chunks)]
+
+    # the reference: the same model, cache and conditioning, the loop written out by hand
+    model = s.runner.loader.load("fast", set(), "cpu", torch.float32)[0]
+    cfg = model.cfg
+    steps = spec_schedule(indices, 10.0)
+    assert [t for t, _, _ in steps] == s.schedule.timesteps
+    g = torch.Generator().manual_seed(42)
+    lat_h, lat_w = H // 8, W // 8
+    clip_noise = torch.randn(16, chunk * chunks, lat_h, lat_w, generator=g) if noise == "upstream" else None
+    cache = KVCache.empty(cfg.num_layers, 1, lat_h * lat_w // 4, cfg.num_heads, cfg.head_dim, torch.float32,
+                          "cpu", window=s.window, sink=s.sink, max_frames=chunk * chunks)
+    cross = CrossKV(cfg.num_layers)
+    y_all = ImageCondition(s.vae, s.image)
+    for c in range(chunks):
+        start = c * chunk
+        x = clip_noise[:, start:start + chunk].clone() if clip_noise is not None else \
+            torch.randn(16, chunk, lat_h, lat_w, generator=g)
+        kw = dict(context=s.context[None], y=y_all.chunk(start, chunk)[None],
+                  camera=s.camera.condition(list(range(start, start + chunk)))[None],
+                  cache=cache, cross=cross, start_frame=start)
+        for k, (t, sig_x0, _) in enumerate(steps):
+            v = model(x[None], torch.tensor([t]), **kw)[0]
+            x0 = (x.double() - np.float64(np.float32(sig_x0)) * v.double()).float()
+            if k + 1 < len(steps):
+                sig_n = torch.tensor(steps[k + 1][2], dtype=torch.float32)
+                x = (1 - sig_n) * x0 + sig_n * torch.randn(x0.shape, generator=g)
+        model(x0[None], torch.tensor([0.0]), **kw)             # the refresh
+        assert torch.equal(got[c].latents, x0), (c, (got[c].latents - x0).abs().max())
+    assert [c.frames.shape[1] for c in got] == [4 * chunk - 3] + [4 * chunk] * (chunks - 1)
+
+
+@torch.no_grad()
+def test_same_seed_same_stream_and_prompt_switch_keeps_the_frames(students):
+    root = students["lingbot-fast-v2-tiny"]
+    ctx_a = torch.randn(4, 32, generator=torch.Generator().manual_seed(1))
+    ctx_b = torch.randn(6, 32, generator=torch.Generator().manual_seed(2))
+
+    def run(switch_to=None, seed=None):
+        s = session(root, context=ctx_a, seed=seed)
+        out = [s.step(keys={"w"}), s.step(keys=[set("w")] * 8 + [set("wj")] * 8)]
+        if switch_to is not None:
+            s.set_prompt(switch_to)
+            assert s.cache.frames == 8             # the frames seen stay
+        out.append(s.step(keys="wj"))
+        return [c.latents for c in out]
+
+    a, b = run(), run()
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    other_seed = run(seed=7)
+    assert not torch.equal(a[0], other_seed[0])
+    switched = run(switch_to=ctx_b)
+    assert torch.equal(switched[1], a[1]) and not torch.equal(switched[2], a[2])
+    back = run(switch_to=ctx_a)                    # the same prompt again: cross K/V recomputed, identical
+    assert torch.equal(back[2], a[2])
+
+
+@torch.no_grad()
+def test_unbounded_stream_keeps_constant_memory(students):
+    """3,000 latent frames (1,000 chunks, far past upstream's 1,024 RoPE positions) with a window: the
+    cache's buffers never move or grow, and host memory stays flat (bound: 64 MB over 800 chunks)."""
+    torch.manual_seed(0)
+    s = session(students["lingbot-fast-tiny"], steps=1, window=6, sink=3, h=16, w=32,
+                decoder=TAEHV(TAEHVConfig.tiny()).eval())      # the tiny decoder: the loop, not the VAE, is timed
+    ptrs = [t.data_ptr() for t in s.cache.k + s.cache.v]
+    nbytes = s.cache.nbytes
+    rss = {}
+    for c in range(1000):
+        s.step(keys={"w", "l"} if c % 2 else {"w"})
+        if c in (199, 999):
+            rss[c] = rss_bytes()
+    assert s.cache.frames == 3000 and s.cache.held == 6
+    assert [t.data_ptr() for t in s.cache.k + s.cache.v] == ptrs and s.cache.nbytes == nbytes
+    assert rss[999] - rss[199] < 64e6, rss
+
+
+@torch.no_grad()
+def test_keys_move_the_camera_and_y_equals_a_whole_clip_encode(students):
+    root = students["lingbot-fast-tiny"]
+    s = session(root, window=9)
+    s.step(keys={"w"})
+    s.step(keys={"w"})
+    pose = s.camera.pose
+    assert pose[2, 3] > 0.9 and abs(pose[0, 3]) < 1e-9        # 20 frames forward at 0.05 per frame
+    # the live rule: a straight step is one unit, after the first latent frame
+    cond = s.camera.condition([1, 2])
+    assert torch.allclose(cond[2 * 64, 0], torch.ones_like(cond[2 * 64, 0]))    # t_z = 1
+    # y, made chunk by chunk, equals the VAE encode of [image, zeros] for the whole clip
+    clip = torch.zeros(1, 3, 4 * 9 + 1, H, W)
+    clip[0, :, 0] = s.image
+    whole = s.vae.encode(clip)[0]
+    y = s.y.chunk(0, 10)
+    assert torch.allclose(y[4:], whole, atol=1e-6)
+    assert torch.equal(y[:4, 0], torch.ones_like(y[:4, 0])) and not y[:4, 1:].any()
