@@ -164,3 +164,58 @@ def test_keys_move_the_camera_and_y_equals_a_whole_clip_encode(students):
     y = s.y.chunk(0, 10)
     assert torch.allclose(y[4:], whole, atol=1e-6)
     assert torch.equal(y[:4, 0], torch.ones_like(y[:4, 0])) and not y[:4, 1:].any()
+
+
+@torch.no_grad()
+def test_streamed_and_compressed_students_run_the_same_loop(students):
+    """The student through the streaming engine (blocks from pinned host slabs, one resident) gives the resident
+    session's latents bit for bit; int8 weights (dequantized on the CPU) stay close."""
+    from worldstream.checkpoints.compressed import QuantPolicy
+    from worldstream.runtime.loading import CheckpointLoader
+    from worldstream.runtime.planner import Plan
+    from worldstream.runtime.runner import DiTRunner, Forward, Schedule
+    root = students["lingbot-fast-v2-tiny"]
+    ckpt = find_checkpoint(root)
+    plan = Plan(n_blocks=2, block_bytes=0, resident=[0], prefetch=1, batched_guidance=True, ffn_chunk=None,
+                ram_blocks=[1], disk_blocks=[], vram_peak=0, ram_peak=0, weights_in_ram=0, step_seconds=0,
+                resident_step_seconds=0, block_compute_s=0, block_copy_s=0)
+
+    def latents(runner):
+        s = session(root)
+        s.runner = runner
+        runner.start(Schedule.repeat([Forward("fast", 1)] * 5))
+        return torch.cat([s.step(keys="wl").latents for _ in range(2)], dim=1)
+
+    resident = latents(DiTRunner(["fast"], CheckpointLoader(ckpt), "cpu", torch.float32, None))
+    streamed_runner = DiTRunner(["fast"], CheckpointLoader(ckpt), "cpu", torch.float32, plan, trace=True)
+    streamed = latents(streamed_runner)
+    assert torch.equal(streamed, resident)
+    assert streamed_runner.engine.stats["copies"] >= 10          # block 1 crossed for every forward
+    every_block = QuantPolicy("int8", skip_first_last=False)        # the tiny student has only 2 blocks
+    int8 = latents(DiTRunner(["fast"], CheckpointLoader(ckpt, every_block), "cpu", torch.float32, None))
+    err = ((int8 - resident).norm() / resident.norm()).item()
+    assert 0 < err < 0.1, err
+
+
+def test_stream_command_writes_the_video_and_refuses_bad_input(tmp_path, capsys):
+    from worldstream.cli import main
+    from worldstream.pipelines.video import mp4_info
+    out = tmp_path / "walk.mp4"
+    assert main(["stream", "--action_string", "w-10,jw-6", "--save_file", str(out), "--device", "cpu",
+                 "--no_prompt_cache"]) == 0, capsys.readouterr().err
+    info = mp4_info(out)
+    assert info["frames"] == 29 and (info["width"], info["height"]) == (112, 64)     # 13 + 16: two chunks
+    printed = capsys.readouterr().out
+    assert "chunk 0: 13 frames" in printed and "chunk 1: 16 frames" in printed and "FPS" in printed
+    for bad, culprit in [(["--steps", "3"], "--steps 3"), (["--window", "3"], "--window 3"),
+                         (["--action_string", "w-5,q-2"], "unknown key"), (["--frame_num", "0"], "--frame_num"),
+                         (["--vae", "tiny"], "--taehv")]:
+        target = tmp_path / "bad.mp4"
+        assert main(["stream", "--save_file", str(target), "--device", "cpu", "--no_prompt_cache", *bad]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("worldstream: error:") and culprit in err and "Traceback" not in err, err
+        assert not target.exists()
+    ckpt = tmp_path / "base"
+    write_tiny_checkpoint(ckpt, "lingbot-cam-tiny")
+    assert main(["stream", "--ckpt_dir", str(ckpt), "--image", "x.png", "--prompt", "p", "--device", "cpu"]) == 2
+    assert "not a causal" in capsys.readouterr().err
