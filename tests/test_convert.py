@@ -12,7 +12,6 @@ import torch
 from worldstream.cli import main
 from worldstream.models.configs import get_config
 from worldstream.checkpoints.dit import CheckpointError, find_checkpoint, index_model_dir, load_dit
-from worldstream.runtime import convert as convert_mod
 from worldstream.runtime.convert import NON_BLOCK_FILE, block_file, convert
 from worldstream.runtime.planner import Plan
 from worldstream.models.quant import QLinear
@@ -150,26 +149,53 @@ def test_whole_first_last_blocks_stay_resident_while_compressed_blocks_stream(de
             runner("main", **inp)
 
 
-def test_failed_conversion_leaves_nothing(tmp_path, monkeypatch):
+def test_a_full_disk_during_conversion_leaves_nothing(tmp_path):
+    """A real full disk, not a mocked OSError: the command runs with RLIMIT_FSIZE, so writing a file past 16 KB
+    fails with EFBIG inside safetensors (which raises its own SafetensorError, not OSError) mid-way through
+    the conversion. The CLI names the file and the reason in one line and leaves no OUT and no partial folder."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
     write_dit_checkpoint(tmp_path / "src", "lingbot-cam-tiny")
-    real, calls = convert_mod.save_file, []
+    out = tmp_path / "dst"
+    out.mkdir()
+    code = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (16_000, 16_000)); "
+            "from worldstream.cli import main; sys.exit(main(sys.argv[1:]))")
+    src_dir = Path(__file__).resolve().parent.parent / "src"
+    r = subprocess.run([sys.executable, "-c", code, "convert", "--ckpt_dir", str(tmp_path / "src"), "--quant",
+                        "int8", "--out", str(out / "int8")], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(src_dir)})
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("worldstream: error:")]
+    assert r.returncode == 2 and len(errors) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "File too large" in errors[0] and ".int8.partial-" in errors[0] and "was not written" in errors[0]
+    assert list(out.iterdir()) == []                     # no OUT, no temporary folder
 
-    def failing(tensors, path, **kw):
-        calls.append(path)
-        if len(calls) == 5:      # mid-way: the second expert's first block
-            raise OSError(28, "No space left on device", path)
-        return real(tensors, path, **kw)
 
-    monkeypatch.setattr(convert_mod, "save_file", failing)
-    with pytest.raises(OSError):
-        convert(tmp_path / "src", tmp_path / "out", "int8", log=None)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]     # no OUT, no temporary folder
-    monkeypatch.setattr(convert_mod, "save_file", real)
+def test_convert_refuses_what_it_cannot_do(tmp_path):
+    write_dit_checkpoint(tmp_path / "src", "lingbot-cam-tiny")
     with pytest.raises(ValueError, match="already exists"):
         convert(tmp_path / "src", tmp_path / "src", "int8", log=None)
     with pytest.raises(CheckpointError, match="already compressed"):
         convert(tmp_path / "src", tmp_path / "a", "int8", log=None)
         convert(tmp_path / "a", tmp_path / "b", "int8", log=None)
+
+
+def test_convert_checks_the_room_before_converting(tmp_path, monkeypatch, capsys):
+    """The free space is the operating system's answer (stubbed here: no small file system to fill); what is
+    tested is that convert asks first and refuses before writing anything."""
+    import collections
+    import shutil
+    write_dit_checkpoint(tmp_path / "src", "lingbot-cam-tiny")
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    assert main(["convert", "--ckpt_dir", str(tmp_path / "src"), "--quant", "int8",
+                 "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "needs about" in err and "nothing was written" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 
 def test_config_names_a_bad_quantization_entry(cam, tmp_path):

@@ -232,7 +232,7 @@ def test_cache_identity_tracks_checkpoint_and_dtype(fresh_dir, tmp_path):
     assert cache.identity(fresh_dir, torch.bfloat16) not in (id1, id2)    # tokenizer files count too
 
 
-def test_cache_write_is_atomic(tmp_path, monkeypatch):
+def test_cache_write_is_atomic(tmp_path, monkeypatch, capsys):
     cache = PromptCache(tmp_path / "cache")
 
     def failing_save(tensors, filename, metadata=None):
@@ -241,8 +241,8 @@ def test_cache_write_is_atomic(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(te, "save_file", failing_save)
-    with pytest.raises(OSError, match="disk full"):
-        cache.put("a cat", "id", torch.ones(3, 4))
+    assert cache.put("a cat", "id", torch.ones(3, 4)) is None   # the cache is optional: a warning, no error
+    assert "warning: prompt cache: cannot store an embedding" in capsys.readouterr().err
     assert list((tmp_path / "cache").iterdir()) == []        # neither the entry nor a temp file
     assert cache.get("a cat", "id") is None
 

@@ -1,9 +1,34 @@
-"""`worldstream` command line: one sub-command per job."""
+"""`worldstream` command line: one sub-command per job.
+
+Errors: anything the commands anticipate (bad input, a damaged file, a full disk) ends with one
+`worldstream: error: ...` line naming the culprit and exit code 2; anything else with one line and exit code 1;
+`--debug` shows the traceback. Ctrl-C, SIGTERM and SIGHUP interrupt a command the same way (its partial outputs
+are removed) with exit code 128 + the signal number.
+"""
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
+import traceback
 from pathlib import Path
+
+
+class CommandError(Exception):
+    """A failure the command anticipated; the message names the culprit (exit code 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors as one `worldstream: error:` line like every other error."""
+
+    def error(self, message: str):
+        print(f"worldstream: error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        sys.exit(2)
+
+
+MAX_VAE_TILE = 1024   # --vae_tile, latent pixels
+MAX_BUDGET = 1e15     # --vram / --ram, bytes
 
 
 def _gb(n_bytes: float) -> str:
@@ -12,21 +37,26 @@ def _gb(n_bytes: float) -> str:
 
 def cmd_info(args: argparse.Namespace) -> int:
     from .models.configs import VARIANTS
+    from .runtime.quant import converted_model_bytes
 
     print(f"{'variant':18} {'params':>16} {'blocks':>6} {'block params':>13} {'bf16':>9} {'fp8':>9}  experts")
     for name, cfg in VARIANTS.items():
         nb, outside = cfg.param_counts()
         n = nb * cfg.num_layers + outside
-        print(f"{name:18} {n:>16,} {cfg.num_layers:>6} {nb:>13,} {_gb(2 * n):>9} {_gb(n):>9}  {cfg.experts}")
+        fp8 = converted_model_bytes(cfg, "fp8")   # as `convert --quant fp8` writes it (first/last blocks whole)
+        print(f"{name:18} {n:>16,} {cfg.num_layers:>6} {nb:>13,} {_gb(2 * n):>9} {_gb(fp8):>9}  {cfg.experts}")
+    print("bf16 / fp8: bytes of one expert's weights; fp8 as `worldstream convert --quant fp8` stores them (8-bit "
+          "block linears with float32 scales; norms, embeddings, camera layers and the first and last blocks "
+          "stay bf16)")
     return 0
 
 
-# ---- generate / demo ------------------------------------------------------------------------------------
+# ---- generate / demo / decode ------------------------------------------------------------------------------
 
-def _fail(msg: object) -> int:
-    """Bad input: one `worldstream: error: ...` line on stderr, exit code 2, no traceback."""
+def _fail(msg: object, code: int = 2) -> int:
+    """One `worldstream: error: ...` line on stderr and the exit code; no traceback."""
     print(f"worldstream: error: {msg}", file=sys.stderr)
-    return 2
+    return code
 
 
 def _str2bool(v: str) -> bool:
@@ -79,28 +109,90 @@ def _budget(flag: str, text: str | None) -> int | None:
         n = parse_bytes(text)
     except ValueError as e:
         raise GenerationError(f"{flag}: {e}") from None
-    if n is not None and n <= 0:
-        raise GenerationError(f"{flag} must be positive, got {text}")
+    if n is not None and not 0 < n <= MAX_BUDGET:
+        raise GenerationError(f"{flag} must be above 0 and at most 1 PB, got {text}")
     return n
 
 
-def _output_path(save_file: str | None, default_name: str):
-    """The MP4 path, its folder created and checked writable now (before any model is loaded)."""
-    import os
+def _output_path(save_file: str | None, default_name: str, notice=print):
+    """The MP4 path, checked now, before any model is loaded: not a folder nor a device, its folder created,
+    a file writable there (the real temp file is created and removed), stale partial outputs of dead runs in
+    that folder removed (`notice` says so)."""
     from pathlib import Path
 
-    from .pipelines.conditioning import GenerationError
+    from .files import probe_write, remove_stale_partials
 
-    path = Path(save_file) if save_file else Path("outputs") / default_name
-    if path.is_dir():
-        raise GenerationError(f"--save_file {path}: is a folder; give a file name like {path / default_name}")
+    text = save_file if save_file is not None else str(Path("outputs") / default_name)
+    path = Path(text)
+    if text.endswith("/") or path.is_dir() or not path.name:
+        raise CommandError(f"--save_file {text}: is a folder; give a file name like {path / default_name}")
+    if path.exists() and not path.is_file():
+        raise CommandError(f"--save_file {path}: exists and is not a regular file (a device, pipe or socket); "
+                           "worldstream replaces only regular files")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise GenerationError(f"--save_file {path}: cannot create the folder {path.parent} ({e.strerror})") from None
-    if not os.access(path.parent, os.W_OK):
-        raise GenerationError(f"--save_file {path}: the folder {path.parent} is not writable")
+        raise CommandError(f"--save_file {path}: cannot create the folder {path.parent} ({e.strerror})") from None
+    remove_stale_partials(path.parent, lambda m: notice(f"note: {m}"))
+    try:
+        probe_write(path.parent, path.name)
+    except OSError as e:
+        raise CommandError(f"--save_file {path}: cannot write a file in {path.parent} ({e.strerror})") from None
     return path
+
+
+def _check_room(path, frames: int, height: int, width: int) -> None:
+    """Refuse a folder without room for the video (a tenth of its raw size: H.264 at CRF 18 stays well below)
+    and, should the write still fail, its latents."""
+    import shutil
+
+    need = frames * height * width * 3 / 10 + frames * height * width / 16 + 16e6
+    free = shutil.disk_usage(path.parent).free
+    if free < need:
+        raise CommandError(f"--save_file {path}: {free / 1e6:.1f} MB free in {path.parent}; the video needs about "
+                           f"{need / 1e6:.0f} MB")
+
+
+def _keep_latents(latents, ckpt_dir, path, what: str) -> CommandError:
+    """After denoising something failed (`what`): keep the latents on disk so the run can be finished with
+    `worldstream decode`, and say where; next to the video, else in the temp folder."""
+    import tempfile
+    from pathlib import Path
+
+    from .pipelines.generate import latents_path, save_latents
+
+    where = latents_path(Path(path))
+    reasons = []
+    for target in (where, Path(tempfile.gettempdir()) / where.name):
+        try:
+            save_latents(target, latents, ckpt_dir, path)
+        except Exception as e:  # noqa: BLE001 - any failure to write: try the next place
+            reasons.append(f"{target.parent}: {_reason(e)}")
+            continue
+        return CommandError(f"{what}; the denoised latents are kept in {target}: finish the video with "
+                            f"`worldstream decode --latents {target}` (add --save_file to write it elsewhere)")
+    return CommandError(f"{what}; the denoised latents could not be kept either ({'; '.join(reasons)})")
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return f"{type(e).__name__}: {e}"
+
+
+def _finish(run_video, job, path) -> None:
+    """Run the job's computation (`run_video()` -> Result), then write the MP4. A failure after denoising (the
+    VAE decode, the write) keeps the latents and names them in the error."""
+    from .pipelines.generate import AfterDenoising
+
+    try:
+        result = run_video()
+    except AfterDenoising as e:
+        raise _keep_latents(e.latents, job.ckpt.root, path, f"the VAE decode failed ({_reason(e.cause)})") from e
+    try:
+        _write_and_report(result, path)
+    except Exception as e:  # noqa: BLE001 - whatever the disk or the encoder says, the latents are kept
+        raise _keep_latents(result.latents, job.ckpt.root, path, f"cannot write {path} ({_reason(e)})") from e
 
 
 def _fuse_from_env() -> bool:
@@ -123,57 +215,57 @@ def _write_and_report(result, path) -> None:
     print(format_report(result))
 
 
+def _remove_stale_cache_partials(cache) -> None:
+    from .files import remove_stale_partials
+
+    for folder in (cache.root, cache.root / "fingerprints"):
+        remove_stale_partials(folder, lambda m: print(f"note: {m}"))
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import re
     import time
 
     import torch
 
-    from .checkpoints.tensors import CheckpointError
     from .pipelines.conditioning import GenerationError
     from .pipelines.generate import run
     from .pipelines.prompts import PromptCache
     from .pipelines.tasks import prepare
-    from .runtime.planner import PlanError
 
-    try:
-        if args.ckpt_dir is None:
-            raise GenerationError("--ckpt_dir is required (the folder with the downloaded checkpoint)")
-        if args.prompt is None:
-            raise GenerationError("--prompt is required")
-        device = _device(args.device)
-        vram, ram = _budget("--vram", args.vram), _budget("--ram", args.ram)
-        if device.type == "cpu" and (vram or ram):
-            print("note: --vram / --ram place the DiT on a GPU; on the CPU every weight stays in RAM")
-        job = prepare(args.ckpt_dir, args.prompt, task=args.task, image=args.image, size=args.size,
-                      frame_num=args.frame_num, action_path=args.action_path, action_string=args.action_string,
-                      negative_prompt=args.negative_prompt, steps=args.sample_steps, shift=args.sample_shift,
-                      guide_scale=args.sample_guide_scale, seed=args.base_seed, solver=args.sample_solver,
-                      notice=lambda m: print(f"note: {m}"))
-        slug = re.sub(r"[^A-Za-z0-9]+", "_", job.prompt)[:40].strip("_") or "video"
-        name = f"{job.task}_{job.width}x{job.height}_{slug}_{time.strftime('%Y%m%d_%H%M%S')}.mp4"
-        path = _output_path(args.save_file, name)
-        print(job.describe())
-        dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(args.dtype)
-        if args.vae_tile is not None and args.vae_tile < 2:
-            raise GenerationError(f"--vae_tile must be at least 2 latent pixels, got {args.vae_tile}")
-        result = run(job, device=device, dtype=dtype, t5_cpu=args.t5_cpu,
-                     vae_cpu=args.vae_cpu, vae_tile=args.vae_tile, vram=vram, ram=ram, quant=args.quant,
-                     attention=args.attention, fuse=_fuse_from_env(),
-                     prompt_cache=None if args.no_prompt_cache else PromptCache())
-        _write_and_report(result, path)
-    except (GenerationError, CheckpointError, PlanError) as e:
-        return _fail(e)
-    except KeyboardInterrupt:
-        print("\nworldstream: interrupted; no video written", file=sys.stderr)
-        return 130
+    if args.ckpt_dir is None:
+        raise GenerationError("--ckpt_dir is required (the folder with the downloaded checkpoint)")
+    if args.prompt is None:
+        raise GenerationError("--prompt is required")
+    if args.vae_tile is not None and not 2 <= args.vae_tile <= MAX_VAE_TILE:
+        raise GenerationError(f"--vae_tile must be from 2 to {MAX_VAE_TILE} latent pixels, got {args.vae_tile}")
+    device = _device(args.device)
+    vram, ram = _budget("--vram", args.vram), _budget("--ram", args.ram)
+    if device.type == "cpu" and (vram or ram):
+        print("note: --vram / --ram place the DiT on a GPU; on the CPU every weight stays in RAM")
+    job = prepare(args.ckpt_dir, args.prompt, task=args.task, image=args.image, size=args.size,
+                  frame_num=args.frame_num, action_path=args.action_path, action_string=args.action_string,
+                  negative_prompt=args.negative_prompt, steps=args.sample_steps, shift=args.sample_shift,
+                  guide_scale=args.sample_guide_scale, seed=args.base_seed, solver=args.sample_solver,
+                  notice=lambda m: print(f"note: {m}"))
+    slug = re.sub(r"[^A-Za-z0-9]+", "_", job.prompt)[:40].strip("_") or "video"
+    name = f"{job.task}_{job.width}x{job.height}_{slug}_{time.strftime('%Y%m%d_%H%M%S')}.mp4"
+    path = _output_path(args.save_file, name)
+    _check_room(path, job.frames, job.height, job.width)
+    cache = None if args.no_prompt_cache else PromptCache()
+    if cache is not None:
+        _remove_stale_cache_partials(cache)
+    print(job.describe())
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(args.dtype)
+    _finish(lambda: run(job, device=device, dtype=dtype, t5_cpu=args.t5_cpu, vae_cpu=args.vae_cpu,
+                        vae_tile=args.vae_tile, vram=vram, ram=ram, quant=args.quant, attention=args.attention,
+                        fuse=_fuse_from_env(), prompt_cache=cache), job, path)
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     import tempfile
 
-    from .pipelines.conditioning import GenerationError
     from .pipelines.generate import run
     from .pipelines.tasks import prepare
     from .testing.checkpoint import DEMO_HEIGHT, DEMO_PROMPT, DEMO_VARIANT, DEMO_WIDTH, demo_image, write_demo_checkpoint
@@ -182,28 +274,45 @@ def cmd_demo(args: argparse.Namespace) -> int:
           f"control, UniPC sampler, MP4) on a tiny {DEMO_VARIANT} model.\n"
           "The weights are RANDOM: the video shows that the machinery runs, not a world. "
           "For real videos download a checkpoint and use `worldstream generate`.")
-    try:
-        device = _device(args.device or "cpu")
-        path = _output_path(args.save_file, "demo.mp4")
-        with tempfile.TemporaryDirectory(prefix="worldstream-demo-") as ckpt:
-            write_demo_checkpoint(ckpt)
-            job = prepare(ckpt, DEMO_PROMPT, image=demo_image(), size=f"{DEMO_WIDTH}*{DEMO_HEIGHT}",
-                          frame_num=args.frame_num, action_string=args.action_string, steps=args.sample_steps,
-                          seed=args.base_seed, notice=lambda m: print(f"note: {m}"))
-            print(job.describe())
-            result = run(job, device=device)
-        _write_and_report(result, path)
-    except GenerationError as e:
-        return _fail(e)
-    except KeyboardInterrupt:
-        print("\nworldstream: interrupted; no video written", file=sys.stderr)
-        return 130
+    device = _device(args.device or "cpu")
+    path = _output_path(args.save_file, "demo.mp4")
+    with tempfile.TemporaryDirectory(prefix="worldstream-demo-") as ckpt:
+        write_demo_checkpoint(ckpt)
+        job = prepare(ckpt, DEMO_PROMPT, image=demo_image(), size=f"{DEMO_WIDTH}*{DEMO_HEIGHT}",
+                      frame_num=args.frame_num, action_string=args.action_string, steps=args.sample_steps,
+                      seed=args.base_seed, notice=lambda m: print(f"note: {m}"))
+        _check_room(path, job.frames, job.height, job.width)
+        print(job.describe())
+        _finish(lambda: run(job, device=device), job, path)
     return 0
 
 
-def _add_generate_parser(sub) -> None:
+def cmd_decode(args: argparse.Namespace) -> int:
+    """Finish a run that failed after denoising: its kept latents -> the MP4."""
+    from pathlib import Path
+
+    from .pipelines.generate import decode_video, load_checkpoint_vae, load_latents
+    from .pipelines.video import FPS, write_mp4
+
+    latents, meta = load_latents(args.latents)
+    if args.vae_tile is not None and not 2 <= args.vae_tile <= MAX_VAE_TILE:
+        raise CommandError(f"--vae_tile must be from 2 to {MAX_VAE_TILE} latent pixels, got {args.vae_tile}")
+    ckpt_dir = Path(args.ckpt_dir or meta.get("ckpt_dir", ""))
+    if not ckpt_dir.is_dir():
+        raise CommandError(f"--ckpt_dir {ckpt_dir}: no such folder (the checkpoint whose VAE decodes the latents)")
+    path = _output_path(args.save_file or meta.get("save_file"), Path(args.latents).stem + ".mp4")
+    device = _device(args.device)
+    vae = load_checkpoint_vae(ckpt_dir, "cpu")
+    frames = decode_video(vae, latents, "cpu" if args.vae_cpu else device, args.vae_tile)
+    write_mp4(frames, path, fps=FPS)
+    f, h, w, _ = frames.shape
+    print(f"wrote {path}: {f} frames {w}x{h}, H.264 {FPS} fps (from {args.latents}, which can be deleted now)")
+    return 0
+
+
+def _add_generate_parser(sub, common) -> None:
     g = sub.add_parser(
-        "generate", help="generate a video from a checkpoint (upstream generate.py flags)",
+        "generate", parents=[common], help="generate a video from a checkpoint (upstream generate.py flags)",
         description="Generate a video with Wan2.1 T2V, Wan2.2 I2V A14B or LingBot-World (Cam / Act) from their "
                     "official checkpoint folders. The model is detected from the weights; bad input is reported "
                     "before anything large is loaded.")
@@ -217,18 +326,20 @@ def _add_generate_parser(sub) -> None:
     a("--image", help="first frame (image-to-video models); the output keeps its aspect ratio")
     a("--size", help="width*height: 1280*720, 720*1280, 832*480, 480*832 (t2v-1.3B: 832*480, 480*832). "
                      "Image-to-video uses it as the pixel budget. Default 1280*720")
-    a("--frame_num", type=int, help="frames, 4n+1 (others are rounded down with a notice). Default 81, or the "
-                                    "length of --action_string")
+    a("--frame_num", type=int, help="frames, 4n+1 (others are rounded down with a notice), at most 1025. Default "
+                                    "81, or the length of --action_string")
     a("--action_path", help="LingBot-World: folder with poses.npy [N,4,4] and intrinsics.npy [N,4] "
                             "(Act models also action.npy [N,4] WASD)")
     a("--action_string", help="LingBot-World: keyboard schedule, e.g. 'w-10,iw-15,none-10' (W/A/S/D move, "
                               "I/K pitch, J/L yaw; <keys>-<frames> segments). Intrinsics from --action_path if "
-                              "given, else a built-in 480x832 camera")
-    a("--sample_steps", type=int, help="denoising steps (default: LingBot 70, Wan2.2 40, Wan2.1 T2V 50)")
-    a("--sample_shift", type=float, help="flow schedule shift (default: LingBot 10, Wan 5)")
+                              "given, else a built-in camera calibrated for 832x480")
+    a("--sample_steps", type=int, help="denoising steps, at most 1000 (default: LingBot 70, Wan2.2 40, Wan2.1 T2V "
+                                       "50)")
+    a("--sample_shift", type=float, help="flow schedule shift, above 0 and at most 100 (default: LingBot 10, "
+                                         "Wan 5)")
     a("--sample_guide_scale", type=_guide_scale,
-      help="classifier-free guidance scale, or low,high for the two experts (default: LingBot 5, Wan2.2 3.5, "
-           "Wan2.1 5); 1 skips the unconditional pass")
+      help="classifier-free guidance scale from 0 to 100, or low,high for the two experts (default: LingBot 5, "
+           "Wan2.2 3.5, Wan2.1 5); 1 skips the unconditional pass")
     a("--sample_solver", default="unipc", choices=["unipc", "euler"], help="sampler (default unipc)")
     a("--base_seed", type=int, help="noise seed; the same seed gives the same video (default: LingBot 42, "
                                     "others random, printed); -1 = default")
@@ -238,7 +349,7 @@ def _add_generate_parser(sub) -> None:
     a("--vram", help="GPU memory budget for the DiT, e.g. 8GB or 24GiB: blocks that do not fit stream from "
                      "host RAM each step (slower, less VRAM). Default: the free memory of the device")
     a("--ram", help="host RAM budget, e.g. 32GB: blocks that do not fit are read from the checkpoint's "
-                    "safetensors on disk each step (slower still). Default: no limit")
+                    "safetensors on disk each step (slower still). Default: 80%% of this machine's RAM")
     a("--quant", choices=["fp8", "fp8-block", "int8"],
       help="compress the DiT's block linears to 8 bits while loading (half the bytes to hold and stream; "
            "fp8 uses fp8 matmuls on Ada/Hopper GPUs). A checkpoint from `worldstream convert` needs no flag")
@@ -250,9 +361,9 @@ def _add_generate_parser(sub) -> None:
     a("--vae_cpu", action="store_true", help="run the VAE on the CPU: saves VRAM during encode/decode, costs "
                                              "minutes at 720p")
     a("--vae_tile", type=int, default=None, metavar="N",
-      help="decode the video in overlapping spatial tiles of N x N latent pixels (e.g. 32): the VAE's working "
-           "memory shrinks with the tile; tile borders are blended, so the result is close to, not equal to, "
-           "the untiled decode")
+      help="decode the video in overlapping spatial tiles of N x N latent pixels (e.g. 32; 2 to 1024): the VAE's "
+           "working memory shrinks with the tile; tile borders are blended, so the result is close to, not equal "
+           "to, the untiled decode")
     a("--no_prompt_cache", action="store_true", help="do not read or store prompt embeddings in "
                                                      "~/.cache/worldstream/prompts")
     a("--offload_model", type=_str2bool, help="accepted for upstream compatibility and ignored: worldstream "
@@ -262,9 +373,9 @@ def _add_generate_parser(sub) -> None:
     g.set_defaults(fn=cmd_generate)
 
 
-def _add_demo_parser(sub) -> None:
+def _add_demo_parser(sub, common) -> None:
     d = sub.add_parser(
-        "demo", help="run the whole pipeline on a tiny built-in model with RANDOM weights (CPU, seconds)",
+        "demo", parents=[common], help="run the whole pipeline on a tiny built-in model with RANDOM weights (CPU, seconds)",
         description="Write a tiny LingBot-World Cam checkpoint with random weights to a temp folder and run the "
                     "full generation path on it (text encoder, VAE, two DiT experts, camera from a keyboard "
                     "string, sampler, MP4). The video shows the machinery runs, not a world.")
@@ -288,58 +399,50 @@ def cmd_stream(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .checkpoints.tensors import CheckpointError
-    from .pipelines.conditioning import GenerationError
     from .pipelines.prompts import PromptCache
     from .pipelines.stream import format_chunk, open_session, prepare_stream, run_stream
-    from .runtime.planner import PlanError
     from .testing.checkpoint import demo_image, write_tiny_checkpoint
 
-    try:
-        device = _device(args.device)
-        vram, ram = _budget("--vram", args.vram), _budget("--ram", args.ram)
-        with tempfile.TemporaryDirectory(prefix="worldstream-stream-") as tmp:
-            ckpt_dir, image, prompt = args.ckpt_dir, args.image, args.prompt
-            if ckpt_dir is None:     # the built-in tiny causal student (random weights), as `demo` does
-                print("worldstream stream: no --ckpt_dir: a tiny built-in causal model with RANDOM weights (it shows "
-                      "the chunk loop runs, not a world)")
-                ckpt_dir = write_tiny_checkpoint(Path(tmp), "lingbot-fast-v2-tiny", seed=0)
-                image = image or demo_image()
-                prompt = prompt or "A walk through a sunny field."
-            request = prepare_stream(ckpt_dir, prompt, image=image, size=args.size, frame_num=args.frame_num,
-                                     action_string=args.action_string, action_path=args.action_path,
-                                     seed=args.base_seed, steps=args.steps, window=args.window, sink=args.sink,
-                                     noise=args.noise, notice=lambda m: print(f"note: {m}"))
-            slug = re.sub(r"[^A-Za-z0-9]+", "_", request.prompt)[:40].strip("_") or "stream"
-            path = _output_path(args.save_file, f"stream_{request.width}x{request.height}_{slug}_"
-                                                 f"{time.strftime('%Y%m%d_%H%M%S')}.mp4")
-            print(request.describe())
-            dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(args.dtype)
-            session = open_session(request, device=device, dtype=dtype, vram=vram, ram=ram, quant=args.quant,
-                                   attention=args.attention, vae=args.vae, taehv=args.taehv,
-                                   prompt_cache=None if args.no_prompt_cache else PromptCache())
-            t0, frames = time.perf_counter(), 0
-            try:
-                for chunk in run_stream(session, request, path):
-                    n = chunk.frames.shape[1]
-                    frames += n
-                    print(format_chunk(chunk, n), flush=True)
-            finally:
-                session.close()
-            wall = time.perf_counter() - t0
-            print(f"wrote {path}: {frames} frames {request.width}x{request.height}, H.264 16 fps; "
-                  f"{wall:.1f} s ({frames / wall:.1f} FPS overall)")
-    except (GenerationError, CheckpointError, PlanError) as e:
-        return _fail(e)
-    except KeyboardInterrupt:
-        print("\nworldstream: interrupted; no video written", file=sys.stderr)
-        return 130
+    device = _device(args.device)
+    vram, ram = _budget("--vram", args.vram), _budget("--ram", args.ram)
+    with tempfile.TemporaryDirectory(prefix="worldstream-stream-") as tmp:
+        ckpt_dir, image, prompt = args.ckpt_dir, args.image, args.prompt
+        if ckpt_dir is None:     # the built-in tiny causal student (random weights), as `demo` does
+            print("worldstream stream: no --ckpt_dir: a tiny built-in causal model with RANDOM weights (it shows "
+                  "the chunk loop runs, not a world)")
+            ckpt_dir = write_tiny_checkpoint(Path(tmp), "lingbot-fast-v2-tiny", seed=0)
+            image = image or demo_image()
+            prompt = prompt or "A walk through a sunny field."
+        request = prepare_stream(ckpt_dir, prompt, image=image, size=args.size, frame_num=args.frame_num,
+                                 action_string=args.action_string, action_path=args.action_path,
+                                 seed=args.base_seed, steps=args.steps, window=args.window, sink=args.sink,
+                                 noise=args.noise, notice=lambda m: print(f"note: {m}"))
+        slug = re.sub(r"[^A-Za-z0-9]+", "_", request.prompt)[:40].strip("_") or "stream"
+        path = _output_path(args.save_file, f"stream_{request.width}x{request.height}_{slug}_"
+                                             f"{time.strftime('%Y%m%d_%H%M%S')}.mp4")
+        _check_room(path, request.frames, request.height, request.width)
+        print(request.describe())
+        dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(args.dtype)
+        session = open_session(request, device=device, dtype=dtype, vram=vram, ram=ram, quant=args.quant,
+                               attention=args.attention, vae=args.vae, taehv=args.taehv,
+                               prompt_cache=None if args.no_prompt_cache else PromptCache())
+        t0, frames = time.perf_counter(), 0
+        try:
+            for chunk in run_stream(session, request, path):
+                n = chunk.frames.shape[1]
+                frames += n
+                print(format_chunk(chunk, n), flush=True)
+        finally:
+            session.close()
+        wall = time.perf_counter() - t0
+        print(f"wrote {path}: {frames} frames {request.width}x{request.height}, H.264 16 fps; "
+              f"{wall:.1f} s ({frames / wall:.1f} FPS overall)")
     return 0
 
 
-def _add_stream_parser(sub) -> None:
+def _add_stream_parser(sub, common) -> None:
     st = sub.add_parser(
-        "stream", help="run a causal (real-time) LingBot student chunk by chunk, as long as you like",
+        "stream", parents=[common], help="run a causal (real-time) LingBot student chunk by chunk, as long as you like",
         description="Stream a LingBot-World Fast student (v1, v2 causal-fast 14B / 1.3B): chunks of latent frames "
                     "with a KV cache, 4 denoising steps + a refresh each, camera from the keys; the MP4 is written "
                     "as chunks are produced (it appears complete at the end). Without --ckpt_dir a tiny built-in "
@@ -377,66 +480,100 @@ def _add_stream_parser(sub) -> None:
 
 # ---- plan ----------------------------------------------------------------------------------------------------
 
-def cmd_plan(args: argparse.Namespace) -> int:
-    """Print what the planner would do for a model, a clip and a machine, without loading anything."""
-    from .checkpoints.dit import find_checkpoint
-    from .checkpoints.tensors import CheckpointError
-    from .models.configs import get_config
+MAX_SIDE = 8192        # plan --size: pixels per side
+MAX_BANDWIDTH = 1e4    # plan --pcie / --disk: GB/s
+
+
+def _plan_size(text: str) -> tuple[int, int]:
     from .pipelines.conditioning import GenerationError
-    from .runtime.memory import fmt_bytes
-    from .runtime.planner import Hardware, PlanError, Workload, plan
 
     try:
-        if (args.ckpt_dir is None) == (args.variant is None):
-            raise GenerationError("give exactly one of --ckpt_dir (a checkpoint folder) or --variant (a name "
-                                  "from `worldstream info`)")
-        if args.ckpt_dir:
-            ckpt = find_checkpoint(args.ckpt_dir)
-            cfg, experts = ckpt.config, len(ckpt.experts)
-        else:
-            cfg = get_config(args.variant)
-            experts = cfg.experts
+        w, h = (int(v) for v in text.replace("x", "*").split("*"))
+    except ValueError:
+        raise GenerationError(f"--size {text!r}: expected WIDTH*HEIGHT, e.g. 832*480") from None
+    if not (16 <= w <= MAX_SIDE and 16 <= h <= MAX_SIDE and w % 16 == 0 and h % 16 == 0):
+        raise GenerationError(f"--size {text}: both sides must be multiples of 16 from 16 to {MAX_SIDE}")
+    return w, h
+
+
+def _bandwidth(flag: str, value: float) -> float:
+    import math
+
+    from .pipelines.conditioning import GenerationError
+
+    if not (math.isfinite(value) and 0 < value <= MAX_BANDWIDTH):
+        raise GenerationError(f"{flag} {value:g}: a bandwidth in GB/s above 0 and at most {MAX_BANDWIDTH:g}")
+    return value * 1e9
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Print what the planner would do for a model, a clip and a machine, without loading anything: the same
+    plan `generate` makes (runtime/runner.plan_run), with generate's budget defaults."""
+    import torch
+
+    from .checkpoints.compressed import as_policy
+    from .checkpoints.dit import find_checkpoint
+    from .models.configs import get_config
+    from .pipelines.conditioning import GenerationError, round_frames
+    from .runtime.loading import resolve_quant
+    from .runtime.memory import fmt_bytes
+    from .runtime.planner import Hardware, Workload
+    from .runtime.runner import RAM_SHARE, default_ram, plan_run
+
+    if (args.ckpt_dir is None) == (args.variant is None):
+        raise GenerationError("give exactly one of --ckpt_dir (a checkpoint folder) or --variant (a name "
+                              "from `worldstream info`)")
+    if args.ckpt_dir:
+        ckpt = find_checkpoint(args.ckpt_dir)
+        cfg, experts = ckpt.config, len(ckpt.experts)
         try:
-            w, h = (int(v) for v in args.size.split("*"))
-        except ValueError:
-            raise GenerationError(f"--size {args.size!r}: expected WIDTH*HEIGHT, e.g. 832*480") from None
-        if h % 16 or w % 16:
-            raise GenerationError(f"--size {args.size}: both sides must be multiples of 16")
-        frames = args.frame_num
-        if frames < 1:
-            raise GenerationError(f"--frame_num must be positive, got {frames}")
-        if (frames - 1) % 4:
-            frames = (frames - 1) // 4 * 4 + 1
-            print(f"note: --frame_num {args.frame_num} is not 4n+1; planning for {frames}", file=sys.stderr)
-        vram, ram = _budget("--vram", args.vram), _budget("--ram", args.ram)
-        hw = Hardware(pcie_bw=args.pcie * 1e9, disk_bw=args.disk * 1e9)
-        block_bytes = None
-        if args.quant:
-            from .runtime.quant import quantized_block_bytes
-            block_bytes = quantized_block_bytes(cfg, args.quant)
-        p = plan(cfg, Workload(frames=frames, height=h, width=w, guidance=not args.no_cfg, experts=experts),
-                 vram, ram, hw, block_bytes=block_bytes)
-    except (GenerationError, CheckpointError, PlanError, KeyError, ValueError) as e:
-        return _fail(e.args[0] if isinstance(e, KeyError) else e)
+            policy, _ = resolve_quant(ckpt, args.quant)   # a converted checkpoint plans its stored format
+        except ValueError as e:
+            raise GenerationError(str(e)) from None
+    else:
+        try:
+            cfg = get_config(args.variant)
+        except KeyError as e:
+            raise GenerationError(e.args[0]) from None
+        experts, policy = cfg.experts, as_policy(args.quant)
+    w, h = _plan_size(args.size)
+    frames = round_frames(args.frame_num, cfg.latents)
+    if frames != args.frame_num:
+        print(f"note: --frame_num {args.frame_num} is not 4n+1; planning for {frames}", file=sys.stderr)
+    hw = Hardware(pcie_bw=_bandwidth("--pcie", args.pcie), disk_bw=_bandwidth("--disk", args.disk))
+    vram, ram = _budget("--vram", args.vram), _budget("--ram", args.ram)
+    vram_note = fmt_bytes(vram) if vram else "unlimited (no --vram)"
+    if vram is None and torch.cuda.is_available():
+        vram = torch.cuda.mem_get_info(0)[0]
+        vram_note = f"{fmt_bytes(vram)} (free on cuda:0, generate's default)"
+    ram_note = fmt_bytes(ram) if ram else f"{fmt_bytes(default_ram())} ({RAM_SHARE:.0%} of this machine's, generate's default)"
+    ram = ram if ram is not None else default_ram()
+    p = plan_run(cfg, Workload(frames=frames, height=h, width=w, guidance=not args.no_cfg, experts=experts),
+                 vram, ram, torch.bfloat16, policy, hw)
+    weights = policy.fmt + (" (first/last blocks bf16)" if policy.skip_first_last else "") if policy else "bf16"
     print(f"{cfg.name}: {frames} frames at {w}x{h}, {'CFG' if not args.no_cfg else 'no CFG'}, "
-          f"{experts} expert(s); weights {args.quant or 'bf16'}; budgets: VRAM "
-          f"{fmt_bytes(vram) if vram else 'unlimited'}, RAM {fmt_bytes(ram) if ram else 'unlimited'}; "
-          f"PCIe {args.pcie:.0f} GB/s, disk {args.disk:.1f} GB/s")
+          f"{experts} expert(s); weights {weights}; budgets: VRAM {vram_note}, RAM {ram_note}; "
+          f"PCIe {args.pcie:g} GB/s, disk {args.disk:g} GB/s")
     print(p.describe())
     return 0
 
 
-def _add_plan_parser(sub) -> None:
-    q = sub.add_parser("plan", help="show how a model would be placed under VRAM / RAM budgets",
+def _add_plan_parser(sub, common) -> None:
+    q = sub.add_parser("plan", parents=[common], help="show how a model would be placed under VRAM / RAM budgets",
                        description="Plan residency, prefetch and host tiers for one denoising step, and predict "
-                                   "peak VRAM, peak host RAM and seconds per step. Nothing is loaded.")
-    q.add_argument("--ckpt_dir", help="checkpoint folder (the variant is detected from its weights)")
+                                   "peak VRAM, peak host RAM and seconds per step: the plan `generate` makes "
+                                   "(bf16 on a GPU). Nothing is loaded.")
+    q.add_argument("--ckpt_dir", help="checkpoint folder (the variant and a converted checkpoint's weight format are "
+                                      "read from it)")
     q.add_argument("--variant", help="a variant name from `worldstream info`, e.g. lingbot-cam")
-    q.add_argument("--size", default="832*480", help="WIDTH*HEIGHT as in generate (default 832*480)")
-    q.add_argument("--frame_num", type=int, default=81, help="frames, 4n+1 (default 81)")
-    q.add_argument("--vram", help="VRAM budget, e.g. 8GB (default: unlimited)")
-    q.add_argument("--ram", help="host RAM budget, e.g. 32GB (default: unlimited)")
-    q.add_argument("--quant", choices=["fp8", "fp8-block", "int8"], help="plan for compressed block weights")
+    q.add_argument("--size", default="832*480", help=f"WIDTH*HEIGHT, multiples of 16 up to {MAX_SIDE} "
+                                                     "(default 832*480)")
+    q.add_argument("--frame_num", type=int, default=81, help="frames, 4n+1, at most 1025 (default 81)")
+    q.add_argument("--vram", help="VRAM budget, e.g. 8GB (default: the free memory of cuda:0, as generate; "
+                                  "unlimited on a machine without a GPU)")
+    q.add_argument("--ram", help="host RAM budget, e.g. 32GB (default: 80%% of this machine's RAM, as generate)")
+    q.add_argument("--quant", choices=["fp8", "fp8-block", "int8"], help="plan for compressed block weights "
+                                                                         "(generate --quant)")
     q.add_argument("--no_cfg", action="store_true", help="one forward per step (guide scale 1 / distilled models)")
     q.add_argument("--pcie", type=float, default=53.0, help="pinned host-to-device GB/s (default 53, H100 Gen5)")
     q.add_argument("--disk", type=float, default=1.5, help="disk read GB/s for the disk tier (default 1.5)")
@@ -447,30 +584,29 @@ def _add_plan_parser(sub) -> None:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     """Write a compressed copy of a checkpoint (runtime/convert.py)."""
-    from .checkpoints.tensors import CheckpointError
     from .runtime.convert import convert
 
     if args.ckpt_dir is None or args.out is None or args.quant is None:
-        return _fail("--ckpt_dir, --quant and --out are required")
+        raise CommandError("--ckpt_dir, --quant and --out are required")
     try:
-        convert(args.ckpt_dir, args.out, args.quant, skip_first_last=args.skip_first_last)
-    except (CheckpointError, ValueError) as e:
-        return _fail(e)
+        convert(args.ckpt_dir, args.out, args.quant, skip_first_last=args.skip_first_last,
+                log=lambda m: print(m, file=sys.stderr, flush=True))
+    except ValueError as e:     # a bad format, an existing --out, an unusable source (CheckpointError)
+        raise CommandError(e) from e
     except OSError as e:
-        return _fail(f"{e.filename or args.out}: {e.strerror or e}")
-    except KeyboardInterrupt:
-        print("\nworldstream: interrupted; nothing written", file=sys.stderr)
-        return 130
+        raise CommandError(f"cannot write {e.filename or args.out} ({e.strerror or e}); {args.out} was not "
+                           "written and its partial folder is removed") from e
     print(f"wrote {args.out}: use it as --ckpt_dir (no --quant needed)")
     return 0
 
 
-def _add_convert_parser(sub) -> None:
+def _add_convert_parser(sub, common) -> None:
     c = sub.add_parser(
-        "convert", help="write a compressed (fp8 / int8) copy of a checkpoint, laid out for streaming",
+        "convert", parents=[common], help="write a compressed (fp8 / int8) copy of a checkpoint, laid out for streaming",
         description="Quantize the DiT block linears of a checkpoint one block at a time and write one safetensors "
                     "file per block (plus the index json and config.json with a 'quantization' entry); the text "
-                    "encoder, tokenizer and VAE are hard-linked. OUT is written in full or not at all.")
+                    "encoder, tokenizer and VAE are hard-linked. OUT is written in full or not at all; the room it "
+                    "needs is checked first, and a partial folder left by a killed conversion is removed.")
     c.add_argument("--ckpt_dir", help="source checkpoint folder")
     c.add_argument("--quant", help="fp8 (per-channel), fp8-block (128-column blocks) or int8 (per-channel)")
     c.add_argument("--out", help="new folder for the compressed checkpoint (must not exist)")
@@ -478,27 +614,106 @@ def _add_convert_parser(sub) -> None:
                    help="keep the first and last blocks whole (default; they are the most sensitive)")
     c.add_argument("--no_skip_first_last", dest="skip_first_last", action="store_false",
                    help="compress the first and last blocks too")
-    c.set_defaults(fn=cmd_convert)
+    c.set_defaults(fn=cmd_convert, interrupted="nothing written")
+
+
+def _add_decode_parser(sub, common) -> None:
+    d = sub.add_parser(
+        "decode", parents=[common], help="finish a run that failed after denoising: its kept latents -> MP4",
+        description="When a run fails after its denoising loop (the VAE decode, or writing the MP4: a full disk), "
+                    "worldstream keeps the denoised latents in NAME.latents.safetensors and says so. This command "
+                    "decodes them with the checkpoint's VAE and writes the video.")
+    a = d.add_argument
+    a("--latents", required=True, help="the .latents.safetensors file the failed run named")
+    a("--ckpt_dir", help="checkpoint folder whose VAE decodes them (default: the one the run used)")
+    a("--save_file", help="output .mp4 (default: the one the run was writing)")
+    a("--device", help="cuda, cuda:N or cpu (default: cuda if available)")
+    a("--vae_cpu", action="store_true", help="run the VAE on the CPU")
+    a("--vae_tile", type=int, metavar="N", help="decode in spatial tiles of N x N latent pixels (less memory)")
+    d.set_defaults(fn=cmd_decode)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="worldstream", description=__doc__)
+    p = _Parser(prog="worldstream", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the traceback of an error")
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("info", help="list the model variants and their sizes").set_defaults(fn=cmd_info)
-    _add_generate_parser(sub)
-    _add_demo_parser(sub)
-    _add_stream_parser(sub)
-    _add_plan_parser(sub)
-    _add_convert_parser(sub)
+    sub.add_parser("info", parents=[common], help="list the model variants and their sizes").set_defaults(fn=cmd_info)
+    _add_generate_parser(sub, common)
+    _add_demo_parser(sub, common)
+    _add_stream_parser(sub, common)
+    _add_decode_parser(sub, common)
+    _add_plan_parser(sub, common)
+    _add_convert_parser(sub, common)
     return p
 
 
+# ---- running a command ---------------------------------------------------------------------------------------
+
+class _Interrupted(KeyboardInterrupt):
+    """SIGTERM / SIGHUP, raised where the program is, so it unwinds (and cleans up) like Ctrl-C."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _interrupt(signum, frame):
+    raise _Interrupted(signum)
+
+
+def _expected() -> tuple[type, ...]:
+    """The errors a command anticipates: bad input and damaged files (exit code 2)."""
+    from .checkpoints.tensors import CheckpointError
+    from .pipelines.conditioning import GenerationError
+    from .runtime.planner import PlanError
+
+    return CommandError, GenerationError, CheckpointError, PlanError
+
+
+def _run(args: argparse.Namespace) -> int:
+    debug = getattr(args, "debug", False)
+    try:
+        return args.fn(args)
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        print(f"\nworldstream: interrupted ({name}); {getattr(args, 'interrupted', 'no video written')}",
+              file=sys.stderr)
+        return 128 + signum
+    except Exception as e:  # noqa: BLE001 - every error ends as one line (the traceback only with --debug)
+        if debug:
+            traceback.print_exc()
+        if isinstance(e, _expected()):
+            return _fail(e)
+        if isinstance(e, OSError) and e.filename:
+            return _fail(f"{e.filename}: {e.strerror or e}")
+        if isinstance(e, MemoryError):
+            return _fail("out of host memory (MemoryError); lower --frame_num or the size, or set --ram", 1)
+        hint = "" if debug else "; run again with --debug for the traceback"
+        return _fail(f"unexpected {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}{hint}", 1)
+
+
 def main(argv: list[str] | None = None) -> int:
-    import os
     # Fewer fragmentation stalls when a run works close to its --vram budget (set before torch loads CUDA).
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    args = build_parser().parse_args(argv)
-    return args.fn(args)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:       # --help, or a usage error already reported in one line
+        return e.code if isinstance(e.code, int) else 2
+    handlers = {}
+    for signum in (signal.SIGTERM, signal.SIGHUP):   # treated like Ctrl-C: the same unwinding and cleanup
+        try:
+            handlers[signum] = signal.signal(signum, _interrupt)
+        except ValueError:    # not the main thread (an embedding program): leave its handlers alone
+            pass
+    try:
+        return _run(args)
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
 
 
 if __name__ == "__main__":

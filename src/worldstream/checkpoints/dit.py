@@ -10,7 +10,7 @@ from the in-features of `patch_embedding_wancamctrl` (6*256 vs 7*256).
 """
 from __future__ import annotations
 
-import json
+import functools
 import math
 import re
 from dataclasses import dataclass, replace
@@ -24,7 +24,7 @@ from ..models.configs import VARIANTS, WAN_LATENTS, DiTConfig
 from ..models.dit import WanDiT
 from . import keymap
 from .compressed import QuantPolicy, quantized_model, stored_as_is
-from .tensors import CheckpointError, TensorLocation, iter_tensors, read_pth, read_safetensors_header
+from .tensors import CheckpointError, TensorLocation, iter_tensors, read_json, read_pth, read_safetensors_header
 
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 # Companion files that sit next to a Wan2.1 DiT at the checkpoint root and are not the DiT.
@@ -75,12 +75,10 @@ def _raw_index(model_dir: Path) -> dict[str, TensorLocation]:
         if len(files) > 1:
             raise CheckpointError(f"{model_dir}: several index files {[f.name for f in files]}; expected one")
         index = files[0]
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-            assert isinstance(weight_map, dict)
-        except Exception as e:  # noqa: BLE001
-            raise CheckpointError(f"{index}: not a safetensors index (JSON with a 'weight_map' object): "
-                                  f"{e!r}") from None
+        js = read_json(index, "safetensors index")
+        weight_map = js.get("weight_map") if isinstance(js, dict) else None
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: not a safetensors index (a JSON object with a 'weight_map' object)")
         shards = {}
         for key, name in weight_map.items():
             shard = _shard_name(index, name)
@@ -98,6 +96,8 @@ def _raw_index(model_dir: Path) -> dict[str, TensorLocation]:
             if m := _SHARD_RE.match(f.name):
                 by_set.setdefault((m[1], m[3]), set()).add(int(m[2]))
         for (stem, total), got in by_set.items():
+            if len(total) > 5 or int(total) > MAX_BLOCKS:
+                raise CheckpointError(f"{model_dir}: shard names claim {total[:12]} shards; at most {MAX_BLOCKS}")
             for k in sorted(set(range(1, int(total) + 1)) - got):
                 name = f"{stem}-{k:0{len(total)}d}-of-{total}.safetensors"
                 raise CheckpointError(f"{model_dir}: shard {name} is missing")
@@ -159,12 +159,31 @@ def _read_config(model_dir: Path) -> dict:
     path = model_dir / "config.json"
     if not path.is_file():
         return {}
-    try:
-        cfg = json.loads(path.read_text())
-        assert isinstance(cfg, dict)
-        return cfg
-    except Exception:  # noqa: BLE001
-        raise CheckpointError(f"{path}: not a JSON object") from None
+    cfg = read_json(path, "config.json")
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path}: not a JSON object")
+    return cfg
+
+
+MAX_BLOCKS = 1024   # transformer blocks of one DiT (Wan has 30 or 40)
+# config.json fields taken as they are: (name there, DiTConfig field, type, lowest, highest)
+_CONFIG_FIELDS = (("eps", "eps", float, 1e-12, 1e-2), ("text_len", "text_len", int, 1, 4096),
+                  ("rope_max_seq_len", "rope_max_len", int, 1, 65536))
+
+
+def _num_blocks(model_dir: Path, locations: dict[str, TensorLocation]) -> int:
+    """1 + the highest `blocks.<i>.` index (at most MAX_BLOCKS); CheckpointError for a malformed index."""
+    indices = set()
+    for k in locations:
+        if k.startswith("blocks."):
+            i = k.split(".")[1]
+            if not (i.isascii() and i.isdigit() and len(i) <= 4 and int(i) < MAX_BLOCKS):
+                raise CheckpointError(f"{locations[k].file}: key {k[:80]!r}: block index is not a number below "
+                                      f"{MAX_BLOCKS}")
+            indices.add(int(i))
+    if not indices:
+        raise CheckpointError(f"{model_dir}: no 'blocks.<i>.' weights; not a Wan DiT")
+    return 1 + max(indices)
 
 
 def detect_config(model_dir: str | Path, locations: dict[str, TensorLocation],
@@ -192,8 +211,11 @@ def detect_config(model_dir: str | Path, locations: dict[str, TensorLocation],
         raise CheckpointError(f"{locations['patch_embedding.weight'].file}: 'patch_embedding.weight' "
                               f"has shape {pe}, expected 5-D")
     patch = tuple(pe[2:])
+    if 0 in patch:
+        raise CheckpointError(f"{locations['patch_embedding.weight'].file}: 'patch_embedding.weight' has an "
+                              f"empty patch {patch}")
     known = dict(dim=pe[0], in_dim=pe[1], patch_size=patch, ffn_dim=shape("blocks.0.ffn.0.weight")[0],
-                 num_layers=1 + max(int(k.split(".")[1]) for k in locations if k.startswith("blocks.")),
+                 num_layers=_num_blocks(model_dir, locations),
                  out_dim=shape("head.head.weight")[0] // math.prod(patch),
                  text_dim=shape("text_embedding.0.weight")[1], freq_dim=shape("time_embedding.0.weight")[1],
                  qk_norm="blocks.0.self_attn.norm_q.weight" in locations,
@@ -212,8 +234,9 @@ def detect_config(model_dir: str | Path, locations: dict[str, TensorLocation],
     declared = {"dim": js.get("dim"), "ffn_dim": js.get("ffn_dim"), "num_layers": js.get("num_layers"),
                 "in_dim": js.get("in_dim", js.get("in_channels")), "text_dim": js.get("text_dim"),
                 "out_dim": js.get("out_dim", js.get("out_channels")), "freq_dim": js.get("freq_dim")}
-    if js.get("num_attention_heads") and js.get("attention_head_dim"):
-        declared["dim"] = js["num_attention_heads"] * js["attention_head_dim"]
+    heads_, head_dim = js.get("num_attention_heads"), js.get("attention_head_dim")
+    if type(heads_) is int and type(head_dim) is int:
+        declared["dim"] = heads_ * head_dim
     for name, value in declared.items():
         if value is not None and value != known[name]:
             raise CheckpointError(f"{model_dir / 'config.json'}: {name} = {value} but the weights have {known[name]}")
@@ -222,9 +245,14 @@ def detect_config(model_dir: str | Path, locations: dict[str, TensorLocation],
         if not isinstance(heads, int) or heads <= 0 or known["dim"] % heads:
             raise CheckpointError(f"{model_dir / 'config.json'}: {heads} heads do not divide dim {known['dim']}")
         known["num_heads"] = heads
-    for src, dst in (("eps", "eps"), ("text_len", "text_len"), ("rope_max_seq_len", "rope_max_len")):
-        if js.get(src) is not None:
-            known[dst] = js[src]
+    for src, dst, kind, lo, hi in _CONFIG_FIELDS:
+        value = js.get(src)
+        if value is None:
+            continue
+        if not isinstance(value, kind) or isinstance(value, bool) or not lo <= value <= hi:
+            raise CheckpointError(f"{model_dir / 'config.json'}: {src} = {str(value)[:40]} is not a "
+                                  f"{kind.__name__} between {lo} and {hi}")
+        known[dst] = value
     candidates = [c for base in VARIANTS.values() for c in (base, base.tiny())]
     match = next((c for c in candidates if replace(c, **known) == c), None)
     if match is None and causal is None:     # shapes only a causal student has (the v2 1.3B)
@@ -247,9 +275,11 @@ def _realtime_from_config(cfg: DiTConfig, js: dict, model_dir: Path) -> DiTConfi
     window = js.get("local_attn_size")
     window = window if isinstance(window, int) and window > 0 else rt.window
     sink = js.get("sink_size", rt.sink) if window != rt.window else rt.sink
-    for name, value in (("num_frames_per_block", chunk), ("sink_size", sink)):
-        if not isinstance(value, int) or value < (1 if name == "num_frames_per_block" else 0):
-            raise CheckpointError(f"{model_dir / 'config.json'}: {name} = {value!r} is not a usable count")
+    for name, value, lo, hi in (("num_frames_per_block", chunk, 1, 64), ("sink_size", sink, 0, 1024),
+                                ("local_attn_size", window if window is not None else 1, 1, 100_000)):
+        if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+            raise CheckpointError(f"{model_dir / 'config.json'}: {name} = {str(value)[:40]} is not a count "
+                                  f"between {lo} and {hi}")
     if window is not None and window < sink + chunk:
         sink = 0 if window >= chunk else sink     # a sink the window cannot keep is no sink (as upstream)
     return replace(cfg, realtime=replace(rt, chunk=chunk, window=window, sink=sink))
@@ -350,6 +380,13 @@ def find_checkpoint(ckpt_dir: str | Path, fast: bool | None = None) -> Checkpoin
 _FROM_CONFIG = "config.json"
 
 
+@functools.lru_cache(maxsize=16)
+def _expected_state(cfg: DiTConfig, quant) -> tuple[dict, dict]:
+    """(key -> shape, key -> dtype) of WanDiT(cfg) holding the policy's QLinears, built once on `meta`."""
+    state = quantized_model(cfg, torch.float32, quant).state_dict()
+    return {k: tuple(v.shape) for k, v in state.items()}, {k: v.dtype for k, v in state.items()}
+
+
 def validate(cfg: DiTConfig, locations: dict[str, TensorLocation], model_dir: str | Path,
              quant=_FROM_CONFIG) -> None:
     """Compare keys, shapes and dtypes with WanDiT(cfg) built on `meta`; raise one error listing all problems.
@@ -360,9 +397,7 @@ def validate(cfg: DiTConfig, locations: dict[str, TensorLocation], model_dir: st
     """
     if quant == _FROM_CONFIG:
         quant = read_quantization(model_dir)
-    state = quantized_model(cfg, torch.float32, quant).state_dict()   # meta: shapes and dtypes only
-    expected = {k: tuple(v.shape) for k, v in state.items()}
-    expected_dtype = {k: v.dtype for k, v in state.items()}
+    expected, expected_dtype = _expected_state(cfg, quant)
     problems = []
     for k in expected.keys() - locations.keys():
         problems.append(f"{model_dir}: missing key {k!r}")

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..models.text_encoder import TEXT_LEN, T5Config, TextEncoder
-from .tensors import read_pth
+from .tensors import CheckpointError, check_finite, read_pth
 
 T5_CHECKPOINT = "models_t5_umt5-xxl-enc-bf16.pth"   # inside a Wan / LingBot checkpoint folder
 T5_TOKENIZER = "google/umt5-xxl"                      # HF tokenizer folder, same place
@@ -133,6 +133,19 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return read_pth(path)
 
 
+def check_text_encoder(ckpt_dir: str | os.PathLike) -> T5Config:
+    """The umt5 weights of a checkpoint folder checked without reading them (memory-mapped, keys and shapes
+    only): its config, or CheckpointError naming the file. The tokenizer folder must exist."""
+    try:
+        pth, _ = check_files(ckpt_dir)
+        state = read_state_dict(pth)
+        cfg = infer_config(state, str(pth))
+        validate_state(state, cfg, str(pth))
+    except (ValueError, FileNotFoundError) as e:
+        raise CheckpointError(str(e)) from None
+    return cfg
+
+
 def load_tokenizer(folder: Path):
     """The HF tokenizer in `folder`, from local files only, never running code from the folder."""
     from transformers import AutoTokenizer
@@ -177,7 +190,8 @@ def load_text_encoder(ckpt_dir: str | os.PathLike, device: torch.device | str = 
         model = UMT5EncoderModel(cfg.to_hf())
     device = torch.device(device)
     for key in upstream_shapes(cfg):           # one tensor at a time: peak memory ~ the model plus one tensor
-        param = nn.Parameter(state.pop(key).to(device=device, dtype=dtype), requires_grad=False)
+        t = check_finite(state.pop(key), f"{pth}: tensor {key!r}")
+        param = nn.Parameter(t.to(device=device, dtype=dtype), requires_grad=False)
         for name in upstream_to_hf_key(key):
             _set_param(model, name, param)
     leftover = [n for n, p in model.named_parameters() if p.is_meta] + [n for n, b in model.named_buffers()

@@ -17,7 +17,7 @@ import os
 import torch
 
 from ..models.taehv import TAEHV, TAEHVConfig
-from .tensors import CheckpointError, iter_tensors, read_pth, read_safetensors_header
+from .tensors import CheckpointError, check_finite, iter_tensors, read_pth, read_safetensors_header
 
 # indices of the layers the config is read from (upstream's nn.Sequential layout, 3 MemBlocks per stage)
 _ENC_TPOOL = (2, 7, 12)          # encoder TPool(width, stride): conv weight [width, stride*width, 1, 1]
@@ -103,6 +103,8 @@ def load_taehv(path: str | os.PathLike, device: torch.device | str = "cpu",
         model = TAEHV(cfg)
     check_taehv_shapes(shapes, model, path)
     if sd is None:                                   # safetensors: read the tensors only now, one at a time
-        sd = dict(iter_tensors(read_safetensors_header(path)))
+        sd = dict(iter_tensors(read_safetensors_header(path)))   # (checked finite as they are read)
+    for k, v in sd.items():
+        check_finite(v, f"{path}: tensor {k!r}")
     model.load_state_dict(sd, assign=True)
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)

@@ -27,6 +27,8 @@ more than there are key frames.
 """
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -78,29 +80,71 @@ def pad_to_4n_plus_1(n: int) -> int:
 # ----------------------------------------------------------------------------------------------------
 # Loading and validating an action directory
 
-def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
-    """Shape and dtype from a .npy header, without reading (or allocating) the data."""
+MAX_ROWS = 100_000       # rows of poses.npy / intrinsics.npy / action.npy (one per video frame is plenty)
+MAX_KEY_FRAMES = 1025    # frames a keyboard string may spell out (64 s at 16 fps; = the longest clip)
+_MAX_COUNT_DIGITS = 5    # a segment's frame count has at most this many digits
+
+
+@dataclass(frozen=True)
+class NpyHeader:
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    fortran: bool
+    offset: int          # where the data starts
+
+
+def read_npy_header(path: Path, max_rows: int = MAX_ROWS) -> NpyHeader:
+    """The header of a .npy file, checked before any data is read: a numeric dtype (no pickles, no objects),
+    at most `max_rows` rows, and exactly as many data bytes as the file holds. ValueError naming the file."""
     try:
+        size = path.stat().st_size
         with open(path, "rb") as f:
             version = np.lib.format.read_magic(f)
             if version == (1, 0):
-                shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
             elif version == (2, 0):
-                shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
             else:
                 raise ValueError(f"unsupported .npy format version {version}")
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: not a readable .npy array ({e})") from e
-    if dtype.kind not in "fiu":
+            offset = f.tell()
+    except Exception as e:  # noqa: BLE001 - any failure to parse an untrusted header means a bad file
+        raise ValueError(f"{path}: not a readable .npy array ({type(e).__name__}: {str(e)[:200]})") from None
+    if dtype.kind not in "fiu" or dtype.itemsize > 8:
         raise ValueError(f"{path}: expected a numeric (float/int) array, found dtype {dtype}")
-    return tuple(shape), dtype
+    if shape and shape[0] > max_rows:
+        raise ValueError(f"{path}: {shape[0]} rows; at most {max_rows} are accepted")
+    data = math.prod(shape) * dtype.itemsize
+    if offset + data != size:
+        raise ValueError(f"{path}: the header says {list(shape)} {dtype} ({data} bytes of data), but the file "
+                         f"holds {size - offset} (truncated or corrupt)")
+    return NpyHeader(tuple(shape), dtype, bool(fortran), offset)
 
 
-def _load_npy(path: Path) -> np.ndarray:
-    try:
-        return np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: could not load array ({e})") from e
+def read_npy(path: Path, header: NpyHeader) -> np.ndarray:
+    """The data of a .npy file whose header `read_npy_header` checked (a fresh, writable array)."""
+    with open(path, "rb") as f:
+        f.seek(header.offset)
+        raw = f.read(math.prod(header.shape) * header.dtype.itemsize)
+    arr = np.frombuffer(raw, dtype=header.dtype).reshape(header.shape, order="F" if header.fortran else "C")
+    return arr.copy()
+
+
+def _read_rows(path: Path, trailing: tuple[int, ...], what: str, min_rows: int = 1) -> np.ndarray:
+    """A [N, *trailing] numeric array file with min_rows <= N <= MAX_ROWS, as float64."""
+    header = read_npy_header(path)
+    if len(header.shape) != 1 + len(trailing) or header.shape[1:] != trailing or header.shape[0] < min_rows:
+        dims = ", ".join(["N", *map(str, trailing)])
+        more = f" with N >= {min_rows}" if min_rows > 1 else ""
+        raise ValueError(f"{path}: expected shape [{dims}] ({what}){more}, found {list(header.shape)}")
+    return read_npy(path, header).astype(np.float64)
+
+
+def load_intrinsics(path: str | Path) -> np.ndarray:
+    """An intrinsics.npy file: [N, 4] (fx, fy, cx, cy of a 832x480 image), float64, checked."""
+    path = Path(path)
+    k = _read_rows(path, (4,), "fx, fy, cx, cy")
+    _check_intrinsics(k, str(path))
+    return k
 
 
 def _check_poses(poses: np.ndarray, name: str = "poses") -> None:
@@ -144,7 +188,8 @@ def load_action_dir(path, mode: str = "cam") -> tuple[np.ndarray, np.ndarray, np
 
     Files: `poses.npy` (camera-to-world, OpenCV axes), `intrinsics.npy` (fx, fy, cx, cy for a 480×832
     image; only row 0 is used later), and for "act" `action.npy` (W, A, S, D key states, K >= N rows).
-    Shapes and dtypes are checked from the .npy headers before anything is loaded; pickled arrays are refused.
+    Shapes, dtypes, row counts (at most MAX_ROWS) and data sizes are checked from the .npy headers against the
+    files before anything is loaded; pickled arrays are refused.
     """
     if mode not in ("cam", "act"):
         raise ValueError(f"mode must be 'cam' or 'act', got {mode!r}")
@@ -156,26 +201,12 @@ def load_action_dir(path, mode: str = "cam") -> tuple[np.ndarray, np.ndarray, np
     if missing:
         raise FileNotFoundError(f"{path}: missing {', '.join(missing)} (mode {mode!r} needs {', '.join(needed)})")
 
-    pshape, _ = _npy_header(path / "poses.npy")
-    if len(pshape) != 3 or pshape[1:] != (4, 4) or pshape[0] < 1:
-        raise ValueError(f"{path / 'poses.npy'}: expected shape [N, 4, 4] (camera-to-world matrices), "
-                         f"found {list(pshape)}")
-    kshape, _ = _npy_header(path / "intrinsics.npy")
-    if len(kshape) != 2 or kshape[1] != 4 or kshape[0] < 1:
-        raise ValueError(f"{path / 'intrinsics.npy'}: expected shape [N, 4] (fx, fy, cx, cy), found {list(kshape)}")
-    if mode == "act":
-        ashape, _ = _npy_header(path / "action.npy")
-        if len(ashape) != 2 or ashape[1] != 4 or ashape[0] < pshape[0]:
-            raise ValueError(f"{path / 'action.npy'}: expected shape [N, 4] (W, A, S, D) with N >= {pshape[0]} "
-                             f"(the number of poses), found {list(ashape)}")
-
-    poses = _load_npy(path / "poses.npy").astype(np.float64)
+    poses = _read_rows(path / "poses.npy", (4, 4), "camera-to-world matrices")
     _check_poses(poses, str(path / "poses.npy"))
-    intrinsics = _load_npy(path / "intrinsics.npy").astype(np.float64)
-    _check_intrinsics(intrinsics, str(path / "intrinsics.npy"))
+    intrinsics = load_intrinsics(path / "intrinsics.npy")
     actions = None
     if mode == "act":
-        actions = _load_npy(path / "action.npy").astype(np.float32)
+        actions = _read_rows(path / "action.npy", (4,), "W, A, S, D", min_rows=len(poses)).astype(np.float32)
         _check_actions(actions, str(path / "action.npy"))
     return poses, intrinsics, actions
 
@@ -348,6 +379,11 @@ def plucker_frames(rel: torch.Tensor, intrinsics, height: int, width: int, actio
 # ----------------------------------------------------------------------------------------------------
 # Keyboard strings
 
+def _clip(text: str, limit: int = 40) -> str:
+    """repr of `text`, cut for an error message."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + "..."
+
+
 def parse_action_string(action_string: str) -> list[frozenset[str]]:
     """"w-10,iw-15,none-10" -> one frozenset of pressed keys per frame (35 here).
 
@@ -357,25 +393,32 @@ def parse_action_string(action_string: str) -> list[frozenset[str]]:
     s = "".join(str(action_string).replace("，", ",").split())
     if not s:
         raise ValueError("action string is empty; expected e.g. 'w-10,iw-15,none-10'")
-    frames: list[frozenset[str]] = []
+    parts: list[tuple[frozenset[str], int]] = []
+    total = 0
     for part in s.split(","):
         if not part:
-            raise ValueError(f"action string {action_string!r} has an empty segment (check the commas)")
+            raise ValueError(f"action string {_clip(action_string)} has an empty segment (check the commas)")
         keys, sep, count = part.rpartition("-")
         if not sep or not keys:
-            raise ValueError(f"segment {part!r}: expected <keys>-<frames>, e.g. 'w-10' or 'none-5'")
-        if not count.isdigit() or int(count) < 1:
-            raise ValueError(f"segment {part!r}: frame count {count!r} is not a positive integer")
+            raise ValueError(f"segment {_clip(part)}: expected <keys>-<frames>, e.g. 'w-10' or 'none-5'")
+        digits = count.lstrip("0")
+        if not (count.isascii() and count.isdigit()) or not digits:
+            raise ValueError(f"segment {_clip(part)}: frame count {_clip(count, 20)} is not a positive integer")
+        if len(digits) > _MAX_COUNT_DIGITS or total + int(digits) > MAX_KEY_FRAMES:
+            raise ValueError(f"spells out more than {MAX_KEY_FRAMES} frames (the longest clip); "
+                             f"segment {_clip(part)} goes past it")
+        total += int(digits)
         keys = keys.lower()
         if keys == "none":
             pressed = frozenset()
         else:
             for k in keys:
                 if k not in ACTION_KEYS:
-                    raise ValueError(f"segment {part!r}: unknown key {k!r}; allowed: w a s d i j k l, or 'none'")
+                    raise ValueError(f"segment {_clip(part)}: unknown key {k!r}; allowed: w a s d i j k l, or "
+                                     "'none'")
             pressed = frozenset(keys)
-        frames.extend([pressed] * int(count))
-    return frames
+        parts.append((pressed, int(digits)))
+    return [pressed for pressed, n in parts for _ in range(n)]   # expanded only once the total is known
 
 
 def _rot_x(a: float) -> np.ndarray:

@@ -24,6 +24,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -39,29 +40,78 @@ class GenerationError(ValueError):
 
 # ---------------------------------------------------------------------------------------------- frames
 
+MAX_FRAMES = cam.MAX_KEY_FRAMES   # 1025 frames: 64 s at 16 fps, 257 latent frames (README "Limits")
+
+
 def round_frames(frame_num: int, latents: LatentSpace = WAN_LATENTS) -> int:
     """The largest 4n+1 <= frame_num (what the VAE can produce: latent frame 0 is one video frame, every later
-    latent four). Raises GenerationError for frame_num < 1."""
-    if int(frame_num) != frame_num or frame_num < 1:
-        raise GenerationError(f"--frame_num must be a positive integer (4n+1: 1, 5, 9, ..., 81), got {frame_num}")
+    latent four). Raises GenerationError for frame_num < 1 or > MAX_FRAMES."""
+    if int(frame_num) != frame_num or not 1 <= frame_num <= MAX_FRAMES:
+        raise GenerationError(f"--frame_num must be an integer from 1 to {MAX_FRAMES} (4n+1: 1, 5, 9, ..., 81), "
+                              f"got {frame_num}")
     return latents.round_frames(int(frame_num))
 
 
 # ---------------------------------------------------------------------------------------------- image
 
-def read_image(path: str | os.PathLike):
-    """Open an image file as PIL RGB, fully decoded now (so a truncated file fails here, not later)."""
-    from PIL import Image, UnidentifiedImageError
+MAX_IMAGE_PIXELS = 8192 * 8192   # --image: width x height, read from the file's header before it is decoded
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+_ORIENTATION = 0x0112    # the EXIF tag
+
+
+def read_image(path: str | os.PathLike, notice: Callable[[str], None] | None = None):
+    """Open an image file as PIL RGB, fully decoded now (so a truncated file fails here, not later).
+
+    Converted faithfully or refused: 16-bit images are scaled to 8 bits (not clipped to white), 32-bit integer
+    and float images (no fixed white level) are refused, the EXIF orientation is applied; dropped transparency
+    and extra animation frames are reported to `notice`. At most MAX_IMAGE_PIXELS pixels."""
+    import warnings
+
+    from PIL import Image
 
     path = Path(path)
+    notice = notice or (lambda msg: None)
     if not path.is_file():
         raise GenerationError(f"--image {path}: no such file")
     try:
-        with Image.open(path) as img:
-            img.load()
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                w, h = img.size
+                if w * h > MAX_IMAGE_PIXELS:
+                    raise GenerationError(f"--image {path}: {w}x{h} is more than {MAX_IMAGE_PIXELS:,} pixels")
+                if getattr(img, "n_frames", 1) > 1:
+                    notice(f"--image {path} has {img.n_frames} frames; the first is used")
+                img.load()
+                return _to_rgb(img, path, notice)
+    except GenerationError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:   # PIL's own, larger limit
+        raise GenerationError(f"--image {path}: more than {MAX_IMAGE_PIXELS:,} pixels ({e})") from None
+    except Exception as e:  # noqa: BLE001 - a decoder failing on an untrusted file, whatever it raises
         raise GenerationError(f"--image {path}: cannot read it as an image ({type(e).__name__}: {e})") from None
+
+
+def _to_rgb(img, path: Path, notice: Callable[[str], None]):
+    """A decoded PIL image -> RGB with 8 bits per channel, or GenerationError when that cannot be faithful."""
+    from PIL import Image, ImageOps
+
+    if img.mode in _SIXTEEN_BIT or (img.mode == "I" and img.format == "PNG"):   # 16-bit grayscale
+        arr = np.asarray(img).astype(np.float64)
+        img = Image.fromarray((arr / 257.0).round().clip(0, 255).astype(np.uint8), "L")
+    elif img.mode in ("I", "F"):
+        kind = "integer" if img.mode == "I" else "floating-point"
+        raise GenerationError(f"--image {path}: a 32-bit {kind} image has no fixed white level; save it as an "
+                              "8- or 16-bit image")
+    if img.getexif().get(_ORIENTATION, 1) != 1:
+        img = ImageOps.exif_transpose(img)
+        notice(f"--image {path}: turned upright by its EXIF orientation")
+    if "A" in img.mode or "transparency" in img.info:
+        alpha = img.convert("RGBA").getchannel("A")
+        if alpha.getextrema()[0] < 255:
+            notice(f"--image {path} has transparent pixels; their stored colours are used (alpha is ignored, "
+                   "as upstream)")
+    return img.convert("RGB")
 
 
 def image_to_tensor(img) -> torch.Tensor:
@@ -154,18 +204,9 @@ def _load_intrinsics(path: Path) -> np.ndarray:
         raise GenerationError(f"--action_path {path}: missing intrinsics.npy (with --action_string only the "
                               "intrinsics are read from it)")
     try:
-        k = np.load(f, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise GenerationError(f"{f}: cannot load it as a .npy array ({e})") from None
-    if k.ndim != 2 or k.shape[1] != 4 or len(k) < 1 or k.dtype.kind not in "fiu":
-        raise GenerationError(f"{f}: expected a numeric array of shape [N, 4] (fx, fy, cx, cy), "
-                              f"found {k.dtype} {list(k.shape)}")
-    k = k.astype(np.float64)
-    if not np.isfinite(k[0]).all():
-        raise GenerationError(f"{f}: row 0 has non-finite values")
-    if k[0, 0] <= 0 or k[0, 1] <= 0:
-        raise GenerationError(f"{f}: row 0 has focal length fx={k[0, 0]}, fy={k[0, 1]}; both must be > 0")
-    return k
+        return cam.load_intrinsics(f)
+    except ValueError as e:
+        raise GenerationError(str(e)) from None
 
 
 def camera_from_dir(path: str | os.PathLike, act: bool) -> CameraInput:

@@ -7,7 +7,9 @@
 `run` goes: plan the DiT's placement (runtime/runner.py `build_runner`: a budget that cannot work fails here)
 -> VAE load -> text encoding (pipelines/prompts.py: umt5 loaded, used, freed) -> VAE encode of the first frame
 (I2V) -> the denoising loop (pipelines/sampling.py; the runner loads the DiT at its first forward and frees it
-after its last) -> VAE decode. It returns the frames, the latents, seconds per phase and peak memory.
+after its last) -> VAE decode. It returns the frames, the latents, seconds per phase and peak memory. A failure
+after the denoising loop raises `AfterDenoising` carrying the latents, which `save_latents` keeps on disk and
+`worldstream decode` (`decode_video`) turns into the video later.
 """
 from __future__ import annotations
 
@@ -20,12 +22,15 @@ from typing import Callable
 import torch
 
 from ..checkpoints.t5 import T5_CHECKPOINT
+from ..checkpoints.tensors import CheckpointError, read_safetensors_header, read_safetensors_metadata, read_tensor
 from ..checkpoints.vae import VAE_FILE, load_vae
+from ..files import atomic_write
+from ..models.configs import WAN_LATENTS
 from ..models.vae import WanVAE
 from ..runtime.memory import fmt_bytes, peak_rss_bytes
 from ..runtime.planner import Workload
 from ..runtime.runner import build_runner
-from .conditioning import GenerationError, image_condition, initial_noise, resize_image
+from .conditioning import MAX_FRAMES, GenerationError, image_condition, initial_noise, resize_image
 from .progress import Progress
 from .prompts import PromptCache, encode_prompts
 from .sampling import sample
@@ -50,6 +55,74 @@ def load_checkpoint_vae(ckpt_dir: Path, device) -> WanVAE:
         return load_vae(path, dtype=torch.float32, device=device)
     except (ValueError, RuntimeError, OSError) as e:
         raise GenerationError(f"{path}: cannot load the VAE ({e})") from None
+
+
+class AfterDenoising(Exception):
+    """The run failed after its denoising loop had finished: `latents` (CPU float32) survive, so the video can
+    still be decoded from them (`save_latents`, `worldstream decode`)."""
+
+    def __init__(self, latents: torch.Tensor, cause: BaseException):
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.latents, self.cause = latents, cause
+
+
+def decode_video(vae: WanVAE, latents: torch.Tensor, device, tile: int | None = None) -> torch.Tensor:
+    """Latents [16, lat_f, lat_h, lat_w] -> uint8 frames [F, H, W, 3] on the CPU, the VAE run on `device`
+    (moved there for the decode). `tile`: spatial tiles of that many latent pixels (less memory)."""
+    device = torch.device(device)
+    vae.to(device)
+    if tile:   # tile after tile, each through all frames, straight into host memory
+        return to_uint8_frames(vae.decode(latents[None].to(device), tile=(tile, tile),
+                                          overlap=min(4, max(1, tile // 4)), out_device="cpu")[0])
+    # frames leave the device as they are produced
+    return torch.cat([to_uint8_frames(c[0]) for c in vae.decode_frames(latents[None].to(device))], dim=0)
+
+
+# ---- latents on disk: what a run that failed after denoising leaves to finish it -----------------------------
+
+LATENTS_FORMAT = "worldstream-latents-v1"
+
+
+def latents_path(video: Path) -> Path:
+    """Where the latents of the video `video` are kept: next to it, `NAME.latents.safetensors`."""
+    return video.with_name(video.stem + ".latents.safetensors")
+
+
+def save_latents(path: str | Path, latents: torch.Tensor, ckpt_dir: str | Path, video: str | Path) -> Path:
+    """Write denoised latents [16, lat_f, lat_h, lat_w] atomically with what `worldstream decode` needs to
+    finish the video: the checkpoint folder (its VAE) and the video path."""
+    from safetensors.torch import save_file
+
+    meta = {"format": LATENTS_FORMAT, "ckpt_dir": str(Path(ckpt_dir).resolve()), "save_file": str(video)}
+    tensor = latents.detach().to("cpu", torch.float32).contiguous()
+    return atomic_write(path, lambda tmp: save_file({"latents": tensor}, tmp, metadata=meta))
+
+
+def load_latents(path: str | Path) -> tuple[torch.Tensor, dict[str, str]]:
+    """(latents, metadata) of a file written by `save_latents`, read by the checked safetensors reader (shape
+    within the frame and size limits, finite values); GenerationError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise GenerationError(f"--latents {path}: no such file")
+    try:
+        meta = read_safetensors_metadata(path)
+        locations = read_safetensors_header(path)
+        if meta.get("format") != LATENTS_FORMAT or set(locations) != {"latents"}:
+            raise CheckpointError(f"{path}: not a latents file written by worldstream ({LATENTS_FORMAT})")
+        loc = locations["latents"]
+        c, f, h, w = loc.shape if len(loc.shape) == 4 else (0, 0, 0, 0)
+        if (loc.dtype != torch.float32 or c != WAN_LATENTS.channels or not 1 <= f <= MAX_LATENT_FRAMES
+                or not 1 <= h <= MAX_LATENT_SIDE or not 1 <= w <= MAX_LATENT_SIDE):
+            raise CheckpointError(f"{path}: latents of shape {list(loc.shape)} {loc.dtype}; expected float32 "
+                                  f"[{WAN_LATENTS.channels}, <= {MAX_LATENT_FRAMES}, <= {MAX_LATENT_SIDE}, "
+                                  f"<= {MAX_LATENT_SIDE}]")
+        return read_tensor(loc), meta
+    except CheckpointError as e:
+        raise GenerationError(f"--latents {e}") from None
+
+
+MAX_LATENT_FRAMES = WAN_LATENTS.latent_frames(MAX_FRAMES)
+MAX_LATENT_SIDE = 1024    # latent pixels (8192 video pixels)
 
 
 def default_device() -> torch.device:
@@ -148,20 +221,16 @@ def run(job: Job, *, device=None, dtype: torch.dtype | None = None, t5_cpu: bool
         phase("denoise", t0)
         timings["denoise"] -= dit_load
         timings["load"] += dit_load
-        if not torch.isfinite(latents).all():
-            raise RuntimeError("the denoised latents contain NaN/inf (numerical overflow in the DiT?)")
     finally:
         runner.close()
     runner_report = dict(runner.report)
     del runner
 
     t0 = time.perf_counter()
-    vae.to(vae_device)
-    if vae_tile:   # tile after tile, each through all frames, straight into host memory
-        frames = to_uint8_frames(vae.decode(latents[None].to(vae_device), tile=(vae_tile, vae_tile),
-                                            overlap=min(4, max(1, vae_tile // 4)), out_device="cpu")[0])
-    else:          # frames leave the device as they are produced
-        frames = torch.cat([to_uint8_frames(c[0]) for c in vae.decode_frames(latents[None].to(vae_device))], dim=0)
+    try:
+        frames = decode_video(vae, latents, vae_device, vae_tile)
+    except Exception as e:   # the denoised latents survive a failed decode (the CLI keeps them on disk)
+        raise AfterDenoising(latents.cpu(), e) from e
     phase("VAE decode", t0)
 
     report = {

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
+import sys
 from pathlib import Path
 from typing import Literal, Sequence
 
@@ -28,7 +28,10 @@ from ..models.text_encoder import TEXT_LEN, TextEncoder, clean_prompt
 from ..runtime.slab import BlockLayout
 from ..runtime.streaming import host_slabs_from_blocks, place, unplace
 
-log = logging.getLogger(__name__)
+
+def _warn(msg: str) -> None:
+    """The prompt cache is optional: its failures are warnings on stderr, never the end of a run."""
+    print(f"warning: prompt cache: {msg}", file=sys.stderr)
 
 Placement = Literal["gpu", "cpu", "stream"]
 
@@ -103,10 +106,12 @@ class PromptCache:
         memo_path = self._memo_path(ckpt_dir)
         try:
             memo = json.loads(memo_path.read_text())
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             memo = None
-        if memo is not None and memo.get("ckpt_dir") == str(ckpt_dir):
-            stats = memo.get("files", {})
+        valid = (isinstance(memo, dict) and isinstance(memo.get("files"), dict)
+                 and isinstance(memo.get("fingerprint"), str))       # anything else: fingerprint again
+        if valid and memo.get("ckpt_dir") == str(ckpt_dir):
+            stats = memo["files"]
             tok = ckpt_dir / T5_TOKENIZER
             present = {f"{T5_TOKENIZER}/{f.name}" for f in tok.iterdir() if f.is_file()} if tok.is_dir() else set()
             # Reuse while every remembered file that still exists is unchanged and no file was added.
@@ -121,7 +126,7 @@ class PromptCache:
         try:
             atomic_write(memo_path, lambda tmp: Path(tmp).write_text(json.dumps(record)))
         except OSError as e:                       # a read-only cache still works, just slower
-            log.warning("cannot remember the fingerprint of %s in %s: %s", ckpt_dir, memo_path, e)
+            _warn(f"cannot remember the fingerprint of {ckpt_dir} in {memo_path} ({e.strerror or e})")
         return fingerprint
 
     def identity(self, ckpt_dir: str | os.PathLike, dtype: torch.dtype, text_len: int = TEXT_LEN) -> str:
@@ -152,16 +157,22 @@ class PromptCache:
             if context.ndim != 2:
                 raise ValueError(f"context has shape {list(context.shape)}")
             return context
-        except Exception as e:
-            log.warning("ignoring unreadable prompt cache entry %s: %s", path, e)
+        except Exception as e:  # noqa: BLE001 - any unreadable entry is a miss
+            _warn(f"ignoring the unreadable entry {path} ({e})")
             return None
 
-    def put(self, cleaned_prompt: str, identity: str, context: torch.Tensor) -> Path:
-        """Store one embedding [len, d_model] atomically (temp file + os.replace)."""
+    def put(self, cleaned_prompt: str, identity: str, context: torch.Tensor) -> Path | None:
+        """Store one embedding [len, d_model] atomically (temp file + os.replace). A cache that cannot be
+        written (read-only, full, not a folder) gives a warning and None: the run goes on without it."""
         path = self.path(self.key(cleaned_prompt, identity))
         meta = {"format": CACHE_FORMAT, "identity": identity, "prompt": cleaned_prompt}
         tensor = context.detach().to("cpu").contiguous()
-        atomic_write(path, lambda tmp: save_file({"context": tensor}, tmp, metadata=meta))
+        try:
+            atomic_write(path, lambda tmp: save_file({"context": tensor}, tmp, metadata=meta))
+        except Exception as e:  # noqa: BLE001 - OSError, or safetensors' own error for a failed write
+            _warn(f"cannot store an embedding in {self.root} ({getattr(e, 'strerror', None) or e}); "
+                  "the run goes on without it")
+            return None
         return path
 
 

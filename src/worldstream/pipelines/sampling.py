@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..runtime.runner import Forward
+from .conditioning import GenerationError
 from .progress import Progress
 from .schedulers import expert_for
 
@@ -79,7 +80,8 @@ def sample(runner, noise: torch.Tensor, sampler, experts: list[str], boundary: f
     """Run the whole schedule from `noise` [16, F, H, W] (float32, on the device) and return the latents.
 
     Step t uses expert_for(t, boundary) ("high" / "low") with guide_scale[1] / [0]; a single model uses
-    experts[0] and guide_scale[0]. `log`, if given, receives (step, expert) per step.
+    experts[0] and guide_scale[0]. `log`, if given, receives (step, expert) per step. Latents that turn NaN/inf
+    stop the loop at that step (GenerationError) instead of after the last one.
     """
     runner.start(forward_schedule(sampler.timesteps, experts, boundary, guide_scale, batched_guidance))
     x = noise
@@ -88,6 +90,11 @@ def sample(runner, noise: torch.Tensor, sampler, experts: list[str], boundary: f
         v = guided_velocity(runner, e, x, t.to(x.device), _scale_of(e, guide_scale), context, context_null, y,
                             camera, batched_guidance)
         x = sampler.step(v.float(), x)
+        if not torch.isfinite(x).all():   # stop now rather than finish a run whose video will be NaN
+            raise GenerationError(
+                f"the latents became NaN/inf at denoising step {i + 1} of {len(sampler.timesteps)} ({e} expert, "
+                f"guide scale {_scale_of(e, guide_scale)}): the sampling diverged, so the run stopped there; "
+                "lower --sample_guide_scale or --sample_shift, or use --dtype fp32")
         if log is not None:
             log.append((i, e))
         if progress is not None:

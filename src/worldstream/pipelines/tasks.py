@@ -18,9 +18,9 @@ from typing import Callable
 import torch
 
 from ..checkpoints.dit import Checkpoint, find_checkpoint, index_model_dir, validate
-from ..checkpoints.t5 import T5_CHECKPOINT, T5_TOKENIZER
+from ..checkpoints.t5 import T5_CHECKPOINT, T5_TOKENIZER, check_text_encoder
 from ..checkpoints.tensors import CheckpointError
-from ..checkpoints.vae import VAE_FILE
+from ..checkpoints.vae import VAE_FILE, read_vae_file
 from ..models.camera import pad_to_4n_plus_1
 from ..models.configs import VARIANTS
 from .conditioning import (
@@ -52,6 +52,12 @@ SUPPORTED_SIZES = {
     "i2v-14B": ("720*1280", "1280*720", "480*832", "832*480"),
 }
 DEFAULT_SIZE = "1280*720"
+
+# Limits on what a request may ask for (README "Limits"): far above any real use, low enough that nothing absurd
+# reaches the allocator. Frames: conditioning.MAX_FRAMES (1025, = the longest keyboard string).
+MAX_STEPS = 1000                  # --sample_steps (upstream uses 40-70)
+GUIDE_RANGE = (0.0, 100.0)        # --sample_guide_scale (upstream 3.5-5); larger values make the sampling diverge
+MAX_SHIFT = 100.0                 # --sample_shift (upstream 3-12)
 TINY_DEFAULT_SIZE = "112*64"      # toy models (`*-tiny`) accept any W*H in multiples of 16
 TINY_MAX_SIDE = 1280
 
@@ -168,6 +174,16 @@ def check_checkpoint(ckpt_dir: str | Path) -> Checkpoint:
     return ckpt
 
 
+def check_companions(ckpt: Checkpoint) -> None:
+    """The VAE and umt5 files with the same care as the DiT: read memory-mapped, keys and shapes checked
+    against their models, nothing loaded."""
+    try:
+        read_vae_file(ckpt.root / VAE_FILE)
+        check_text_encoder(ckpt.root)
+    except CheckpointError as e:
+        raise GenerationError(f"checkpoint: {e}") from None
+
+
 def prepare(ckpt_dir: str | Path, prompt: str, *, task: str | None = None, image=None, size: str | None = None,
             frame_num: int | None = None, action_path: str | Path | None = None, action_string: str | None = None,
             negative_prompt: str | None = None, steps: int | None = None, shift: float | None = None,
@@ -196,11 +212,11 @@ def prepare(ckpt_dir: str | Path, prompt: str, *, task: str | None = None, image
 
     # sampling settings
     steps = d.steps if steps is None else steps
-    if int(steps) != steps or steps < 1:
-        raise GenerationError(f"--sample_steps must be a positive integer, got {steps}")
+    if int(steps) != steps or not 1 <= steps <= MAX_STEPS:
+        raise GenerationError(f"--sample_steps must be an integer from 1 to {MAX_STEPS}, got {steps}")
     shift = d.shift if shift is None else float(shift)
-    if not (math.isfinite(shift) and shift > 0):
-        raise GenerationError(f"--sample_shift must be > 0, got {shift}")
+    if not (math.isfinite(shift) and 0 < shift <= MAX_SHIFT):
+        raise GenerationError(f"--sample_shift must be > 0 and at most {MAX_SHIFT:g}, got {shift}")
     if guide_scale is None:
         guide = d.guide_scale
     elif isinstance(guide_scale, (tuple, list)):
@@ -209,8 +225,10 @@ def prepare(ckpt_dir: str | Path, prompt: str, *, task: str | None = None, image
         guide = (float(guide_scale[0]), float(guide_scale[1]))
     else:
         guide = (float(guide_scale), float(guide_scale))
-    if not all(math.isfinite(g) for g in guide):
-        raise GenerationError(f"--sample_guide_scale must be finite, got {guide_scale}")
+    lo, hi = GUIDE_RANGE
+    if not all(math.isfinite(g) and lo <= g <= hi for g in guide):
+        raise GenerationError(f"--sample_guide_scale must be between {lo:g} and {hi:g}, got {guide_scale} "
+                              "(larger scales make the sampling diverge)")
     if solver not in ("unipc", "euler"):
         raise GenerationError(f"--sample_solver {solver!r}: choose unipc or euler")
     if seed is not None and seed >= 2**64:
@@ -231,7 +249,7 @@ def prepare(ckpt_dir: str | Path, prompt: str, *, task: str | None = None, image
         flag = "--action_path" if action_path is not None else "--action_string"
         raise GenerationError(f"{flag} given, but {ckpt.config.name} has no camera / action layers "
                               "(only LingBot-World models take them)")
-    pil = image if image is None or hasattr(image, "convert") else read_image(image)
+    pil = image if image is None or hasattr(image, "convert") else read_image(image, note)
 
     # frames
     if frame_num is None:
@@ -247,9 +265,13 @@ def prepare(ckpt_dir: str | Path, prompt: str, *, task: str | None = None, image
     elif action_path is not None:
         camera = camera_from_dir(action_path, act)
         usable = camera.frames(frames)
+        if usable < frames and frame_num is not None:
+            raise GenerationError(f"--frame_num {frame_num}: {action_path}/poses.npy holds {len(camera.poses)} "
+                                  f"pose(s), which drive {usable} frame(s); give at least {frames} poses, or "
+                                  f"--frame_num {usable} or less")
         if usable < frames:
             note(f"{action_path}: {len(camera.poses)} poses drive {usable} frames; generating {usable} "
-                 f"instead of {frames}")
+                 f"instead of the default {frames}")
             frames = usable
     elif has_camera:
         note(f"{ckpt.config.name}: no --action_path / --action_string; the camera layers get no input")
@@ -262,6 +284,7 @@ def prepare(ckpt_dir: str | Path, prompt: str, *, task: str | None = None, image
         image_t = image_to_tensor(pil)
         h, w = i2v_size(image_t.shape[1], image_t.shape[2], w * h, ckpt.config)
 
+    check_companions(ckpt)     # last: the request's own inputs are refused first, cheaply
     return Job(ckpt=ckpt, variant=variant, task=task, prompt=prompt,
                negative_prompt=NEGATIVE_PROMPT if negative_prompt is None else negative_prompt,
                image=image_t, height=h, width=w, frames=frames, steps=int(steps), shift=shift, guide_scale=guide,

@@ -14,24 +14,30 @@ Keys are upstream names; a compressed linear stores `<name>.weight` (float8_e4m3
 checkpoint (umt5 .pth, tokenizer folder, VAE .pth, other model folders) is hard-linked (copied across file
 systems), so OUT is a complete checkpoint that `worldstream generate --ckpt_dir OUT` and the disk tier read
 directly. Peak host memory is about one block in the source dtype. Everything is written into a hidden
-temporary folder next to OUT that is renamed to OUT at the end, and removed on any failure: OUT either exists
-whole or not at all.
+temporary folder next to OUT (`.OUT.partial-PID`, locked while it is written) that is renamed to OUT at the end,
+and removed on any failure, Ctrl-C and SIGTERM included: OUT either exists whole or not at all. A folder left by
+a killed conversion (SIGKILL, power loss) is removed by the next conversion into the same parent folder
+(files.remove_stale_partials). The room OUT needs is checked before anything is converted.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
 from typing import Callable
 
+import torch
 from safetensors.torch import save_file
 
 from ..checkpoints import keymap
-from ..checkpoints.compressed import QuantPolicy, quantize_stream, quantized_keys
+from ..checkpoints.compressed import QuantPolicy, quantize_stream, quantized_keys, quantized_model
 from ..checkpoints.dit import INDEX_NAME, find_checkpoint, index_model_dir, validate
-from ..checkpoints.tensors import CheckpointError, iter_tensors
+from ..checkpoints.tensors import CheckpointError, iter_tensors, read_json
+from ..files import lock, partial_dir_name, remove_stale_partials
 from ..models.quant import DEFAULT_SKIP, FORMATS
 
 NON_BLOCK_FILE = "non_block.safetensors"
@@ -74,13 +80,16 @@ def convert(ckpt_dir: str | Path, out: str | Path, fmt: str, skip_first_last: bo
     if out.resolve().is_relative_to(root) and out.resolve().parent != root:
         raise ValueError(f"--out {out}: inside the checkpoint's model folders; write it elsewhere")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    if tmp.exists():
+    remove_stale_partials(out.parent, log)
+    expert_dirs = {name: Path(d).resolve() for name, d in ckpt.experts.items()}
+    _check_room(ckpt, expert_dirs, policy, out)
+    tmp = out.parent / partial_dir_name(out.name)
+    if tmp.exists():                       # this process's own, from an earlier call
         shutil.rmtree(tmp)
     tmp.mkdir()
+    held = lock(tmp)                       # held until the end: a later run can tell this folder is in use
     try:
         dit_files: set[Path] = set()
-        expert_dirs = {name: Path(d).resolve() for name, d in ckpt.experts.items()}
         for name, d in expert_dirs.items():
             rel = d.relative_to(root)
             dit_files |= _convert_expert(ckpt.config, d, tmp / rel, policy, f"{name} ({rel.as_posix()}/)", log)
@@ -92,8 +101,54 @@ def convert(ckpt_dir: str | Path, out: str | Path, fmt: str, skip_first_last: bo
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        os.close(held)
     log(f"convert: wrote {out} ({fmt}, first/last blocks {'whole' if skip_first_last else 'compressed'})")
     return out
+
+
+def converted_bytes(cfg, locations: dict, policy: QuantPolicy) -> int:
+    """Bytes of tensors one converted expert stores: 8-bit weights and float32 scales for the compressed
+    linears (their shapes from the model on the meta device), every other tensor as stored."""
+    qkeys = quantized_keys(cfg, policy)
+    state = quantized_model(cfg, torch.float32, policy).state_dict()   # meta: shapes and dtypes only
+    total = 0
+    for key, loc in locations.items():
+        if key in qkeys:
+            scale = key + "_scale"
+            total += state[key].numel() * state[key].element_size() + state[scale].numel() * 4
+        else:
+            total += loc.nbytes
+    return total
+
+
+def _check_room(ckpt, expert_dirs: dict[str, Path], policy: QuantPolicy, out: Path) -> None:
+    """Refuse before converting anything when OUT's file system has not the room for the compressed experts
+    (plus the companion files, where they cannot be hard-linked: another file system)."""
+    root = Path(ckpt.root).resolve()
+    need = sum(converted_bytes(ckpt.config, index_model_dir(d), policy) for d in expert_dirs.values())
+    if os.stat(root).st_dev != os.stat(out.parent).st_dev:     # companions are copied, not linked
+        subdirs = [d for d in expert_dirs.values() if d != root]
+        need += sum(f.stat().st_size for f in root.rglob("*")
+                    if f.is_file() and not any(f.resolve().is_relative_to(d) for d in subdirs))
+    free = shutil.disk_usage(out.parent).free
+    if free < need * 1.02 + 64e6:
+        raise OSError(errno.ENOSPC, f"needs about {need / 1e9:.2f} GB, {free / 1e9:.2f} GB are free "
+                                    "(nothing was written)", str(out.parent))
+
+
+def _save(tensors: dict, path: Path) -> None:
+    """safetensors' save_file, its write failures reported as the OSError they are (it raises its own
+    SafetensorError, naming neither the file nor the errno)."""
+    try:
+        save_file(tensors, str(path), metadata={"format": "pt"})
+    except OSError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        code = re.search(r"os error (\d+)", str(e))
+        if code is None:
+            raise OSError(f"{path}: cannot write it ({e})") from None
+        raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from None
 
 
 def _convert_expert(cfg, src: Path, dst: Path, policy: QuantPolicy, label: str, log) -> set[Path]:
@@ -119,10 +174,9 @@ def _convert_expert(cfg, src: Path, dst: Path, policy: QuantPolicy, label: str, 
 
     config = {}
     if (src / "config.json").is_file():
-        try:
-            config = json.loads((src / "config.json").read_text())
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{src / 'config.json'}: not valid JSON ({e})") from None
+        config = read_json(src / "config.json", "config.json")
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{src / 'config.json'}: not a JSON object")
     if not config:
         config = keymap.upstream_config(cfg)
     write_expert(dst, parts(), config, policy)
@@ -138,7 +192,7 @@ def write_expert(dst: Path, parts, config: dict, policy: QuantPolicy) -> int:
     dst.mkdir(parents=True, exist_ok=True)
     weight_map, total = {}, 0
     for fname, tensors in parts:
-        save_file(tensors, str(dst / fname), metadata={"format": "pt"})
+        _save(tensors, dst / fname)
         weight_map.update({key: fname for key in tensors})
         total += sum(t.nbytes for t in tensors.values())
         del tensors

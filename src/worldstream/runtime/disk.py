@@ -8,6 +8,7 @@ worker waits on, off the hot loop), and tensors stored in another dtype (fp32 sh
 """
 from __future__ import annotations
 
+import math
 import os
 import threading
 from collections import deque
@@ -16,6 +17,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 import torch
 
+from ..checkpoints.tensors import check_finite
 from .memory import pinned_empty, unpin
 from .slab import BlockLayout
 
@@ -52,6 +54,7 @@ class DiskTier:
         self.current: int | None = None
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="worldstream-disk")
         self._fds: dict[str, int] = {}
+        self._checked: set[int] = set()     # blocks whose weights were checked finite (on their first read)
         self.stats = {"reads": 0, "bytes": 0}
 
     def source(self, locations: dict[str, object], prefix: str) -> DiskSource:
@@ -100,6 +103,9 @@ class DiskTier:
             self.copied[r].synchronize()       # the last GPU copy out of this buffer has finished
         self.stats["bytes"] += read_parts(src.parts, self.buffers[r], self._fd)
         self.stats["reads"] += 1
+        if id(src) not in self._checked:
+            check_parts_finite(src.parts, self.buffers[r])
+            self._checked.add(id(src))
 
     def close(self) -> None:
         self.reset()
@@ -143,8 +149,17 @@ def read_parts(parts, slab: torch.Tensor, fd_of) -> int:
     return n
 
 
+def check_parts_finite(parts, slab: torch.Tensor) -> None:
+    """CheckpointError naming the file and key of the first tensor of a read block (`block_parts` in its
+    slab) that holds NaN / inf."""
+    for offset, loc, dtype in parts:
+        n = math.prod(loc.shape) * dtype.itemsize
+        check_finite(slab[offset:offset + n].view(dtype), f"{loc.file}: tensor {loc.key!r}")
+
+
 def read_blocks(jobs: list[tuple[list, torch.Tensor]], workers: int = 8) -> int:
-    """Read several blocks ((parts, slab) pairs) in parallel threads, each file opened once; bytes read."""
+    """Read several blocks ((parts, slab) pairs) in parallel threads, each file opened once, and check their
+    weights finite; bytes read."""
     fds: dict[str, int] = {}
     lock = threading.Lock()
 
@@ -156,7 +171,11 @@ def read_blocks(jobs: list[tuple[list, torch.Tensor]], workers: int = 8) -> int:
 
     try:
         with ThreadPoolExecutor(max(1, min(workers, len(jobs)))) as pool:
-            return sum(pool.map(lambda job: read_parts(job[0], job[1], fd_of), jobs))
+            def read(job) -> int:
+                n = read_parts(job[0], job[1], fd_of)
+                check_parts_finite(job[0], job[1])
+                return n
+            return sum(pool.map(read, jobs))
     finally:
         for fd in fds.values():
             os.close(fd)

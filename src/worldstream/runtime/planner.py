@@ -208,7 +208,7 @@ def plan(cfg: StackModel, workload: Workload, vram_budget: float | None, ram_bud
                 break
     if best is None:
         raise PlanError(
-            f"{cfg.name} at {workload.frames} frames {workload.height}x{workload.width} needs at least "
+            f"{cfg.name} at {workload.frames} frames {workload.width}x{workload.height} needs at least "
             f"{fmt_bytes(min(needs) / (1 - HEADROOM))} of VRAM (non-block weights {fmt_bytes(non_block * 2)}, "
             f"activations {fmt_bytes(cfg.activation_bytes(L, 1, FFN_CHUNK))}, two block slots "
             f"{fmt_bytes(2 * block_bytes)}); the budget is {fmt_bytes(vram_budget)}. Use fewer frames, a smaller "

@@ -64,3 +64,24 @@ def quantized_block_bytes(cfg, fmt: str | None, dtype: torch.dtype = torch.bfloa
     if fmt is not None:
         quantize_block_(block, fmt, skip)
     return BlockLayout.of(block).nbytes
+
+
+def converted_model_bytes(cfg, fmt: str | None, dtype: torch.dtype = torch.bfloat16,
+                          skip_first_last: bool = True) -> int:
+    """Bytes of one expert's tensors as `worldstream convert` stores them from a `dtype` checkpoint (fmt None:
+    not compressed): 8-bit linears with float32 scales inside the compressed blocks (all but the first and
+    last with `skip_first_last`), everything else in `dtype`. One block is built on the meta device."""
+    from ..checkpoints.compressed import QuantPolicy
+
+    _, outside = cfg.param_counts()
+    with torch.device("meta"):
+        block = Block(cfg).to(dtype)
+    whole = _state_bytes(block)
+    compressed = len(QuantPolicy(fmt, skip_first_last).blocks(cfg.num_layers)) if fmt is not None else 0
+    if compressed:
+        quantize_block_(block, fmt, DEFAULT_SKIP)
+    return outside * dtype.itemsize + compressed * _state_bytes(block) + (cfg.num_layers - compressed) * whole
+
+
+def _state_bytes(module: nn.Module) -> int:
+    return sum(v.numel() * v.element_size() for v in module.state_dict().values())

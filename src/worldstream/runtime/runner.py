@@ -33,7 +33,8 @@ from . import attention8  # noqa: F401  (registers the "8bit" attention backend)
 from .disk import DiskTier
 from .loading import CheckpointLoader, resolve_quant, stream_layout
 from .memory import host_ram_bytes, peak_rss_bytes, unpin
-from .planner import Plan, PlanError, Workload, plan
+from ..checkpoints.compressed import QuantPolicy
+from .planner import Hardware, Plan, PlanError, Workload, plan
 from .quant import quantized_block_bytes
 from .streaming import RamSource, StreamEngine, Streamed, place, unplace
 
@@ -233,6 +234,25 @@ class DiTRunner:
         self.engine, self.active = None, None
 
 
+RAM_SHARE = 0.8    # without --ram: this share of the machine's RAM (room for the OS and the rest of the run)
+
+
+def default_ram() -> float:
+    """The host RAM budget when none is given: RAM_SHARE of what the machine has."""
+    return RAM_SHARE * host_ram_bytes()
+
+
+def plan_run(cfg, workload: Workload, vram: float | None, ram: float | None, dtype: torch.dtype,
+             policy: QuantPolicy | None, hardware: Hardware | None = None) -> Plan:
+    """The plan `generate` runs under: block bytes of `dtype` or of the compression `policy` (whose whole
+    first / last blocks stay resident). `worldstream plan` calls this too, so it predicts what generate does."""
+    extra = {}
+    if policy is not None:
+        extra = dict(block_bytes=quantized_block_bytes(cfg, policy.fmt, dtype, tuple(policy.skip)),
+                     pinned_resident=policy.pinned(cfg.num_layers))
+    return plan(cfg, workload, vram, ram, hardware, bytes_per_param=torch.finfo(dtype).bits / 8, **extra)
+
+
 def build_runner(ckpt, device, dtype, workload: Workload, vram: float | None = None, ram: float | None = None,
                  loader=None, quant=None, attention: str = "sdpa", fuse: bool = True) -> DiTRunner:
     """Plan and build a runner for `ckpt` (a checkpoints.dit.Checkpoint, or anything with `.config`,
@@ -254,13 +274,8 @@ def build_runner(ckpt, device, dtype, workload: Workload, vram: float | None = N
     if device.type != "cuda":
         return DiTRunner(names, loader, device, dtype, None, attention=attention, fuse=fuse)
     budget = vram if vram is not None else torch.cuda.mem_get_info(device)[0]
-    if ram is None:   # no budget given: what the machine has, less room for the OS and the rest of the run
-        ram = 0.8 * host_ram_bytes()
-    extra = {}
-    if policy is not None:
-        extra = dict(block_bytes=quantized_block_bytes(cfg, policy.fmt, dtype, tuple(policy.skip)),
-                     pinned_resident=policy.pinned(cfg.num_layers))
-    p = plan(cfg, workload, budget, ram, bytes_per_param=torch.finfo(dtype).bits / 8, **extra)
+    ram = ram if ram is not None else default_ram()
+    p = plan_run(cfg, workload, budget, ram, dtype, policy)
     if on_load and p.disk_blocks:
         raise PlanError(f"--ram {ram / 1e9:.1f}GB holds {len(p.ram_blocks)} of the {len(p.streamed)} streamed "
                         f"blocks even compressed; the rest would stream from disk, which needs the compressed "
