@@ -80,6 +80,8 @@ class DiTConfig:
     task: str | None = None           # upstream's task name (generate.py --task)
     sampling: Sampling | None = None  # None: not runnable by `generate` (no defaults known)
     latents: LatentSpace = WAN_LATENTS
+    trained_size: tuple[int, int] | None = None   # (width, height) of a small model trained at one size: it
+                                                  # takes any multiple of 16 (as the tiny ones) and defaults to this
 
     # ---- shape ---------------------------------------------------------------------------------------------
     @property
@@ -162,10 +164,12 @@ class DiTConfig:
 
     # ---- variants ---------------------------------------------------------------------------------------------
     def tiny(self) -> "DiTConfig":
-        """Same structure, toy sizes: 2 blocks of width 64 (head_dim 16), 32-wide text."""
+        """Same structure, toy sizes: 2 blocks of width 64 (head_dim 16), 32-wide text. A trained-small model
+        (`trained_size`) keeps its time-embedding width, so its tiny sibling is told apart from the others'
+        by the weights (lingbot-cam-world-tiny is otherwise shaped like lingbot-cam-tiny)."""
         return replace(
             self, name=self.name + "-tiny", dim=64, ffn_dim=128, num_heads=4, num_layers=2,
-            text_dim=32, text_len=16, freq_dim=32,
+            text_dim=32, text_len=16, freq_dim=32 if self.trained_size is None else self.freq_dim,
             image_dim=32 if self.image_dim is not None else None,
             image_tokens=5 if self.image_dim is not None else self.image_tokens)
 
@@ -177,6 +181,11 @@ class DiTConfig:
     @property
     def is_tiny(self) -> bool:
         return self.name.endswith("-tiny")
+
+    @property
+    def any_size(self) -> bool:
+        """Runs at any multiple of `pixel_multiple` (toy and trained-small models), not only upstream's sizes."""
+        return self.is_tiny or self.trained_size is not None
 
 
 @functools.lru_cache(maxsize=64)
@@ -193,6 +202,11 @@ def _param_counts(cfg: DiTConfig) -> tuple[int, int]:
 
 _WAN14B = dict(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40)
 _LINGBOT = Sampling(70, 10.0, (5.0, 5.0), boundary=0.947, seed=42)
+# The small LingBot-World Cam model trained on procedural worlds (train/world.py; shipped in assets/tiny_world):
+# one expert (two 16-bit experts of this size would not fit the 30 MB the package ships, and a few GPU
+# minutes of training are better spent on one model that sees every noise level); no guidance (the first
+# frame fixes the world; a guide scale of 1 skips the unconditional pass); 30 UniPC steps at shift 3.
+_WORLD = Sampling(30, 3.0, (1.0, 1.0), seed=42, frame_num=33)
 
 VARIANTS: dict[str, DiTConfig] = {c.name: c for c in [
     DiTConfig("wan2.1-t2v-1.3b", dim=1536, ffn_dim=8960, num_heads=12, num_layers=30, task="t2v-1.3B",
@@ -205,6 +219,8 @@ VARIANTS: dict[str, DiTConfig] = {c.name: c for c in [
     DiTConfig("lingbot-cam", **_WAN14B, in_dim=36, control_dim=6, experts=2, task="i2v-A14B", sampling=_LINGBOT),
     DiTConfig("lingbot-act", **_WAN14B, in_dim=36, control_dim=7, experts=2, task="i2v-A14B", sampling=_LINGBOT),
     DiTConfig("lingbot-fast", **_WAN14B, in_dim=36, control_dim=6, causal=True),
+    DiTConfig("lingbot-cam-world", dim=256, ffn_dim=768, num_heads=4, num_layers=8, in_dim=36, text_dim=32,
+              text_len=64, control_dim=6, task="i2v-A14B", sampling=_WORLD, trained_size=(160, 96)),
 ]}
 
 
