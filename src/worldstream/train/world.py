@@ -1,7 +1,11 @@
 """Train the small LingBot-World Cam model `lingbot-cam-world` (and its VAE) on procedural worlds.
 
-    python -m worldstream.train.world --out runs/world --device cuda --vae_seconds 100 --dit_seconds 140
-    worldstream train world --out runs/world2 --resume runs/world --dit_seconds 200 --export ckpt/
+    python -m worldstream.train.world --make_prompts --out runs/p --prompts runs/prompts.safetensors \
+        --text_dir src/worldstream/assets/tiny_world                   # once: the prompt embeddings
+    python -m worldstream.train.world --out runs/a --prompts runs/prompts.safetensors --vae_seconds 95 \
+        --dit_seconds 110
+    worldstream train world --out runs/b --resume runs/a --prompts runs/prompts.safetensors --pool_start 5000 \
+        --dit_seconds 160 --decay_tail 0.3 --export ckpt/ --text_dir src/worldstream/assets/tiny_world
 
 What it trains, in order (each stage is skipped when the state it resumes from has finished it):
 
@@ -22,6 +26,9 @@ What it trains, in order (each stage is skipped when the state it resumes from h
    x_σ = (1−σ)·x0 + σ·noise, target v = noise − x0, σ = shift·u / (1 + (shift−1)·u) with u uniform and the
    variant's sampling shift (pipelines/schedulers.py). Horizontal flips (with the poses mirrored) double
    the clips. AdamW, EMA of the weights (the EMA is what ships).
+4. **Decoder** (optional, `--decoder_seconds`; runs after stage 2, before the DiT): the VAE decoder alone on whole clips, the encoder frozen, so
+   every latent the DiT learned stays valid (the shipped model: windows of 9 frames had left the decoder
+   drifting over 33).
 
 State (`--out`): `state.json` (progress, loss history, timings) and safetensors files of at most 16 MiB
 (`vae.safetensors`: float16 weights; `dit-0000k.safetensors`: the DiT and its EMA in float16). That is
@@ -60,7 +67,6 @@ VARIANT = "lingbot-cam-world"
 HEIGHT, WIDTH, FRAMES = 96, 160, 33
 MAX_FILE_BYTES = 16 * 2**20           # state files are at most this big (what a GPU lease hands back)
 EVAL_SEED_START = 1_000_000           # evaluation scenes; training seeds stay below
-NEGATIVE = ""                          # unused with guide scale 1; kept in the table for completeness
 
 
 # ---------------------------------------------------------------------------------------------- settings
