@@ -5,8 +5,9 @@
 models/ is plain PyTorch (the math); world/ renders procedural scenes from the models' camera code;
 checkpoints/ knows file formats and builds models from them; runtime/ places and streams them on devices;
 pipelines/ are the jobs (generation, the real-time chunk loop); testing/ writes tiny checkpoints (tests and the
-demo); serve/ and train/ are the web server and trainers; cli/ is the command line. Every import counts,
-including those inside functions.
+demo) and measures the shipped world model; serve/ and train/ are the web server and trainers; cli/ is the
+command line; assets/ holds data files only (the shipped world checkpoint). Every import counts, including
+those inside functions.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 
 LAYERS: list[set[str]] = [{"cli", "__main__"}, {"serve", "train"}, {"testing"}, {"pipelines"}, {"runtime"},
-                          {"checkpoints"}, {"world"}, {"models"}, {"files"}]
+                          {"checkpoints"}, {"world"}, {"models"}, {"files", "assets"}]
 PACKAGE = Path(__file__).resolve().parent.parent / "src" / "worldstream"
 
 

@@ -201,10 +201,10 @@ def test_t2v_command(base, capsys):
 
 
 def test_demo_writes_mp4(capsys):
-    """`make demo`: the default demo, as shipped (fast: tiny model on the CPU)."""
-    assert main(["demo"]) == 0
+    """`make demo` runs the shipped world model (here a short clip with few steps, to stay fast)."""
+    assert main(["demo", "--action_string", "w-2,j-2", "--sample_steps", "2"]) == 0
     out = capsys.readouterr().out
-    assert "RANDOM" in out and "wrote outputs/demo.mp4" in out
+    assert "lingbot-cam-world" in out and "wrote outputs/demo.mp4" in out
     info = mp4_info("outputs/demo.mp4")
     assert (info["codec"], info["pix_fmt"], info["frames"], info["width"], info["height"], info["fps"]) == \
-        ("h264", "yuv420p", 17, 112, 64, 16.0)
+        ("h264", "yuv420p", 5, 160, 96, 16.0)

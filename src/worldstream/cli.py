@@ -264,27 +264,45 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    import tempfile
-
     from .pipelines.generate import run
     from .pipelines.tasks import prepare
-    from .testing.checkpoint import DEMO_HEIGHT, DEMO_PROMPT, DEMO_VARIANT, DEMO_WIDTH, demo_image, write_demo_checkpoint
+    from .testing.world import (DEMO_ACTION_STRING, DEMO_PROMPT, DEMO_SCENE_SEED, WORLD_CHECKPOINT,
+                                demo_first_frame)
 
-    print(f"worldstream demo: the whole generation path (umt5 text encoder, VAE, two-expert DiT with camera "
-          f"control, UniPC sampler, MP4) on a tiny {DEMO_VARIANT} model.\n"
-          "The weights are RANDOM: the video shows that the machinery runs, not a world. "
-          "For real videos download a checkpoint and use `worldstream generate`.")
+    print(f"worldstream demo: a small LingBot-World Cam model ({WORLD_CHECKPOINT.name}, shipped with the package, "
+          "trained on procedural 3D worlds) runs the whole generation path (umt5 text encoder, VAE, DiT with "
+          "camera control, UniPC sampler, MP4): the first frame is a rendered world, the keys move the camera.")
     device = _device(args.device or "cpu")
     path = _output_path(args.save_file, "demo.mp4")
-    with tempfile.TemporaryDirectory(prefix="worldstream-demo-") as ckpt:
-        write_demo_checkpoint(ckpt)
-        job = prepare(ckpt, DEMO_PROMPT, image=demo_image(), size=f"{DEMO_WIDTH}*{DEMO_HEIGHT}",
-                      frame_num=args.frame_num, action_string=args.action_string, steps=args.sample_steps,
-                      seed=args.base_seed, notice=lambda m: print(f"note: {m}"))
-        _check_room(path, job.frames, job.height, job.width)
-        print(job.describe())
-        _finish(lambda: run(job, device=device), job, path)
+    prompt = DEMO_PROMPT if args.prompt is None else args.prompt
+    seed = DEMO_SCENE_SEED if args.scene_seed is None else args.scene_seed
+    image = demo_first_frame(prompt, seed)
+    job = prepare(WORLD_CHECKPOINT, prompt, image=image, size=f"{image.width}*{image.height}",
+                  frame_num=args.frame_num, action_string=args.action_string or DEMO_ACTION_STRING,
+                  steps=args.sample_steps, seed=args.base_seed, notice=lambda m: print(f"note: {m}"))
+    _check_room(path, job.frames, job.height, job.width)
+    print(job.describe())
+    _finish(lambda: run(job, device=device, progress=True), job, path)
     return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import world
+
+    if args.what != "world":
+        raise CommandError(f"unknown training job {args.what!r}; known: world")
+    return world.main(args.args)
+
+
+def _add_train_parser(sub, common) -> None:
+    t = sub.add_parser("train", parents=[common],
+                       help="train a model: `worldstream train world --help` (the small LingBot-World "
+                            "Cam model and its VAE on procedural worlds, resumable)",
+                       description="Training jobs. world: lingbot-cam-world and its VAE on rendered clips "
+                                   "(the flags are those of python -m worldstream.train.world).")
+    t.add_argument("what", choices=["world"], help="what to train")
+    t.add_argument("args", nargs=argparse.REMAINDER, help="the job's flags (see `worldstream train world --help`)")
+    t.set_defaults(fn=cmd_train)
 
 
 def cmd_decode(args: argparse.Namespace) -> int:
@@ -375,14 +393,19 @@ def _add_generate_parser(sub, common) -> None:
 
 def _add_demo_parser(sub, common) -> None:
     d = sub.add_parser(
-        "demo", parents=[common], help="run the whole pipeline on a tiny built-in model with RANDOM weights (CPU, seconds)",
-        description="Write a tiny LingBot-World Cam checkpoint with random weights to a temp folder and run the "
-                    "full generation path on it (text encoder, VAE, two DiT experts, camera from a keyboard "
-                    "string, sampler, MP4). The video shows the machinery runs, not a world.")
+        "demo", parents=[common],
+        help="generate a short video of a procedural world with the small shipped model (CPU, seconds)",
+        description="Render the first frame of a procedural world and run the full generation path on the small "
+                    "LingBot-World Cam model shipped with the package (text encoder, VAE, DiT with camera "
+                    "control from a keyboard string, sampler, MP4).")
     a = d.add_argument
-    a("--action_string", default="w-8,jw-8", help="keyboard schedule driving the camera (default w-8,jw-8)")
-    a("--frame_num", type=int, help="frames, 4n+1 (default: the length of --action_string, 17)")
-    a("--sample_steps", type=int, help="denoising steps (default 70, LingBot's)")
+    a("--action_string", help="keyboard schedule driving the camera (default w-8,jw-12,lw-12: forward, then "
+                              "forward turning left, then right; W/S move, A/D strafe, J/L turn, I/K pitch)")
+    a("--prompt", help="text; its words also pick the world's time of day (dawn, noon, dusk, night), ground, "
+                       "weather and box colours (default 'a sunny noon grassy field with colourful boxes')")
+    a("--scene_seed", type=int, help="which world (default 4)")
+    a("--frame_num", type=int, help="frames, 4n+1 (default: the length of --action_string, 33)")
+    a("--sample_steps", type=int, help="denoising steps (default 30, the model's)")
     a("--base_seed", type=int, help="noise seed (default 42)")
     a("--save_file", default="outputs/demo.mp4", help="output .mp4 (default outputs/demo.mp4)")
     a("--device", help="cpu (default) or cuda")
@@ -647,6 +670,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_decode_parser(sub, common)
     _add_plan_parser(sub, common)
     _add_convert_parser(sub, common)
+    _add_train_parser(sub, common)
     return p
 
 

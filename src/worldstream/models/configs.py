@@ -95,6 +95,8 @@ class DiTConfig:
     sampling: Sampling | None = None  # None: not runnable by `generate` (no defaults known)
     realtime: CausalSampling | None = None   # causal students: the chunk loop's settings
     latents: LatentSpace = WAN_LATENTS
+    trained_size: tuple[int, int] | None = None   # (width, height) of a small model trained at one size: it
+                                                  # takes any multiple of 16 (as the tiny ones) and defaults to this
 
     # ---- shape ---------------------------------------------------------------------------------------------
     @property
@@ -184,10 +186,12 @@ class DiTConfig:
 
     # ---- variants ---------------------------------------------------------------------------------------------
     def tiny(self) -> "DiTConfig":
-        """Same structure, toy sizes: 2 blocks of width 64 (head_dim 16), 32-wide text."""
+        """Same structure, toy sizes: 2 blocks of width 64 (head_dim 16), 32-wide text. A trained-small model
+        (`trained_size`) keeps its time-embedding width, so its tiny sibling is told apart from the others'
+        by the weights (lingbot-cam-world-tiny is otherwise shaped like lingbot-cam-tiny)."""
         return replace(
             self, name=self.name + "-tiny", dim=64, ffn_dim=128, num_heads=4, num_layers=2,
-            text_dim=32, text_len=16, freq_dim=32,
+            text_dim=32, text_len=16, freq_dim=32 if self.trained_size is None else self.freq_dim,
             image_dim=32 if self.image_dim is not None else None,
             image_tokens=5 if self.image_dim is not None else self.image_tokens)
 
@@ -199,6 +203,11 @@ class DiTConfig:
     @property
     def is_tiny(self) -> bool:
         return self.name.endswith("-tiny")
+
+    @property
+    def any_size(self) -> bool:
+        """Runs at any multiple of `pixel_multiple` (toy and trained-small models), not only upstream's sizes."""
+        return self.is_tiny or self.trained_size is not None
 
 
 @functools.lru_cache(maxsize=64)
@@ -220,6 +229,11 @@ _LINGBOT = Sampling(70, 10.0, (5.0, 5.0), boundary=0.947, seed=42)
 _FAST_V1 = CausalSampling(chunk=3, step_indices=(0, 179, 358, 679), shift=10.0)
 # v2 causal-fast: 4-frame chunks at t = 999, 967, 908, 768; upstream's scripts run a window of 18 with sink 6.
 _FAST_V2 = CausalSampling(chunk=4, step_indices=(0, 250, 500, 750), shift=10.0, window=18, sink=6)
+# The small LingBot-World Cam model trained on procedural worlds (train/world.py; shipped in assets/tiny_world):
+# one expert (two 16-bit experts of this size would not fit the 30 MB the package ships, and a few GPU
+# minutes of training are better spent on one model that sees every noise level); no guidance (the first
+# frame fixes the world; a guide scale of 1 skips the unconditional pass); 30 UniPC steps at shift 3.
+_WORLD = Sampling(30, 3.0, (1.0, 1.0), seed=42, frame_num=33)
 
 VARIANTS: dict[str, DiTConfig] = {c.name: c for c in [
     DiTConfig("wan2.1-t2v-1.3b", dim=1536, ffn_dim=8960, num_heads=12, num_layers=30, task="t2v-1.3B",
@@ -234,6 +248,8 @@ VARIANTS: dict[str, DiTConfig] = {c.name: c for c in [
     DiTConfig("lingbot-fast", **_WAN14B, in_dim=36, control_dim=6, causal=True, realtime=_FAST_V1),
     DiTConfig("lingbot-fast-v2", **_WAN14B, in_dim=36, control_dim=6, causal=True, realtime=_FAST_V2),
     DiTConfig("lingbot-fast-v2-1.3b", **_WAN1_3B, in_dim=36, control_dim=6, causal=True, realtime=_FAST_V2),
+    DiTConfig("lingbot-cam-world", dim=256, ffn_dim=768, num_heads=4, num_layers=8, in_dim=36, text_dim=32,
+              text_len=64, control_dim=6, task="i2v-A14B", sampling=_WORLD, trained_size=(160, 96)),
 ]}
 
 

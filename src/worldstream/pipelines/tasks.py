@@ -207,7 +207,7 @@ def prepare(ckpt_dir: str | Path, prompt: str, *, task: str | None = None, image
     ckpt = check_checkpoint(ckpt_dir)
     variant, task = _resolve_task(ckpt, task)
     d = ckpt.config.sampling
-    tiny = ckpt.config.is_tiny
+    tiny = ckpt.config.any_size
     i2v = task.startswith("i2v")
 
     # sampling settings
@@ -277,7 +277,8 @@ def prepare(ckpt_dir: str | Path, prompt: str, *, task: str | None = None, image
         note(f"{ckpt.config.name}: no --action_path / --action_string; the camera layers get no input")
 
     # size
-    size = size or (TINY_DEFAULT_SIZE if tiny else DEFAULT_SIZE)
+    trained = ckpt.config.trained_size
+    size = size or (f"{trained[0]}*{trained[1]}" if trained else TINY_DEFAULT_SIZE if tiny else DEFAULT_SIZE)
     w, h = _parse_size(size, task, tiny, ckpt.config.pixel_multiple)
     image_t = None
     if i2v:

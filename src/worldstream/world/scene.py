@@ -443,7 +443,8 @@ def _camera_rays(k: torch.Tensor, height: int, width: int, device) -> torch.Tens
 
 
 def render(scene: Scene, c2w, intrinsics=DEFAULT_INTRINSICS, height: int = 96, width: int = 160, device=None,
-           *, supersample: int | None = None, shadows: bool = True, return_depth: bool = False):
+           *, supersample: int | None = None, shadows: bool = True, return_depth: bool = False,
+           frame_batch: int = 1, ray_box_elements: int = MAX_RAY_BOX_ELEMENTS):
     """Render the scene from camera-to-world poses c2w [N, 4, 4] (or [4, 4]; numpy or torch, any float).
 
     `intrinsics` (fx, fy, cx, cy) describe a 480×832 image and are rescaled to height×width like
@@ -451,6 +452,11 @@ def render(scene: Scene, c2w, intrinsics=DEFAULT_INTRINSICS, height: int = 96, w
     scene's). `supersample` s casts s×s rays per pixel and averages them (default: 2 for images up to
     SMALL_IMAGE_PIXELS, else 1). With `return_depth`, returns (frames, depth [N, H, W]): distance along
     the ray to the nearest surface in the pixel (min over sub-pixel rays), inf where only sky is seen.
+
+    `frame_batch` > 1 shades that many frames' rays together against every box (no per-frame culling):
+    fewer, larger kernels, the fast path on a GPU (a 33-frame 96×160 clip in one batch). Culling only
+    skips boxes a frame cannot see, so the image is the same up to float rounding. `ray_box_elements`
+    bounds rays × boxes per chunk (memory: ~120 bytes each).
     """
     device = torch.device(device) if device is not None else scene.box_min.device
     scene = scene.to(device)
@@ -465,7 +471,19 @@ def render(scene: Scene, c2w, intrinsics=DEFAULT_INTRINSICS, height: int = 96, w
     n, p = len(c2w), len(cam_dirs)
     colour = torch.empty(n, p, 3, device=device)
     depth = torch.empty(n, p, device=device)
-    for i in range(n):                                                   # one frame at a time, rays in chunks
+    if frame_batch > 1:
+        casters = (scene.box_min, scene.box_max) if shadows else None
+        chunk = max(1, ray_box_elements // max(1, len(scene.box_min)))
+        for i in range(0, n, frame_batch):
+            poses = c2w[i:i + frame_batch]
+            dirs = (cam_dirs[None] @ poses[:, :3, :3].transpose(1, 2)).reshape(-1, 3)
+            origins = poses[:, None, :3, 3].expand(-1, p, 3).reshape(-1, 3)
+            out_c = colour[i:i + frame_batch].view(-1, 3)
+            out_d = depth[i:i + frame_batch].view(-1)
+            for j in range(0, len(dirs), chunk):
+                out_c[j:j + chunk], out_d[j:j + chunk] = shade(scene, origins[j:j + chunk], dirs[j:j + chunk],
+                                                               casters)
+    for i in range(n if frame_batch <= 1 else 0):                        # one frame at a time, rays in chunks
         # Only boxes that can appear in this frame, and those whose shadows can, are intersected.
         seen = boxes_in_view(corners, c2w[i], k, height * s, width * s)
         view = replace(scene, box_min=scene.box_min[seen], box_max=scene.box_max[seen], box_color=scene.box_color[seen])

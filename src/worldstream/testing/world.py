@@ -1,0 +1,130 @@
+"""The shipped small world model (`assets/tiny_world`, trained by train/world.py) and how it is measured.
+
+`WorldModel.load(folder, device)` reads the checkpoint with the package's own loaders (VAE, DiT, umt5);
+`WorldModel.generate(...)` runs image-to-video with camera control for a batch of scenes: the same steps as
+`pipelines.generate.run` (image_condition, camera_condition, initial_noise, the UniPC schedule, VAE decode),
+batched over scenes, with no classifier-free guidance (the variant's guide scale is 1). benchmarks/
+world_quality.py and the tests measure it against the procedural renderer's ground truth with `psnr`, `ssim`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..checkpoints.dit import find_checkpoint, load_dit
+from ..checkpoints.vae import VAE_FILE, load_vae
+from ..models import camera as cam
+from ..models.configs import DiTConfig
+from ..models.dit import WanDiT
+from ..models.vae import WanVAE
+from ..pipelines.conditioning import image_condition, initial_noise
+from ..pipelines.prompts import encode_prompts
+from ..pipelines.schedulers import FlowEuler, FlowUniPC
+
+WORLD_CHECKPOINT = Path(__file__).resolve().parent.parent / "assets" / "tiny_world"
+
+
+@dataclass
+class WorldModel:
+    root: Path
+    config: DiTConfig
+    vae: WanVAE
+    dit: WanDiT
+    device: torch.device
+    dtype: torch.dtype
+
+    @classmethod
+    def load(cls, root: str | Path = WORLD_CHECKPOINT, device="cpu", dtype: torch.dtype | None = None
+             ) -> "WorldModel":
+        """VAE in float32, DiT in bf16 on CUDA / float32 on the CPU (as `generate` runs them)."""
+        root, device = Path(root), torch.device(device)
+        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        ckpt = find_checkpoint(root)
+        if len(ckpt.experts) != 1:
+            raise ValueError(f"{root}: expected a one-expert world model, found {list(ckpt.experts)}")
+        vae = load_vae(root / VAE_FILE, dtype=torch.float32, device=device)
+        dit = load_dit(next(iter(ckpt.experts.values())), dtype=dtype, device=device, cfg=ckpt.config)
+        dit.set_fuse(False)
+        return cls(root, ckpt.config, vae, dit, device, dtype)
+
+    def encode_text(self, prompts: list[str]) -> list[torch.Tensor]:
+        return encode_prompts(prompts, self.root, cache=None, placement="gpu", device=self.device,
+                              dtype=torch.float32, text_len=self.config.text_len)
+
+    @torch.no_grad()
+    def generate(self, first_frames: torch.Tensor, poses: list, prompts: list[str], seeds: list[int],
+                 steps: int | None = None, zero_camera: bool = False, solver: str = "unipc",
+                 intrinsics=cam.DEFAULT_INTRINSICS, frames: int = 33) -> torch.Tensor:
+        """Videos [B, 3, frames, H, W] in [-1, 1] (float32, on the device) from first frames [B, 3, H, W]
+        in [-1, 1], keyboard trajectories (`frames` + 1 camera-to-world poses each), prompts and noise
+        seeds. `zero_camera`: the camera input is all zeros (the ablation)."""
+        b, _, h, w = first_frames.shape
+        cfg, sampling = self.config, self.config.sampling
+        if sampling.guide_scale != (1.0, 1.0):
+            raise NotImplementedError("WorldModel.generate runs without classifier-free guidance")
+        steps = steps or sampling.steps
+        y = torch.stack([image_condition(self.vae, img.float().cpu(), frames) for img in first_frames])
+        camera = torch.stack([cam.camera_condition(p, intrinsics, frames, h, w, truncate=False) for p in poses])
+        if zero_camera:
+            camera.zero_()
+        ctx = self.encode_text(prompts)
+        n = max(len(c) for c in ctx)
+        context = torch.stack([F.pad(c, (0, 0, 0, n - len(c))) for c in ctx])
+        shape = (cfg.latents.channels, *cfg.latent_grid(frames, h, w))
+        x = torch.stack([initial_noise(s, shape) for s in seeds]).to(self.device)
+        sampler = (FlowUniPC if solver == "unipc" else FlowEuler)(steps, sampling.shift)
+        y, camera = y.to(self.device), camera.to(self.device, self.dtype)
+        for t in sampler.timesteps:
+            v = self.dit(x, t.to(self.device).reshape(1).expand(b), context, y=y, camera=camera)
+            x = sampler.step(v.float(), x)
+        return self.vae.decode(x)
+
+
+# ---- metrics (images in [-1, 1]) ----------------------------------------------------------------------
+
+def psnr(a: torch.Tensor, b: torch.Tensor, dims=(-3, -2, -1)) -> torch.Tensor:
+    """PSNR in dB of images in [-1, 1] (peak-to-peak 2), reduced over `dims` (default: C, H, W)."""
+    mse = (a.float() - b.float()).pow(2).mean(dim=dims)
+    return 10 * torch.log10(4.0 / mse.clamp(min=1e-12))
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    """SSIM (Gaussian window 11, σ 1.5, valid region, per channel then averaged) of images [..., 3, H, W] in
+    [-1, 1], on [0, 1] intensities; one value per leading index."""
+    lead = a.shape[:-3]
+    x = (a.float().reshape(-1, *a.shape[-3:]) + 1) / 2
+    y = (b.float().reshape(-1, *b.shape[-3:]) + 1) / 2
+    c = x.shape[1]
+    g = torch.exp(-((torch.arange(window, dtype=torch.float32, device=x.device) - window // 2) ** 2) / (2 * sigma ** 2))
+    g = g / g.sum()
+    k = (g[:, None] * g[None, :]).expand(c, 1, window, window)
+
+    def blur(t):
+        return F.conv2d(t, k, groups=c)
+
+    mx, my = blur(x), blur(y)
+    vx, vy, cxy = blur(x * x) - mx ** 2, blur(y * y) - my ** 2, blur(x * y) - mx * my
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
+    return s.mean(dim=(1, 2, 3)).reshape(lead)
+
+
+# ---- the built-in demo ------------------------------------------------------------------------------------
+
+DEMO_PROMPT = "a sunny noon grassy field with colourful boxes"
+DEMO_SCENE_SEED = 4
+DEMO_ACTION_STRING = "w-8,jw-12,lw-12"   # forward, then forward turning left, then forward turning right: 33 frames
+
+
+def demo_first_frame(prompt: str = DEMO_PROMPT, seed: int = DEMO_SCENE_SEED, width: int = 160, height: int = 96):
+    """The demo's first frame (PIL RGB): the procedural world of `seed` (words in `prompt` pick the time of day,
+    ground, weather, box colours) seen from the start pose, rendered like the training clips."""
+    from PIL import Image
+
+    from ..world import make_scene, render
+
+    frame = render(make_scene(seed, prompt), torch.eye(4), height=height, width=width, device="cpu")[0]
+    return Image.fromarray(((frame + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy(), "RGB")
