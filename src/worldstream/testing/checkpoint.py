@@ -7,6 +7,7 @@ exactly like a downloaded one:
     root/Wan2.1_VAE.pth
     root/models_t5_umt5-xxl-enc-bf16.pth
     root/google/umt5-xxl/                            (tokenizer)
+    root/models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth   (Wan2.1 I2V only: the CLIP image encoder)
 
 All weights are random, so the videos they make show that the machinery runs end to end, not a world.
 """
@@ -18,6 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from ..checkpoints.vae import VAE_FILE
+from ..models.configs import get_config
+from .clip import write_tiny_clip
 from .dit import write_dit_checkpoint
 from .text import write_tiny_text_encoder
 from .vae import write_tiny_vae
@@ -45,6 +48,8 @@ def write_tiny_checkpoint(root: str | os.PathLike, variant: str = DEMO_VARIANT, 
     write_dit_checkpoint(root, variant, layout=layout, seed=seed, shards=shards)
     write_tiny_vae(root / VAE_FILE, seed=seed)
     write_tiny_text_encoder(root, seed=seed)
+    if get_config(variant).has_image_branch:
+        write_tiny_clip(root, seed=seed)
     return root
 
 
