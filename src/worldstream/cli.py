@@ -247,7 +247,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                   frame_num=args.frame_num, action_path=args.action_path, action_string=args.action_string,
                   negative_prompt=args.negative_prompt, steps=args.sample_steps, shift=args.sample_shift,
                   guide_scale=args.sample_guide_scale, seed=args.base_seed, solver=args.sample_solver,
-                  notice=lambda m: print(f"note: {m}"))
+                  notice=lambda m: print(f"note: {m}"), dit=args.dit, loras=args.lora)
     slug = re.sub(r"[^A-Za-z0-9]+", "_", job.prompt)[:40].strip("_") or "video"
     name = f"{job.task}_{job.width}x{job.height}_{slug}_{time.strftime('%Y%m%d_%H%M%S')}.mp4"
     path = _output_path(args.save_file, name)
@@ -258,6 +258,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     print(job.describe())
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(args.dtype)
     _finish(lambda: run(job, device=device, dtype=dtype, t5_cpu=args.t5_cpu, vae_cpu=args.vae_cpu,
+                        clip_cpu=args.clip_cpu,
                         vae_tile=args.vae_tile, vram=vram, ram=ram, quant=args.quant, attention=args.attention,
                         fuse=_fuse_from_env(), prompt_cache=cache), job, path)
     return 0
@@ -336,9 +337,19 @@ def _add_generate_parser(sub, common) -> None:
                     "before anything large is loaded.")
     a = g.add_argument
     a("--task", help="upstream task name, checked against the checkpoint: i2v-A14B (Wan2.2 I2V, LingBot-World), "
-                     "t2v-14B, t2v-1.3B (Wan2.1), i2v-14B (Wan2.1 I2V: not supported yet). Default: detected")
+                     "i2v-14B (Wan2.1 I2V, with its CLIP image encoder), t2v-14B, t2v-1.3B (Wan2.1). Default: "
+                     "detected")
     a("--ckpt_dir", help="checkpoint folder (DiT weights, Wan2.1_VAE.pth, models_t5_umt5-xxl-enc-bf16.pth, "
-                         "google/umt5-xxl/)")
+                         "google/umt5-xxl/; Wan2.1 I2V also models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth). "
+                         "A distill_models/ (distill_fp8/, distill_int8/) folder in it is a LightX2V 4-step student")
+    a("--dit", action="append", metavar="PATH",
+      help="use this DiT (a .safetensors file, e.g. LightX2V's wan2.1_i2v_480p_scaled_fp8_e4m3_lightx2v_4step"
+           ".safetensors, or a folder) instead of the checkpoint's; VAE, text encoder and CLIP still come from "
+           "--ckpt_dir. Give it twice for the two experts of Wan2.2 / LingBot ('high' / 'low' in the names)")
+    a("--lora", action="append", metavar="[high=|low=]FILE[:SCALE]",
+      help="merge a LoRA (kohya or diffusers naming: lora_down/up or lora_A/B, alpha; .diff / .diff_b) into the "
+           "DiT while it loads, before any compression; repeatable; SCALE defaults to 1. A step-distill LoRA "
+           "(LightX2V's ..._cfg_step_distill_lora_rank64..., ..._4step...) switches to the 4-step sampler")
     a("--prompt", help="what the video shows")
     a("--negative_prompt", default=None, help="what to steer away from (default: Wan's Chinese negative prompt)")
     a("--image", help="first frame (image-to-video models); the output keeps its aspect ratio")
@@ -351,14 +362,16 @@ def _add_generate_parser(sub, common) -> None:
     a("--action_string", help="LingBot-World: keyboard schedule, e.g. 'w-10,iw-15,none-10' (W/A/S/D move, "
                               "I/K pitch, J/L yaw; <keys>-<frames> segments). Intrinsics from --action_path if "
                               "given, else a built-in camera calibrated for 832x480")
-    a("--sample_steps", type=int, help="denoising steps, at most 1000 (default: LingBot 70, Wan2.2 40, Wan2.1 T2V "
-                                       "50)")
+    a("--sample_steps", type=int, help="denoising steps, at most 1000 (default: LingBot 70, Wan2.2 40, Wan2.1 I2V "
+                                       "40, Wan2.1 T2V 50; a 4-step student 4)")
     a("--sample_shift", type=float, help="flow schedule shift, above 0 and at most 100 (default: LingBot 10, "
-                                         "Wan 5)")
+                                         "Wan 5, Wan2.1 I2V at 480p 3, 4-step students 5)")
     a("--sample_guide_scale", type=_guide_scale,
       help="classifier-free guidance scale from 0 to 100, or low,high for the two experts (default: LingBot 5, "
-           "Wan2.2 3.5, Wan2.1 5); 1 skips the unconditional pass")
-    a("--sample_solver", default="unipc", choices=["unipc", "euler"], help="sampler (default unipc)")
+           "Wan2.2 3.5, Wan2.1 5, 4-step students 1); 1 skips the unconditional pass")
+    a("--sample_solver", default=None, choices=["unipc", "euler", "distill"],
+      help="sampler: unipc (upstream's), euler, or distill (LightX2V's 4-step students: t = 1000/750/500/250 at "
+           "shift 5, deterministic Euler, no CFG). Default: distill for a student, else unipc")
     a("--base_seed", type=int, help="noise seed; the same seed gives the same video (default: LingBot 42, "
                                     "others random, printed); -1 = default")
     a("--save_file", help="output .mp4 (default outputs/<task>_<size>_<prompt>_<time>.mp4)")
@@ -376,6 +389,8 @@ def _add_generate_parser(sub, common) -> None:
            "Ada/Hopper: ~20%% faster attention at 81 frames, ~0.3-3%% error per attention; see README)")
     a("--t5_cpu", action="store_true", help="run the text encoder on the CPU: saves ~11 GB of VRAM, costs "
                                             "seconds to a minute of encoding (skipped for cached prompts)")
+    a("--clip_cpu", action="store_true", help="Wan2.1 I2V: run the CLIP image encoder on the CPU (float32) instead "
+                                              "of on the GPU (float16, ~1.3 GB, freed before the DiT loads)")
     a("--vae_cpu", action="store_true", help="run the VAE on the CPU: saves VRAM during encode/decode, costs "
                                              "minutes at 720p")
     a("--vae_tile", type=int, default=None, metavar="N",

@@ -20,10 +20,11 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from ..models.configs import VARIANTS, WAN_LATENTS, DiTConfig
+from ..models.configs import VARIANTS, WAN_LATENTS, DiTConfig, StepDistill
 from ..models.dit import WanDiT
 from . import keymap
 from .compressed import QuantPolicy, quantized_model, stored_as_is
+from ..models.quant import DEFAULT_SKIP
 from .tensors import CheckpointError, TensorLocation, iter_tensors, read_json, read_pth, read_safetensors_header
 
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
@@ -38,6 +39,8 @@ class Checkpoint:
     experts: dict[str, Path]    # {"main": ...} | {"high": ..., "low": ...} | {"fast": ...}
     config: DiTConfig
     quant: QuantPolicy | None = None   # the policy of a converted (compressed) checkpoint, else None
+    student: StepDistill | None = None # a LightX2V step-distilled student: how it samples (else None)
+    student_source: str = ""           # what told us it is one (a folder or file name)
 
 
 def _weight_files(d: Path) -> list[Path]:
@@ -57,10 +60,16 @@ def _shard_name(index: Path, name) -> Path:
 
 
 def _raw_index(model_dir: Path) -> dict[str, TensorLocation]:
-    """Keys as stored in the files -> locations."""
-    if not model_dir.is_dir():
+    """Keys as stored in the files -> locations. `model_dir` is a DiT folder, or one `.safetensors` file holding
+    a whole DiT (LightX2V's single-file students)."""
+    if model_dir.is_file():
+        if model_dir.suffix != ".safetensors":
+            raise CheckpointError(f"{model_dir}: a DiT given as one file must be a .safetensors file")
+        files = [model_dir]
+    elif not model_dir.is_dir():
         raise CheckpointError(f"{model_dir}: not a folder")
-    files = _weight_files(model_dir)
+    else:
+        files = _weight_files(model_dir)
     if not files:
         raise CheckpointError(f"{model_dir}: no DiT weights (looked for {INDEX_NAME}, *.safetensors, *.pth)")
     out: dict[str, TensorLocation] = {}
@@ -140,22 +149,54 @@ def index_model_dir(model_dir: str | Path) -> dict[str, TensorLocation]:
     return _index(Path(model_dir))[0]
 
 
-def read_quantization(model_dir: str | Path) -> QuantPolicy | None:
-    """The `"quantization"` entry of a DiT folder's config.json (written by `worldstream convert`) as a
-    QuantPolicy, or None for ordinary bf16/fp32 weights."""
+def read_quantization(model_dir: str | Path, locations: dict[str, TensorLocation] | None = None
+                      ) -> QuantPolicy | None:
+    """How a DiT's block linears are stored: the `"quantization"` entry of its config.json (written by
+    `worldstream convert`), else what the tensors themselves show (LightX2V's scaled fp8 / int8 files, which
+    carry no config: `infer_quantization`), else None for ordinary bf16/fp32 weights."""
     model_dir = Path(model_dir)
     entry = _read_config(model_dir).get("quantization")
     if entry is None:
-        return None
+        return infer_quantization(model_dir, locations if locations is not None else index_model_dir(model_dir))
     try:
         return QuantPolicy.from_json(entry, str(model_dir / "config.json"))
     except ValueError as e:
         raise CheckpointError(str(e)) from None
 
 
+def infer_quantization(where: Path, locations: dict[str, TensorLocation]) -> QuantPolicy | None:
+    """The QuantPolicy of a DiT stored the way LightX2V's converter writes compressed Wan DiTs
+    (tools/convert, `--quantized` without `--comfyui_mode`): every 2-D weight of a block's self_attn,
+    cross_attn and ffn as `<name>.weight` in float8_e4m3fn or int8 plus `<name>.weight_scale` [out, 1] (one
+    scale per output row, amax / 448 or / 127), all blocks; everything else bf16. That is worldstream's own
+    per-channel format, so such a file loads into the same QLinears (scales converted to float32). None when
+    nothing is scaled. ComfyUI's per-tensor `scale_weight` variant is refused by name."""
+    if "scaled_fp8" in locations or any(k.endswith(".scale_weight") for k in locations):
+        raise CheckpointError(f"{where}: ComfyUI 'scaled_fp8' weights (one scale per tensor, '.scale_weight'); "
+                              "worldstream reads LightX2V's per-channel files (`...scaled_fp8_e4m3_lightx2v...`, "
+                              "'.weight_scale' keys), or convert the bf16 original with `worldstream convert`")
+    scaled = [k[: -len("_scale")] for k in locations if k.endswith(".weight_scale")]
+    if not scaled:
+        return None
+    kinds = {locations[k].dtype for k in scaled if k in locations}
+    fmt = {frozenset({torch.float8_e4m3fn}): "fp8", frozenset({torch.int8}): "int8"}.get(frozenset(kinds))
+    if fmt is None:
+        raise CheckpointError(f"{where}: scaled weights stored as {sorted(map(str, kinds))}; expected all "
+                              "float8_e4m3fn or all int8")
+    groups = {locations[k + "_scale"].shape[1:] for k in scaled}
+    if fmt == "fp8" and any(g != (1,) for g in groups):
+        fmt = "fp8-block"
+    blocks = {int(k.split(".")[1]) for k in scaled if k.startswith("blocks.") and k.split(".")[1].isdigit()}
+    n = _num_blocks(where, locations)
+    skip_first_last = bool(blocks) and 0 not in blocks and n - 1 not in blocks
+    return QuantPolicy(fmt, skip_first_last=skip_first_last, skip=DEFAULT_SKIP)
+
+
 # ---- variant detection ----------------------------------------------------------------------------------
 
 def _read_config(model_dir: Path) -> dict:
+    if model_dir.is_file():          # a single-file DiT carries no config.json
+        return {}
     path = model_dir / "config.json"
     if not path.is_file():
         return {}
@@ -319,17 +360,62 @@ FAST_AT_ROOT = "lingbot-fast-v2-1.3b"
 FAST_BY_CHUNK = {3: "lingbot-fast", 4: "lingbot-fast-v2"}
 
 
-def find_checkpoint(ckpt_dir: str | Path, fast: bool | None = None) -> Checkpoint:
+# LightX2V's step-distilled students: the folders their repositories hold the DiT in (bf16, fp8, int8;
+# lightx2v/utils/utils.py find_torch_model_path), and the file / folder names that mark a student.
+DISTILL_DIRS = ("distill_models", "distill_fp8", "distill_int8")
+STUDENT_NAME = re.compile(r"(?i)(distill|\d+_?steps?\b|\d+step)")
+
+
+def is_student_name(name: str) -> bool:
+    """Whether a DiT or LoRA file name says it is a LightX2V step-distilled student (`distill_model`,
+    `..._lightx2v_4step...`, `..._cfg_step_distill_lora_rank64...`)."""
+    return bool(STUDENT_NAME.search(name))
+
+
+def _dit_overrides(root: Path, dit: list) -> dict[str, Path]:
+    """`--dit` paths -> experts: one path is the model; two are the high- and low-noise experts, told apart
+    by "high" / "low" in their names (else given in that order)."""
+    paths = [Path(p) for p in dit]
+    for p in paths:
+        if not (p.is_dir() or p.is_file()):
+            raise CheckpointError(f"--dit {p}: no such file or folder")
+    if len(paths) == 1:
+        return {"main": paths[0]}
+    if len(paths) != 2:
+        raise CheckpointError(f"--dit given {len(paths)} times; give one DiT, or two (high- and low-noise expert)")
+    named = {("high" if "high" in p.name.lower() else "low" if "low" in p.name.lower() else None): p for p in paths}
+    if set(named) == {"high", "low"}:
+        return {"high": named["high"], "low": named["low"]}
+    return {"high": paths[0], "low": paths[1]}
+
+
+def find_checkpoint(ckpt_dir: str | Path, fast: bool | None = None, dit: list | None = None) -> Checkpoint:
     """Locate the DiT folders of a checkpoint and detect its variant (both experts must agree).
 
     Wan2.1: DiT at the root (upstream) or in transformer/ (diffusers). Two experts: high_noise_model/ and
     low_noise_model/, or transformer/ and transformer_2/. LingBot Fast (the causal students): v1
     lingbot_world_fast/, v2 14B transformers/ (taken when `fast` is True, or when there are no two-expert
     folders), a diffusers export's transformer/ with a causal class, or a v2 1.3B at the root.
+
+    LightX2V's step-distilled students: a `distill_models/` (or `distill_fp8/`, `distill_int8/`) folder at the
+    root is the DiT (with `high_noise_model/` + `low_noise_model/` inside for Wan2.2); `dit` (the `--dit` flag)
+    names DiT files or folders to use instead of the checkpoint's own (e.g. LightX2V's single files), the
+    rest (VAE, text encoder, CLIP) still coming from `ckpt_dir`. A DiT found in a distill folder, or whose file
+    name marks a student (`is_student_name`), samples as one (`Checkpoint.student`).
     """
     root = Path(ckpt_dir)
     if not root.is_dir():
         raise CheckpointError(f"{root}: checkpoint folder does not exist")
+    student_source = ""
+    if dit:
+        experts = _dit_overrides(root, dit)
+        return _checkpoint(root, experts, student_source=next(
+            (p.name for p in experts.values() if is_student_name(p.name)), ""))
+    distill = next((root / d for d in DISTILL_DIRS if (root / d).is_dir()), None)
+    if distill is not None and not fast:
+        hi, lo = distill / "high_noise_model", distill / "low_noise_model"
+        experts = {"high": hi, "low": lo} if hi.is_dir() or lo.is_dir() else {"main": distill}
+        return _checkpoint(root, experts, student_source=f"{distill.name}/")
     up_hi, up_lo = root / "high_noise_model", root / "low_noise_model"
     df_hi, df_lo = root / "transformer", root / "transformer_2"
     fast_dir = next((root / d for d in FAST_DIRS if (root / d).is_dir()), root / "lingbot_world_fast")
@@ -345,6 +431,14 @@ def find_checkpoint(ckpt_dir: str | Path, fast: bool | None = None) -> Checkpoin
     for name, d in experts.items():
         if not d.is_dir():
             raise CheckpointError(f"{root}: {d.name}/ is missing (the {_ROLE[name]})")
+    return _checkpoint(root, experts)
+
+
+def _checkpoint(root: Path, experts: dict[str, Path], student_source: str = "") -> Checkpoint:
+    """Detect and cross-check the experts' variant, layout and storage; a Checkpoint."""
+    for name, d in experts.items():
+        if not (d.is_dir() or d.is_file()):
+            raise CheckpointError(f"{root}: {d.name}/ is missing (the {_ROLE[name]})")
     configs, layouts, quants = {}, set(), {}
     for name, d in experts.items():
         locations, layout = _index(d)
@@ -352,7 +446,7 @@ def find_checkpoint(ckpt_dir: str | Path, fast: bool | None = None) -> Checkpoin
         configs[name] = detect_config(d, locations, causal=True if name == "fast" else None)
         if configs[name].causal:
             configs[name] = _fast_variant(configs[name], d, at_root=d == root)
-        quants[name] = read_quantization(d)
+        quants[name] = read_quantization(d, locations)
     if len(set(quants.values())) > 1:
         raise CheckpointError(f"{root}: the experts are stored differently: " +
                               "; ".join(f"{experts[n].name}/ {q.to_json() if q else 'not quantized'}"
@@ -372,7 +466,11 @@ def find_checkpoint(ckpt_dir: str | Path, fast: bool | None = None) -> Checkpoin
         missing = "transformer_2/" if layout == "diffusers" else "high_noise_model/ and low_noise_model/"
         raise CheckpointError(f"{root}: {missing} missing: the DiT in {experts['main']} is "
                               f"one {cfg.name} expert of two")
-    return Checkpoint(root, layout, experts, cfg, next(iter(quants.values())))
+    student = cfg.student if student_source else None
+    if student_source and student is None:
+        raise CheckpointError(f"{root}: {student_source} looks like a step-distilled student, but its weights are "
+                              f"{cfg.name}, for which no student sampler is known")
+    return Checkpoint(root, layout, experts, cfg, next(iter(quants.values())), student, student_source)
 
 
 # ---- validating and loading ------------------------------------------------------------------------------
@@ -396,7 +494,7 @@ def validate(cfg: DiTConfig, locations: dict[str, TensorLocation], model_dir: st
     `weight_scale`s are expected.
     """
     if quant == _FROM_CONFIG:
-        quant = read_quantization(model_dir)
+        quant = read_quantization(model_dir, locations)
     expected, expected_dtype = _expected_state(cfg, quant)
     problems = []
     for k in expected.keys() - locations.keys():
@@ -407,6 +505,8 @@ def validate(cfg: DiTConfig, locations: dict[str, TensorLocation], model_dir: st
         loc = locations[k]
         if loc.shape != expected[k]:
             problems.append(f"{loc.file}: key {loc.key!r}: expected shape {expected[k]}, found {loc.shape}")
+        elif k.endswith(".weight_scale") and loc.dtype.is_floating_point and loc.dtype.itemsize >= 2:
+            pass                                 # float32 as worldstream writes it; LightX2V's may be bf16
         elif expected_dtype[k] in (torch.float8_e4m3fn, torch.int8) or k.endswith(".weight_scale"):
             if loc.dtype != expected_dtype[k]:
                 problems.append(f"{loc.file}: key {loc.key!r} is {loc.dtype}, expected {expected_dtype[k]} "
@@ -430,7 +530,7 @@ def load_dit(model_dir: str | Path, dtype: torch.dtype = torch.bfloat16, device:
     model_dir = Path(model_dir)
     locations = index_model_dir(model_dir)
     cfg = cfg or detect_config(model_dir, locations)
-    quant = read_quantization(model_dir)
+    quant = read_quantization(model_dir, locations)
     validate(cfg, locations, model_dir, quant)
     if quant is None:
         with torch.device("meta"):
@@ -440,7 +540,7 @@ def load_dit(model_dir: str | Path, dtype: torch.dtype = torch.bfloat16, device:
         model = quantized_model(cfg, dtype, quant)
         stored = stored_as_is(model)
     for i, (key, t) in enumerate(iter_tensors(locations, dtype, device) if not stored else
-                                 ((k, v if k in stored else v.to(dtype))
+                                 ((k, v.float() if k.endswith(".weight_scale") else v if k in stored else v.to(dtype))
                                   for k, v in iter_tensors(locations, None, device))):
         module_name, _, name = key.rpartition(".")
         module = model.get_submodule(module_name)

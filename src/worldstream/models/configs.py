@@ -53,6 +53,22 @@ class Sampling:
     boundary: float | None = None        # two experts: "high" while t >= boundary * 1000
     seed: int | None = None              # None: a random seed (printed)
     frame_num: int = 81
+    shift_480p: float | None = None      # upstream's shift at the 480p sizes, when it differs (Wan2.1 I2V: 3.0)
+
+
+@dataclass(frozen=True)
+class StepDistill:
+    """LightX2V's few-step students (shared/spec/more-models.md): `timesteps` of the 1000-step schedule
+    (σ = linspace(1, 0, 1001)[1000 − t] shifted by `shift`, the model fed σ·1000 as a float), deterministic
+    Euler between them, no CFG, no re-noise. Two experts: the steps before `boundary_step` run the high-noise
+    expert (LightX2V's `boundary_step_index`)."""
+    timesteps: tuple[int, ...] = (1000, 750, 500, 250)
+    shift: float = 5.0
+    boundary_step: int | None = None
+
+    @property
+    def steps(self) -> int:
+        return len(self.timesteps)
 
 
 @dataclass(frozen=True)
@@ -94,6 +110,7 @@ class DiTConfig:
     task: str | None = None           # upstream's task name (generate.py --task)
     sampling: Sampling | None = None  # None: not runnable by `generate` (no defaults known)
     realtime: CausalSampling | None = None   # causal students: the chunk loop's settings
+    student: StepDistill | None = None       # how a LightX2V step-distilled student of this variant samples
     latents: LatentSpace = WAN_LATENTS
     trained_size: tuple[int, int] | None = None   # (width, height) of a small model trained at one size: it
                                                   # takes any multiple of 16 (as the tiny ones) and defaults to this
@@ -234,17 +251,24 @@ _FAST_V2 = CausalSampling(chunk=4, step_indices=(0, 250, 500, 750), shift=10.0, 
 # minutes of training are better spent on one model that sees every noise level); no guidance (the first
 # frame fixes the world; a guide scale of 1 skips the unconditional pass); 30 UniPC steps at shift 3.
 _WORLD = Sampling(30, 3.0, (1.0, 1.0), seed=42, frame_num=33)
+# LightX2V's 4-step students: Wan2.1 (one model) and Wan2.2 A14B (two experts, 2 + 2 steps). LingBot-World is a
+# fine-tuned Wan2.2 A14B: the same sampler runs it when a step-distill LoRA or student is given for it.
+_STUDENT = StepDistill()
+_STUDENT_MOE = StepDistill(boundary_step=2)
 
 VARIANTS: dict[str, DiTConfig] = {c.name: c for c in [
     DiTConfig("wan2.1-t2v-1.3b", dim=1536, ffn_dim=8960, num_heads=12, num_layers=30, task="t2v-1.3B",
               sampling=Sampling(50, 5.0, (5.0, 5.0))),
-    DiTConfig("wan2.1-t2v-14b", **_WAN14B, task="t2v-14B", sampling=Sampling(50, 5.0, (5.0, 5.0))),
+    DiTConfig("wan2.1-t2v-14b", **_WAN14B, task="t2v-14B", sampling=Sampling(50, 5.0, (5.0, 5.0)),
+              student=_STUDENT),
     DiTConfig("wan2.1-i2v-14b", **_WAN14B, in_dim=36, image_dim=1280, task="i2v-14B",
-              sampling=Sampling(40, 5.0, (5.0, 5.0))),
+              sampling=Sampling(40, 5.0, (5.0, 5.0), shift_480p=3.0), student=_STUDENT),
     DiTConfig("wan2.2-i2v-a14b", **_WAN14B, in_dim=36, experts=2, task="i2v-A14B",
-              sampling=Sampling(40, 5.0, (3.5, 3.5), boundary=0.900)),
-    DiTConfig("lingbot-cam", **_WAN14B, in_dim=36, control_dim=6, experts=2, task="i2v-A14B", sampling=_LINGBOT),
-    DiTConfig("lingbot-act", **_WAN14B, in_dim=36, control_dim=7, experts=2, task="i2v-A14B", sampling=_LINGBOT),
+              sampling=Sampling(40, 5.0, (3.5, 3.5), boundary=0.900), student=_STUDENT_MOE),
+    DiTConfig("lingbot-cam", **_WAN14B, in_dim=36, control_dim=6, experts=2, task="i2v-A14B", sampling=_LINGBOT,
+              student=_STUDENT_MOE),
+    DiTConfig("lingbot-act", **_WAN14B, in_dim=36, control_dim=7, experts=2, task="i2v-A14B", sampling=_LINGBOT,
+              student=_STUDENT_MOE),
     DiTConfig("lingbot-fast", **_WAN14B, in_dim=36, control_dim=6, causal=True, realtime=_FAST_V1),
     DiTConfig("lingbot-fast-v2", **_WAN14B, in_dim=36, control_dim=6, causal=True, realtime=_FAST_V2),
     DiTConfig("lingbot-fast-v2-1.3b", **_WAN1_3B, in_dim=36, control_dim=6, causal=True, realtime=_FAST_V2),

@@ -31,10 +31,11 @@ from ..runtime.memory import fmt_bytes, peak_rss_bytes
 from ..runtime.planner import Workload
 from ..runtime.runner import build_runner
 from .conditioning import MAX_FRAMES, GenerationError, image_condition, initial_noise, resize_image
+from .images import encode_image
 from .progress import Progress
 from .prompts import PromptCache, encode_prompts
 from .sampling import sample
-from .schedulers import FlowEuler, FlowUniPC
+from .schedulers import FlowDistill, FlowEuler, FlowUniPC
 from .tasks import Job
 from .video import to_uint8_frames
 
@@ -129,14 +130,23 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def make_sampler(job: Job):
+    """The job's sampler: UniPC, Euler, or the students' distilled Euler."""
+    if job.solver == "distill":
+        st = job.student
+        return FlowDistill(st.timesteps, job.shift, st.boundary_step if len(job.experts) == 2 else None)
+    return (FlowUniPC if job.solver == "unipc" else FlowEuler)(job.steps, job.shift)
+
+
 def run(job: Job, *, device=None, dtype: torch.dtype | None = None, t5_cpu: bool = False, vae_cpu: bool = False,
-        vae_tile: int | None = None,
+        vae_tile: int | None = None, clip_cpu: bool = False,
         vram: float | None = None, ram: float | None = None, prompt_cache: PromptCache | None = None,
         batched_guidance: bool | None = None, runner_factory: Callable | None = None, progress: bool = True,
         quant: str | None = None, attention: str = "sdpa", fuse: bool = True) -> Result:
     """Compute a prepared job. dtype: DiT compute dtype (default bf16 on CUDA, float32 on the CPU).
 
-    t5_cpu: run umt5 on the CPU (upstream --t5_cpu). vae_cpu: keep the VAE on the CPU. vae_tile: decode in
+    t5_cpu: run umt5 on the CPU (upstream --t5_cpu). clip_cpu: run Wan2.1 I2V's CLIP image encoder on the CPU
+    (else on the device, then freed). vae_cpu: keep the VAE on the CPU. vae_tile: decode in
     spatial tiles of that many latent pixels (less VRAM, approximate at tile borders). vram / ram: byte
     budgets for the DiT placement (None: what the device has). batched_guidance: CFG's cond and uncond as one
     batch-2 forward (None: the runner's plan decides). runner_factory: `build_runner`-compatible callable
@@ -146,7 +156,7 @@ def run(job: Job, *, device=None, dtype: torch.dtype | None = None, t5_cpu: bool
     fuse: compiled float32 elementwise kernels on CUDA (same math as eager).
 
     Order, so that at most one big model is on the GPU at a time: VAE loaded (parked on the CPU on CUDA runs),
-    umt5 loaded / used / freed, VAE encode, DiT denoising (the runner loads it at its first forward and is
+    umt5 loaded / used / freed, CLIP (Wan2.1 I2V) loaded / used / freed, VAE encode, DiT denoising (the runner loads it at its first forward and is
     closed after the last), VAE decode.
     """
     device = torch.device(device) if device is not None else default_device()
@@ -163,8 +173,9 @@ def run(job: Job, *, device=None, dtype: torch.dtype | None = None, t5_cpu: bool
     # The runner plans placement now (a budget that cannot work fails here) and loads on its first forward.
     workload = Workload(frames=job.frames, height=job.height, width=job.width, guidance=job.guided,
                         experts=len(job.experts))
+    extra = {"loras": job.loras} if job.loras else {}
     runner = (runner_factory or build_runner)(job.ckpt, device, dtype, workload, vram=vram, ram=ram, quant=quant,
-                                              attention=attention, fuse=fuse)
+                                              attention=attention, fuse=fuse, **extra)
     try:
         t0 = time.perf_counter()
         vae_home = torch.device("cpu") if (vae_cpu or cuda) else device   # parked on the CPU between uses
@@ -188,6 +199,15 @@ def run(job: Job, *, device=None, dtype: torch.dtype | None = None, t5_cpu: bool
             raise GenerationError(f"text encoder: {e}") from None
         phase("text encode", t0)
 
+        clip = None
+        if job.needs_clip:
+            t0 = time.perf_counter()
+            try:
+                clip = encode_image(job.image, job.ckpt.root, "cpu" if clip_cpu else "gpu", device)
+            except CheckpointError as e:
+                raise GenerationError(f"image encoder: {e}") from None
+            phase("CLIP encode", t0)
+
         y = None
         if job.image is not None:
             t0 = time.perf_counter()
@@ -207,7 +227,7 @@ def run(job: Job, *, device=None, dtype: torch.dtype | None = None, t5_cpu: bool
 
         t0 = time.perf_counter()
         noise = initial_noise(job.seed, job.latent_shape).to(device)
-        sampler = (FlowUniPC if job.solver == "unipc" else FlowEuler)(job.steps, job.shift)
+        sampler = make_sampler(job)
         batched = (batched_guidance if batched_guidance is not None
                    else bool(getattr(runner, "batched_guidance", True)))
         bar = Progress(job.steps, "denoise", enabled=progress)
@@ -216,7 +236,7 @@ def run(job: Job, *, device=None, dtype: torch.dtype | None = None, t5_cpu: bool
         with torch.no_grad():
             latents = sample(runner, noise, sampler, job.experts, job.boundary, job.guide_scale, context,
                              context_null, y=y, camera=camera, batched_guidance=batched, progress=bar,
-                             log=steps_log)
+                             log=steps_log, clip=clip)
         dit_load = runner.report.get("load_s", 0.0) - load_before
         phase("denoise", t0)
         timings["denoise"] -= dit_load

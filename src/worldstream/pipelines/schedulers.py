@@ -176,6 +176,55 @@ class FlowUniPC(_FlowSampler):
         return x_next
 
 
+class FlowDistill:
+    """LightX2V's step-distilled students (WanStepDistillScheduler; shared/spec/more-models.md): `timesteps`
+    (1000, 750, 500, 250) index the 1000-step table
+
+        σ = linspace(1, 0, 1001)[:-1]  (float32)     σ' = s·σ / (1 + (s − 1)·σ)  (float32, shift s = 5)
+        σ_k = σ'[1000 − t_k],  model timestep = σ_k · 1000  (a float: 1000, 937.5, 833.33, 625; not truncated)
+
+    and each step is deterministic Euler on the velocity, in upstream's order of roundings (float32, σ as
+    Python floats): x0 = x − σ_k·v, then x = x0 + σ_{k+1}·v (= x − (σ_k − σ_{k+1})·v); the last step returns x0.
+    No CFG, no re-noise. Two experts: steps before `boundary_step` use the high-noise expert."""
+
+    def __init__(self, timesteps=(1000, 750, 500, 250), shift: float = 5.0, boundary_step: int | None = None,
+                 num_train_timesteps: int = 1000):
+        steps = tuple(int(t) for t in timesteps)
+        if not steps or any(not 0 < t <= num_train_timesteps for t in steps):
+            raise ValueError(f"distill timesteps {timesteps} must lie in 1..{num_train_timesteps}")
+        if not shift > 0:
+            raise ValueError(f"shift must be > 0, got {shift!r}")
+        table = torch.linspace(1.0, 0.0, num_train_timesteps + 1)[:-1]
+        table = shift * table / (1 + (shift - 1) * table)
+        idx = [num_train_timesteps - t for t in steps]
+        self.step_list = steps
+        self.shift = float(shift)
+        self.boundary_step = boundary_step
+        self.num_steps = len(steps)
+        self.sigma_list = [float(table[i]) for i in idx]                 # σ_k as upstream's .item()
+        self.timesteps = (table * num_train_timesteps)[idx]              # float32 [steps]
+        self.sigmas = torch.tensor(self.sigma_list + [0.0], dtype=torch.float32)
+        self.reset()
+
+    def reset(self) -> None:
+        self.step_index = 0
+
+    def expert(self, i: int) -> str:
+        """The expert of step i for a two-expert model."""
+        return "high" if self.boundary_step is not None and i < self.boundary_step else "low"
+
+    def step(self, v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        i = self.step_index
+        if i >= self.num_steps:
+            raise RuntimeError(f"FlowDistill: all {self.num_steps} steps are done; call reset() to start over")
+        v = v.to(torch.float32)
+        out = x.to(torch.float32) - self.sigma_list[i] * v
+        if i < self.num_steps - 1:
+            out = out + v * self.sigma_list[i + 1]
+        self.step_index += 1
+        return out.to(x.dtype)
+
+
 class CausalSchedule:
     """The few-step sampler of the causal students (spec realtime.md, upstream image2video_fast.py).
 

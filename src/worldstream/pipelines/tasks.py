@@ -17,12 +17,14 @@ from typing import Callable
 
 import torch
 
+from ..checkpoints.clip import CLIP_CHECKPOINT, check_image_encoder
 from ..checkpoints.dit import Checkpoint, find_checkpoint, index_model_dir, validate
+from ..checkpoints.lora import LoraSpec, check_loras, parse_lora_arg
 from ..checkpoints.t5 import T5_CHECKPOINT, T5_TOKENIZER, check_text_encoder
 from ..checkpoints.tensors import CheckpointError
 from ..checkpoints.vae import VAE_FILE, read_vae_file
 from ..models.camera import pad_to_4n_plus_1
-from ..models.configs import VARIANTS
+from ..models.configs import VARIANTS, StepDistill
 from .conditioning import (
     CameraInput, GenerationError, action_string_frames, camera_from_dir, camera_from_string, i2v_size,
     image_to_tensor, read_image, round_frames,
@@ -45,6 +47,7 @@ UNSUPPORTED_TASKS = ("t2v-A14B", "ti2v-5B", "s2v-14B", "animate-14B", "flf2v-14B
 # --size "W*H" (width*height, upstream's strings). T2V renders exactly W x H; I2V uses W*H as the pixel budget
 # and takes the aspect ratio from the image.
 SIZES = {"720*1280": (720, 1280), "1280*720": (1280, 720), "480*832": (480, 832), "832*480": (832, 480)}
+SIZES_480P = ("832*480", "480*832")     # where Wan2.1 I2V's default shift is 3.0 (upstream generate.py)
 SUPPORTED_SIZES = {
     "i2v-A14B": ("720*1280", "1280*720", "480*832", "832*480"),
     "t2v-14B": ("720*1280", "1280*720", "480*832", "832*480"),
@@ -81,9 +84,16 @@ class Job:
     guide_scale: tuple[float, float]
     boundary: float | None
     seed: int
-    solver: str
+    solver: str                           # "unipc" | "euler" | "distill" (LightX2V's 4-step students)
     camera: CameraInput | None = None
     notices: list[str] = field(default_factory=list)
+    student: StepDistill | None = None    # the distilled sampler's settings when solver == "distill"
+    loras: list[LoraSpec] = field(default_factory=list)   # merged into the DiT as it is loaded
+
+    @property
+    def needs_clip(self) -> bool:
+        """Wan2.1 I2V conditions on CLIP features of the first frame."""
+        return self.ckpt.config.has_image_branch
 
     @property
     def latent_shape(self) -> tuple[int, int, int, int]:
@@ -103,9 +113,15 @@ class Job:
         g = self.guide_scale
         guide = f"{g[0]}" if len(self.experts) == 1 or g[0] == g[1] else f"{g[0]} (low) / {g[1]} (high)"
         experts = f", experts {'+'.join(self.experts)} (boundary {self.boundary})" if self.boundary else ""
+        if self.solver == "distill" and self.student is not None and len(self.experts) == 2:
+            experts = (f", experts {'+'.join(self.experts)} ({self.student.boundary_step} high-noise steps)"
+                       if self.student.boundary_step is not None else experts)
+        solver = (f"distilled Euler steps at t = {'/'.join(map(str, self.student.timesteps))}"
+                  if self.solver == "distill" and self.student is not None else f"{self.solver} steps")
         return (f"{self.ckpt.config.name} ({self.task}){experts}: {self.frames} frames {self.width}x{self.height}, "
-                f"{self.steps} {self.solver} steps, shift {self.shift}, guide {guide}, seed {self.seed}"
-                + (f", camera from {self.camera.source}" if self.camera else ""))
+                f"{self.steps} {solver}, shift {self.shift}, guide {guide}, seed {self.seed}"
+                + (f", camera from {self.camera.source}" if self.camera else "")
+                + "".join(f", LoRA {spec.path.name} x{spec.scale:g}" for spec in self.loras))
 
 
 def _parse_size(size: str, task: str, tiny: bool, multiple: int = 16) -> tuple[int, int]:
@@ -136,10 +152,6 @@ def _resolve_task(ckpt: Checkpoint, task: str | None) -> tuple[str, str]:
     if variant == "lingbot-fast":
         raise GenerationError(f"{ckpt.root}: LingBot-World Fast (causal, chunked) is not supported by "
                               "`generate` yet; use the Base (Cam / Act) checkpoint")
-    if variant == "wan2.1-i2v-14b":
-        raise GenerationError(f"{ckpt.root}: Wan2.1 I2V 14B needs the CLIP image encoder "
-                              "(models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth), which worldstream "
-                              "does not support yet; Wan2.2 I2V A14B and LingBot-World are supported")
     detected = next(t for t, vs in TASKS.items() if variant in vs)
     if task is None:
         return variant, detected
@@ -153,13 +165,14 @@ def _resolve_task(ckpt: Checkpoint, task: str | None) -> tuple[str, str]:
     return variant, task
 
 
-def check_checkpoint(ckpt_dir: str | Path) -> Checkpoint:
-    """Find the DiT (shards, index and shapes checked, nothing loaded) and check the companion files exist."""
+def check_checkpoint(ckpt_dir: str | Path, dit: list | None = None) -> Checkpoint:
+    """Find the DiT (shards, index and shapes checked, nothing loaded) and check the companion files exist.
+    `dit`: DiT files / folders used instead of the checkpoint's own (`--dit`)."""
     root = Path(ckpt_dir)
     if not root.is_dir():
         raise GenerationError(f"--ckpt_dir {root}: no such folder")
     try:
-        ckpt = find_checkpoint(root)
+        ckpt = find_checkpoint(root, dit=dit)
         for d in ckpt.experts.values():           # keys and shapes against the model, from headers only
             validate(ckpt.config, index_model_dir(d), d)
     except CheckpointError as e:
@@ -168,6 +181,8 @@ def check_checkpoint(ckpt_dir: str | Path) -> Checkpoint:
         (VAE_FILE, "the VAE", (root / VAE_FILE).is_file()),
         (T5_CHECKPOINT, "the umt5 text encoder", (root / T5_CHECKPOINT).is_file()),
         (T5_TOKENIZER + "/", "the umt5 tokenizer folder", (root / T5_TOKENIZER).is_dir()),
+        (CLIP_CHECKPOINT, "the CLIP image encoder of Wan2.1 I2V",
+         not ckpt.config.has_image_branch or (root / CLIP_CHECKPOINT).is_file()),
     ] if not ok]
     if missing:
         raise GenerationError(f"checkpoint {root} is incomplete: missing {', '.join(missing)}")
@@ -180,6 +195,8 @@ def check_companions(ckpt: Checkpoint) -> None:
     try:
         read_vae_file(ckpt.root / VAE_FILE)
         check_text_encoder(ckpt.root)
+        if ckpt.config.has_image_branch:
+            check_image_encoder(ckpt.root)
     except CheckpointError as e:
         raise GenerationError(f"checkpoint: {e}") from None
 
@@ -188,11 +205,15 @@ def prepare(ckpt_dir: str | Path, prompt: str, *, task: str | None = None, image
             frame_num: int | None = None, action_path: str | Path | None = None, action_string: str | None = None,
             negative_prompt: str | None = None, steps: int | None = None, shift: float | None = None,
             guide_scale: float | tuple[float, float] | None = None, seed: int | None = None,
-            solver: str = "unipc", notice: Callable[[str], None] | None = None) -> Job:
+            solver: str | None = None, notice: Callable[[str], None] | None = None, dit: list | None = None,
+            loras: list | None = None) -> Job:
     """Validate a request and resolve every setting (reads headers and small files only).
 
     image: a path or a PIL image (I2V). size: upstream's "W*H". guide_scale: one value, or (low-noise,
     high-noise) as upstream's tuple. seed None or < 0: the variant's default (LingBot 42), else random.
+    solver: "unipc" | "euler" | "distill"; None: "distill" for a step-distilled student (a LightX2V distill
+    checkpoint, or a step-distill LoRA), else "unipc". dit: DiT files / folders replacing the checkpoint's
+    (`--dit`). loras: `FILE[:SCALE]` strings or LoraSpecs, merged into the DiT while it loads (`--lora`).
     Raises GenerationError naming the culprit. `notice` receives adjustments (e.g. frame rounding).
     """
     notes: list[str] = []
@@ -204,21 +225,50 @@ def prepare(ckpt_dir: str | Path, prompt: str, *, task: str | None = None, image
 
     if not isinstance(prompt, str):
         raise GenerationError("--prompt is required")
-    ckpt = check_checkpoint(ckpt_dir)
+    ckpt = check_checkpoint(ckpt_dir, dit)
     variant, task = _resolve_task(ckpt, task)
     d = ckpt.config.sampling
     tiny = ckpt.config.any_size
     i2v = task.startswith("i2v")
 
+    # LoRAs (headers only: names, shapes and ranks checked against the model), and whether this is a student
+    try:
+        specs = [spec if isinstance(spec, LoraSpec) else parse_lora_arg(spec) for spec in (loras or [])]
+        lora_student = check_loras(specs, ckpt)
+    except (CheckpointError, ValueError) as e:
+        raise GenerationError(f"--lora {e}") from None
+    student = ckpt.student or lora_student
+    if solver is None:
+        solver = "distill" if student is not None else "unipc"
+    if solver not in ("unipc", "euler", "distill"):
+        raise GenerationError(f"--sample_solver {solver!r}: choose unipc, euler or distill")
+    if solver == "distill":
+        student = student or ckpt.config.student
+        if student is None:
+            raise GenerationError(f"--sample_solver distill: no step-distilled sampler is known for "
+                                  f"{ckpt.config.name}")
+        if steps is not None and steps != student.steps:
+            raise GenerationError(f"--sample_steps {steps}: a step-distilled student runs its "
+                                  f"{student.steps} steps (t = {', '.join(map(str, student.timesteps))})")
+        if ckpt.student is not None or lora_student is not None:
+            src = ckpt.student_source or next(s.path.name for s in specs if s.student)
+            note(f"{src} is a step-distilled student: {student.steps} steps at shift {student.shift:g}, no CFG "
+                 "(--sample_solver unipc runs the base sampler instead)")
+    else:
+        student = None
+
     # sampling settings
-    steps = d.steps if steps is None else steps
+    steps = (student.steps if student else d.steps) if steps is None else steps
     if int(steps) != steps or not 1 <= steps <= MAX_STEPS:
         raise GenerationError(f"--sample_steps must be an integer from 1 to {MAX_STEPS}, got {steps}")
-    shift = d.shift if shift is None else float(shift)
+    size_text = None if size is None else str(size).strip().replace("x", "*").replace("X", "*")
+    default_shift = student.shift if student else (
+        d.shift_480p if d.shift_480p is not None and size_text in SIZES_480P else d.shift)
+    shift = default_shift if shift is None else float(shift)
     if not (math.isfinite(shift) and 0 < shift <= MAX_SHIFT):
         raise GenerationError(f"--sample_shift must be > 0 and at most {MAX_SHIFT:g}, got {shift}")
     if guide_scale is None:
-        guide = d.guide_scale
+        guide = (1.0, 1.0) if student else d.guide_scale
     elif isinstance(guide_scale, (tuple, list)):
         if len(guide_scale) != 2:
             raise GenerationError(f"--sample_guide_scale takes one value or two (low,high), got {guide_scale}")
@@ -229,8 +279,6 @@ def prepare(ckpt_dir: str | Path, prompt: str, *, task: str | None = None, image
     if not all(math.isfinite(g) and lo <= g <= hi for g in guide):
         raise GenerationError(f"--sample_guide_scale must be between {lo:g} and {hi:g}, got {guide_scale} "
                               "(larger scales make the sampling diverge)")
-    if solver not in ("unipc", "euler"):
-        raise GenerationError(f"--sample_solver {solver!r}: choose unipc or euler")
     if seed is not None and seed >= 2**64:
         raise GenerationError(f"--base_seed must be below 2**64, got {seed}")
     if seed is None or seed < 0:
@@ -290,4 +338,4 @@ def prepare(ckpt_dir: str | Path, prompt: str, *, task: str | None = None, image
                negative_prompt=NEGATIVE_PROMPT if negative_prompt is None else negative_prompt,
                image=image_t, height=h, width=w, frames=frames, steps=int(steps), shift=shift, guide_scale=guide,
                boundary=d.boundary if len(ckpt.experts) == 2 else None, seed=int(seed), solver=solver,
-               camera=camera, notices=notes)
+               camera=camera, notices=notes, student=student, loras=specs)

@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from ..checkpoints.compressed import QuantPolicy, as_policy, quantize_stream, quantized_keys, quantized_model
 from ..checkpoints.dit import index_model_dir, validate
+from ..checkpoints.lora import LoraSpec, expert_deltas, merge_stream
 from ..checkpoints.tensors import iter_tensors
 from ..models.configs import DiTConfig
 from ..models.dit import WanDiT
@@ -45,12 +46,15 @@ class CheckpointLoader:
     streamed blocks into pinned slabs (RAM tier) or left in the shards for the disk tier, one tensor at a time.
 
     `quant`: compress the block linears while loading (a format name or a QuantPolicy); a converted checkpoint
-    (`ckpt.quant`) is read as stored. `.quant` is the policy in effect."""
+    (`ckpt.quant`) is read as stored. `.quant` is the policy in effect. `loras`: LoRA files merged into each
+    tensor they touch as it streams past, before compression (checkpoints/lora.py); blocks they touch are read
+    through that stream rather than straight into their slabs, and cannot be left to the disk tier."""
 
-    def __init__(self, ckpt, quant: QuantPolicy | str | None = None):
+    def __init__(self, ckpt, quant: QuantPolicy | str | None = None, loras: list[LoraSpec] | tuple = ()):
         self.ckpt = ckpt
         self.cfg = ckpt.config
         self.quant, self.on_load = resolve_quant(ckpt, quant)
+        self.loras = list(loras)
 
     def load(self, name: str, streamed: set, device, dtype, disk: set = frozenset(), tier: DiskTier | None = None,
              slabs: list | None = None) -> tuple[WanDiT, dict[int, object]]:
@@ -66,11 +70,20 @@ class CheckpointLoader:
                              f"convert once (`worldstream convert --quant {policy.fmt}`) or raise --ram")
         _check_streamable(ckpt.config, policy, set(streamed))
         block_of = {k: int(k.split(".")[1]) for k in locations if k.startswith("blocks.")}
+        deltas = expert_deltas(self.loras, ckpt.config, name) if self.loras else {}
+        merged = {block_of[k] for k in deltas if k in block_of}
+        if disk & merged:
+            raise ValueError(f"blocks {sorted(disk & merged)} would be read from the shards on disk, but --lora "
+                             "merges into them while loading and the disk tier streams stored bytes: write a "
+                             "merged checkpoint once (`worldstream convert --lora FILE --quant fp8`) or raise --ram")
         # streamed blocks stored as safetensors byte ranges are read straight into their slabs (below)
         in_pth = {block_of.get(k) for k, loc in locations.items() if loc.offset < 0}
-        direct = set() if on_load else set(streamed) - in_pth
+        direct = set() if on_load else set(streamed) - in_pth - merged
         read = {k: v for k, v in locations.items() if block_of.get(k) not in disk | direct}
-        tensors = iter_tensors(read, None if policy else dtype, "cpu")
+        # with LoRAs, tensors are merged in their stored precision and rounded once (by _assemble)
+        tensors = iter_tensors(read, None if (policy or deltas) else dtype, "cpu")
+        if deltas:
+            tensors = merge_stream(tensors, deltas)
         if on_load:
             tensors = quantize_stream(tensors, quantized_keys(ckpt.config, policy), policy.fmt)
         model, sources = _assemble(ckpt.config, tensors, streamed - direct, device, dtype, policy)

@@ -254,14 +254,15 @@ def plan_run(cfg, workload: Workload, vram: float | None, ram: float | None, dty
 
 
 def build_runner(ckpt, device, dtype, workload: Workload, vram: float | None = None, ram: float | None = None,
-                 loader=None, quant=None, attention: str = "sdpa", fuse: bool = True) -> DiTRunner:
+                 loader=None, quant=None, attention: str = "sdpa", fuse: bool = True, loras=()) -> DiTRunner:
     """Plan and build a runner for `ckpt` (a checkpoints.dit.Checkpoint, or anything with `.config`,
     `.experts` and `.quant`).
 
     `quant` ("fp8" | "fp8-block" | "int8" | a QuantPolicy): compress the block linears while loading; the plan
     then streams compressed blocks and keeps the whole first/last blocks resident. A converted checkpoint
     (`ckpt.quant`) is planned the same way without asking. `attention` / `fuse`: the DiT's attention kernel and
-    compiled elementwise work (per model: models/dit.py)."""
+    compiled elementwise work (per model: models/dit.py). `loras`: LoRA files merged into the weights while
+    they load (checkpoints/lora.py); the blocks they touch cannot be left to the disk tier."""
     device = torch.device(device)
     cfg = ckpt.config
     names = list(ckpt.experts)
@@ -269,13 +270,18 @@ def build_runner(ckpt, device, dtype, workload: Workload, vram: float | None = N
         policy, on_load = resolve_quant(ckpt, quant)
     except ValueError as e:
         raise PlanError(str(e)) from None
-    loader = loader or CheckpointLoader(ckpt, policy)
+    loader = loader or CheckpointLoader(ckpt, policy, loras)
     workload = replace(workload, experts=len(names))
     if device.type != "cuda":
         return DiTRunner(names, loader, device, dtype, None, attention=attention, fuse=fuse)
     budget = vram if vram is not None else torch.cuda.mem_get_info(device)[0]
     ram = ram if ram is not None else default_ram()
     p = plan_run(cfg, workload, budget, ram, dtype, policy)
+    if loras and p.disk_blocks:
+        raise PlanError(f"--ram {ram / 1e9:.1f}GB holds {len(p.ram_blocks)} of the {len(p.streamed)} streamed "
+                        f"blocks; the rest would stream from disk, but --lora merges into the weights while they "
+                        f"load: write a merged checkpoint once (`worldstream convert --ckpt_dir {ckpt.root} "
+                        f"--lora FILE --quant fp8 --out DIR`) and generate from DIR, or raise --ram")
     if on_load and p.disk_blocks:
         raise PlanError(f"--ram {ram / 1e9:.1f}GB holds {len(p.ram_blocks)} of the {len(p.streamed)} streamed "
                         f"blocks even compressed; the rest would stream from disk, which needs the compressed "
