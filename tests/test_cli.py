@@ -85,10 +85,11 @@ def test_missing_checkpoint_part_is_named(base, capsys, tmp_path, remove, needle
     fails(cam_args(base, ckpt=broken_copy(base, tmp_path, remove)), capsys, needle)
 
 
-def test_wan21_i2v_is_not_supported_yet(capsys, tmp_path):
+def test_wan21_i2v_without_its_clip_file_is_refused(capsys, tmp_path):
     ckpt = write_tiny_checkpoint(tmp_path / "i2v", "wan2.1-i2v-14b-tiny")
+    (ckpt / "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth").unlink()
     fails(["generate", "--ckpt_dir", str(ckpt), "--prompt", "x", "--image", "x.png"], capsys,
-          "Wan2.1 I2V", "CLIP", "not support")
+          "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth", "CLIP image encoder")
 
 
 def test_task_must_match_the_checkpoint(base, capsys):

@@ -172,3 +172,24 @@ def test_wan22_students_two_files(tmp_path, image):
     assert step_experts(make_sampler(job), job.experts, job.boundary) == ["high", "high", "low", "low"]
     res = run(job, device="cpu", progress=False)
     assert res.report["expert_steps"] == {"high": 2, "low": 2}
+
+
+def test_convert_a_single_file_student_to_fp8_stays_a_student(base, tmp_path, image):
+    """Seed 002's recipe: the bf16 single-file student converted once (`worldstream convert --dit FILE --quant
+    fp8`): OUT holds the base's T5 / CLIP / VAE and the student as its only DiT, marked as a student."""
+    from worldstream import cli
+    cfg = get_config("wan2.1-i2v-14b-tiny")
+    sd = {k: v.to(torch.bfloat16) for k, v in random_dit_state(cfg, seed=5).items()}
+    f = tmp_path / "wan2.1_i2v_480p_lightx2v_4step.safetensors"
+    save_file(sd, str(f))
+    out = tmp_path / "fp8"
+    assert cli.main(["convert", "--ckpt_dir", str(base), "--dit", str(f), "--quant", "fp8", "--out", str(out)]) == 0
+    assert not list(out.glob("diffusion_pytorch_model-*"))          # the base's own DiT is not carried over
+    ckpt = find_checkpoint(out)
+    assert ckpt.student is not None and ckpt.quant.fmt == "fp8"
+    job = prepare(out, PROMPT, image=image, size="48*32", frame_num=5, seed=2)
+    assert (job.solver, job.steps) == ("distill", 4)
+    a = run(job, device="cpu", progress=False)
+    b = run(prepare(base, PROMPT, image=image, size="48*32", frame_num=5, seed=2, dit=[f]), device="cpu",
+            progress=False, quant="fp8")
+    assert torch.equal(a.latents, b.latents)                        # converted == compressed while loading

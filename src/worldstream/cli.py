@@ -627,8 +627,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if args.ckpt_dir is None or args.out is None or args.quant is None:
         raise CommandError("--ckpt_dir, --quant and --out are required")
     try:
+        from .checkpoints.lora import parse_lora_arg
         convert(args.ckpt_dir, args.out, args.quant, skip_first_last=args.skip_first_last,
-                log=lambda m: print(m, file=sys.stderr, flush=True))
+                log=lambda m: print(m, file=sys.stderr, flush=True), dit=args.dit,
+                loras=[parse_lora_arg(x) for x in args.lora or []])
     except ValueError as e:     # a bad format, an existing --out, an unusable source (CheckpointError)
         raise CommandError(e) from e
     except OSError as e:
@@ -648,6 +650,11 @@ def _add_convert_parser(sub, common) -> None:
     c.add_argument("--ckpt_dir", help="source checkpoint folder")
     c.add_argument("--quant", help="fp8 (per-channel), fp8-block (128-column blocks) or int8 (per-channel)")
     c.add_argument("--out", help="new folder for the compressed checkpoint (must not exist)")
+    c.add_argument("--dit", action="append", metavar="PATH",
+                   help="convert this DiT file / folder (e.g. LightX2V's single-file student) instead of the "
+                        "checkpoint's; it becomes OUT's DiT (twice: the high- and low-noise experts)")
+    c.add_argument("--lora", action="append", metavar="[high=|low=]FILE[:SCALE]",
+                   help="merge a LoRA into the weights before compressing them (repeatable)")
     c.add_argument("--skip_first_last", dest="skip_first_last", action="store_true", default=True,
                    help="keep the first and last blocks whole (default; they are the most sensitive)")
     c.add_argument("--no_skip_first_last", dest="skip_first_last", action="store_false",

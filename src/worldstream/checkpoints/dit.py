@@ -363,6 +363,7 @@ FAST_BY_CHUNK = {3: "lingbot-fast", 4: "lingbot-fast-v2"}
 # LightX2V's step-distilled students: the folders their repositories hold the DiT in (bf16, fp8, int8;
 # lightx2v/utils/utils.py find_torch_model_path), and the file / folder names that mark a student.
 DISTILL_DIRS = ("distill_models", "distill_fp8", "distill_int8")
+STUDENT_MARK = "step_distill"   # config.json field `worldstream convert` writes for a student (or a merged student LoRA)
 STUDENT_NAME = re.compile(r"(?i)(distill|\d+_?steps?\b|\d+step)")
 
 
@@ -447,6 +448,8 @@ def _checkpoint(root: Path, experts: dict[str, Path], student_source: str = "") 
         if configs[name].causal:
             configs[name] = _fast_variant(configs[name], d, at_root=d == root)
         quants[name] = read_quantization(d, locations)
+        if not student_source and _read_config(d).get(STUDENT_MARK) is True:   # written by `convert`
+            student_source = f"{d.name}/config.json"
     if len(set(quants.values())) > 1:
         raise CheckpointError(f"{root}: the experts are stored differently: " +
                               "; ".join(f"{experts[n].name}/ {q.to_json() if q else 'not quantized'}"

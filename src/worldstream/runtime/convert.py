@@ -35,7 +35,8 @@ from safetensors.torch import save_file
 
 from ..checkpoints import keymap
 from ..checkpoints.compressed import QuantPolicy, quantize_stream, quantized_keys, quantized_model
-from ..checkpoints.dit import INDEX_NAME, find_checkpoint, index_model_dir, validate
+from ..checkpoints.dit import INDEX_NAME, STUDENT_MARK, find_checkpoint, index_model_dir, validate
+from ..checkpoints.lora import LoraSpec, check_loras, expert_deltas, merge_stream
 from ..checkpoints.tensors import CheckpointError, iter_tensors, read_json
 from ..files import lock, partial_dir_name, remove_stale_partials
 from ..models.quant import DEFAULT_SKIP, FORMATS
@@ -61,17 +62,24 @@ def _link_or_copy(src: str, dst: str) -> str:
 
 
 def convert(ckpt_dir: str | Path, out: str | Path, fmt: str, skip_first_last: bool = True,
-            skip: tuple[str, ...] = DEFAULT_SKIP, log: Callable[[str], None] | None = _stderr) -> Path:
+            skip: tuple[str, ...] = DEFAULT_SKIP, log: Callable[[str], None] | None = _stderr,
+            dit: list | None = None, loras: list[LoraSpec] | tuple = ()) -> Path:
     """Write the compressed copy of checkpoint `ckpt_dir` to the new folder `out`; return `out`.
 
+    `dit`: DiT files / folders used instead of the checkpoint's own (LightX2V's single-file students): each is
+    written as the DiT at OUT's root (two: OUT/high_noise_model/, OUT/low_noise_model/). `loras`: merged into
+    each tensor before it is compressed. A student (or a step-distill LoRA merged in) is marked in config.json
+    (`"step_distill": true`) so OUT samples as one.
     Raises CheckpointError for a source that cannot be used, ValueError for a bad format or an existing `out`.
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown weight format {fmt!r}; known: {', '.join(FORMATS)}")
     policy = QuantPolicy(fmt, skip_first_last, tuple(skip))
     log = log or (lambda msg: None)
-    ckpt = find_checkpoint(ckpt_dir)
+    ckpt = find_checkpoint(ckpt_dir, dit=dit)
     root = ckpt.root.resolve()
+    loras = list(loras)
+    student = ckpt.student is not None or check_loras(loras, ckpt) is not None
     if ckpt.quant is not None:
         raise CheckpointError(f"{ckpt.root}: already compressed ({ckpt.quant.fmt}); convert the original checkpoint")
     out = Path(out)
@@ -91,10 +99,19 @@ def convert(ckpt_dir: str | Path, out: str | Path, fmt: str, skip_first_last: bo
     try:
         dit_files: set[Path] = set()
         for name, d in expert_dirs.items():
-            rel = d.relative_to(root)
-            dit_files |= _convert_expert(ckpt.config, d, tmp / rel, policy, f"{name} ({rel.as_posix()}/)", log)
-        _copy_rest(root, tmp, skip_dirs=set(expert_dirs.values()) - {root}, skip_files=dit_files,
-                   skip_names={out.name, tmp.name})
+            if d.is_relative_to(root):
+                rel = d.relative_to(root)
+            else:       # a --dit outside the checkpoint: the DiT of OUT
+                rel = Path({"high": "high_noise_model", "low": "low_noise_model"}.get(name, "."))
+            deltas = expert_deltas(loras, ckpt.config, name) if loras else {}
+            dit_files |= _convert_expert(ckpt.config, d, tmp / rel, policy, f"{name} ({rel.as_posix()}/)", log,
+                                         deltas, student)
+        skip_dirs = set(expert_dirs.values()) - {root}
+        if dit:      # the checkpoint's own DiT is replaced by --dit: none of it goes into OUT
+            own_dirs, own_files = _own_dit(ckpt_dir)
+            skip_dirs |= own_dirs
+            dit_files |= own_files
+        _copy_rest(root, tmp, skip_dirs=skip_dirs, skip_files=dit_files, skip_names={out.name, tmp.name})
         if out.exists():
             raise ValueError(f"--out {out}: appeared while converting; the conversion is left unwritten")
         os.replace(tmp, out)
@@ -105,6 +122,24 @@ def convert(ckpt_dir: str | Path, out: str | Path, fmt: str, skip_first_last: bo
         os.close(held)
     log(f"convert: wrote {out} ({fmt}, first/last blocks {'whole' if skip_first_last else 'compressed'})")
     return out
+
+
+def _own_dit(ckpt_dir) -> tuple[set[Path], set[Path]]:
+    """(folders, files) of the DiT a checkpoint folder holds itself (none if it holds only companions)."""
+    try:
+        own = find_checkpoint(ckpt_dir)
+    except CheckpointError:
+        return set(), set()
+    root = own.root.resolve()
+    dirs, files = set(), set()
+    for d in own.experts.values():
+        d = Path(d).resolve()
+        if d == root:
+            files |= {loc.file.resolve() for loc in index_model_dir(d).values()}
+            files |= {p.resolve() for p in d.glob("*.safetensors.index.json")} | {(d / "config.json").resolve()}
+        else:
+            dirs.add(d)
+    return dirs, files
 
 
 def converted_bytes(cfg, locations: dict, policy: QuantPolicy) -> int:
@@ -151,8 +186,10 @@ def _save(tensors: dict, path: Path) -> None:
         raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from None
 
 
-def _convert_expert(cfg, src: Path, dst: Path, policy: QuantPolicy, label: str, log) -> set[Path]:
-    """Convert one DiT folder; returns the source files that belong to it (not copied as companions)."""
+def _convert_expert(cfg, src: Path, dst: Path, policy: QuantPolicy, label: str, log, deltas=None,
+                    student: bool = False) -> set[Path]:
+    """Convert one DiT folder (or single file), LoRA `deltas` merged first; returns the source files that
+    belong to it (not copied as companions)."""
     locations = index_model_dir(src)
     validate(cfg, locations, src, None)
     qkeys = quantized_keys(cfg, policy)
@@ -165,7 +202,10 @@ def _convert_expert(cfg, src: Path, dst: Path, policy: QuantPolicy, label: str, 
 
     def parts():
         for k, (fname, locs) in enumerate(groups.items()):
-            tensors = dict(quantize_stream(iter_tensors(locs, None, "cpu"), qkeys, policy.fmt))
+            tensors = iter_tensors(locs, None, "cpu")
+            if deltas:
+                tensors = merge_stream(tensors, deltas)
+            tensors = dict(quantize_stream(tensors, qkeys, policy.fmt))
             before, after = sum(loc.nbytes for loc in locs.values()), sum(t.nbytes for t in tensors.values())
             yield fname, tensors
             del tensors             # one block in memory at a time
@@ -173,15 +213,18 @@ def _convert_expert(cfg, src: Path, dst: Path, policy: QuantPolicy, label: str, 
                 log(f"convert: {label} block {k}/{n}: {before / 1e6:.1f} MB -> {after / 1e6:.1f} MB")
 
     config = {}
-    if (src / "config.json").is_file():
+    if src.is_dir() and (src / "config.json").is_file():
         config = read_json(src / "config.json", "config.json")
         if not isinstance(config, dict):
             raise CheckpointError(f"{src / 'config.json'}: not a JSON object")
     if not config:
         config = keymap.upstream_config(cfg)
+    if student:
+        config[STUDENT_MARK] = True
     write_expert(dst, parts(), config, policy)
     own = {loc.file.resolve() for loc in locations.values()}
-    own |= {p.resolve() for p in src.glob("*.safetensors.index.json")} | {(src / "config.json").resolve()}
+    if src.is_dir():
+        own |= {p.resolve() for p in src.glob("*.safetensors.index.json")} | {(src / "config.json").resolve()}
     return own
 
 
