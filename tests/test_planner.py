@@ -1,5 +1,7 @@
 """The planner: plans fit their budgets, residency is spread, tiers follow the RAM budget, impossible budgets
 are refused with what would be needed, and `worldstream plan` prints it."""
+import re
+
 import pytest
 
 from worldstream.cli import main
@@ -84,3 +86,37 @@ def test_cli_plan_prints_the_plan_and_refuses_bad_budgets(capsys):
     assert main(["plan"]) == 2
     assert main(["plan", "--variant", "wan2.2-i2v-a14b", "--frame_num", "10", "--vram", "8GB"]) == 0
     assert "planning for 9" in capsys.readouterr().err
+
+
+def _plan_cli(capsys, *args):
+    from worldstream.cli import main
+    code = main(["plan", "--variant", "wan2.1-i2v-14b", "--frame_num", "81", *args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_seed_002_machine_480p_and_720p_at_8gb(capsys):
+    """Seed 002 (LightX2V's 8 GB VRAM + 16 GB RAM guide): Wan2.1 I2V 14B, its 4-step student, 81 frames. 480p
+    with fp8 blocks fits 8 GB and 16 GB of RAM (a few blocks on disk); 720p fits 8 GB with every block in fp8
+    (LightX2V's files, `convert --no_skip_first_last`) by running the blocks in token chunks."""
+    code, out, err = _plan_cli(capsys, "--size", "832*480", "--vram", "8GB", "--ram", "16GB", "--quant", "fp8",
+                               "--student")
+    assert code == 0, err
+    assert "no CFG" in out and "4 steps" in out and "streamed through the GPU" in out and "CLIP" in out
+    vram = float(re.search(r"peak VRAM ([\d.]+) GB", out)[1])
+    ram = float(re.search(r"peak host RAM ([\d.]+) GB", out)[1])
+    assert vram <= 8.0 * 0.96 and ram <= 16.0
+    code, out, err = _plan_cli(capsys, "--size", "1280*720", "--vram", "8GB", "--ram", "16GB", "--quant", "fp8",
+                               "--no_skip_first_last", "--student")
+    assert code == 0, err
+    assert "blocks in chunks of 8192 tokens" in out and float(re.search(r"peak VRAM ([\d.]+) GB", out)[1]) <= 7.68
+    code, out, err = _plan_cli(capsys, "--size", "1280*720", "--vram", "8GB", "--quant", "fp8", "--student")
+    assert code == 2 and "must stay resident" in err and "--no_skip_first_last" in err
+
+
+def test_block_chunks_are_chosen_only_when_needed():
+    cfg = get_config("wan2.1-i2v-14b")
+    roomy = plan(cfg, Workload(81, 480, 832, guidance=False), 80e9)
+    assert roomy.block_chunk is None
+    tight = plan(cfg, Workload(81, 720, 1280, guidance=False), 8e9, bytes_per_param=1.0)
+    assert tight.block_chunk == 8192 and tight.vram_peak <= 8e9

@@ -561,9 +561,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if (args.ckpt_dir is None) == (args.variant is None):
         raise GenerationError("give exactly one of --ckpt_dir (a checkpoint folder) or --variant (a name "
                               "from `worldstream info`)")
+    student = None
     if args.ckpt_dir:
-        ckpt = find_checkpoint(args.ckpt_dir)
+        ckpt = find_checkpoint(args.ckpt_dir, dit=args.dit)
         cfg, experts = ckpt.config, len(ckpt.experts)
+        student = ckpt.student
         try:
             policy, _ = resolve_quant(ckpt, args.quant)   # a converted checkpoint plans its stored format
         except ValueError as e:
@@ -574,6 +576,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
         except KeyError as e:
             raise GenerationError(e.args[0]) from None
         experts, policy = cfg.experts, as_policy(args.quant)
+        if policy is not None and args.no_skip_first_last:
+            from .checkpoints.compressed import QuantPolicy
+            policy = QuantPolicy(policy.fmt, skip_first_last=False)
+    if args.student:
+        student = student or cfg.student
+        if student is None:
+            raise GenerationError(f"--student: no step-distilled sampler is known for {cfg.name}")
+    guided = not args.no_cfg and student is None
     w, h = _plan_size(args.size)
     frames = round_frames(args.frame_num, cfg.latents)
     if frames != args.frame_num:
@@ -586,14 +596,43 @@ def cmd_plan(args: argparse.Namespace) -> int:
         vram_note = f"{fmt_bytes(vram)} (free on cuda:0, generate's default)"
     ram_note = fmt_bytes(ram) if ram else f"{fmt_bytes(default_ram())} ({RAM_SHARE:.0%} of this machine's, generate's default)"
     ram = ram if ram is not None else default_ram()
-    p = plan_run(cfg, Workload(frames=frames, height=h, width=w, guidance=not args.no_cfg, experts=experts),
+    p = plan_run(cfg, Workload(frames=frames, height=h, width=w, guidance=guided, experts=experts),
                  vram, ram, torch.bfloat16, policy, hw)
     weights = policy.fmt + (" (first/last blocks bf16)" if policy.skip_first_last else "") if policy else "bf16"
-    print(f"{cfg.name}: {frames} frames at {w}x{h}, {'CFG' if not args.no_cfg else 'no CFG'}, "
+    print(f"{cfg.name}: {frames} frames at {w}x{h}, {'CFG' if guided else 'no CFG'}, "
           f"{experts} expert(s); weights {weights}; budgets: VRAM {vram_note}, RAM {ram_note}; "
           f"PCIe {args.pcie:g} GB/s, disk {args.disk:g} GB/s")
     print(p.describe())
+    steps = student.steps if student else (cfg.sampling.steps if cfg.sampling else None)
+    if steps:
+        what = f"the 4-step student's {steps} steps" if student else f"the default {steps} steps"
+        print(f"denoise: {what} x {p.step_seconds:.2f} s = {steps * p.step_seconds:.0f} s (DiT compute and copies "
+              "only; load, text / image encoding and the VAE come on top)")
+    for line in _companion_plan(cfg, vram):
+        print(line)
     return 0
+
+
+def _companion_plan(cfg, vram) -> list[str]:
+    """Where generate puts the encoders under `vram` (none of them resident with the DiT)."""
+    import math
+
+    from .checkpoints.clip import visual_shapes
+    from .checkpoints.t5 import upstream_shapes
+    from .models.clip import ClipVisionConfig
+    from .models.text_encoder import T5Config
+    from .runtime.memory import fmt_bytes
+
+    t5 = 2 * sum(math.prod(s) for s in upstream_shapes(T5Config()).values())
+    where = ("streamed through the GPU from pinned RAM (~3 GB of VRAM)" if vram and t5 > 0.85 * vram
+             else "on the GPU, then freed")
+    out = [f"text encoder: umt5-xxl {fmt_bytes(t5)} bf16, {where}, before the DiT loads (--t5_cpu: on the CPU; "
+           "cached prompts skip it)"]
+    if cfg.has_image_branch:
+        clip = 2 * sum(math.prod(s) for s in visual_shapes(ClipVisionConfig()).values())
+        out.append(f"image encoder: CLIP ViT-H/14 visual tower {fmt_bytes(clip)} fp16, on the GPU then freed, "
+                   "before the DiT loads (--clip_cpu: on the CPU)")
+    return out
 
 
 def _add_plan_parser(sub, common) -> None:
@@ -613,6 +652,13 @@ def _add_plan_parser(sub, common) -> None:
     q.add_argument("--quant", choices=["fp8", "fp8-block", "int8"], help="plan for compressed block weights "
                                                                          "(generate --quant)")
     q.add_argument("--no_cfg", action="store_true", help="one forward per step (guide scale 1 / distilled models)")
+    q.add_argument("--no_skip_first_last", action="store_true",
+                   help="with --quant: every block compressed (as `convert --no_skip_first_last` and LightX2V's "
+                        "fp8 / int8 students store them), so none must stay resident")
+    q.add_argument("--student", action="store_true", help="plan a LightX2V 4-step student of the model (no CFG, "
+                                                          "its steps); a student checkpoint is planned so anyway")
+    q.add_argument("--dit", action="append", metavar="PATH", help="with --ckpt_dir: the DiT file / folder generate "
+                                                                  "would use instead (generate --dit)")
     q.add_argument("--pcie", type=float, default=53.0, help="pinned host-to-device GB/s (default 53, H100 Gen5)")
     q.add_argument("--disk", type=float, default=1.5, help="disk read GB/s for the disk tier (default 1.5)")
     q.set_defaults(fn=cmd_plan)

@@ -187,14 +187,23 @@ class DiTConfig:
         """Memory traffic of the block's float32 elementwise work (~12 passes over [B, L, dim])."""
         return 12 * batch * tokens * self.dim * 4
 
-    def activation_bytes(self, tokens: int, batch: int, ffn_chunk: int | None = None) -> float:
+    def activation_bytes(self, tokens: int, batch: int, ffn_chunk: int | None = None,
+                         block_chunk: int | None = None) -> float:
         """Peak activation memory of a forward (residual stream + the largest block intermediate).
 
         Per token and sample: the float32 residual (4*dim bytes) lives throughout; inside a block the peak is
         the FFN (bf16 modulated input and two bf16 hidden tensors: 2*dim + 4*ffn bytes, over `ffn_chunk`
         tokens when the FFN is chunked) or self-attention (modulated input, q, k, v, rotated q, k, output:
         about 18*dim bytes); the camera features (2*dim, batch 1) live throughout. Calibrated against H100
-        peaks (x1.1, BENCHMARKS.md)."""
+        peaks (x1.1, BENCHMARKS.md). With `block_chunk` (WanDiT.set_block_chunk) the whole block runs over that
+        many tokens at a time: per token only the float32 residual and the bf16 keys and values live (8*dim
+        bytes), plus one chunk's whole-block peak (not measured on a GPU yet)."""
+        if block_chunk is not None and tokens > block_chunk:
+            c = block_chunk
+            chunk_peak = max(c * (2 * self.dim + 4 * self.ffn_dim), c * 22 * self.dim)
+            cam = 2 * self.dim * tokens if self.has_camera else 0
+            text = batch * self.text_len * self.dim * 2 * 4
+            return 1.1 * (batch * (tokens * 8 * self.dim + chunk_peak) + cam + text)
         ffn_tokens = tokens if ffn_chunk is None else min(tokens, ffn_chunk)
         peak = max(ffn_tokens * (2 * self.dim + 4 * self.ffn_dim), tokens * 18 * self.dim)
         cam = 2 * self.dim * tokens if self.has_camera else 0

@@ -267,6 +267,7 @@ class Block(nn.Module):
                                  nn.Linear(cfg.ffn_dim, dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
         self.ffn_chunk: int | None = None   # tokens per FFN chunk (memory), set by WanDiT.set_ffn_chunk
+        self.block_chunk: int | None = None  # tokens per chunk of the whole block (memory), WanDiT.set_block_chunk
         self.fuse = True                    # compiled elementwise kernels on CUDA, set by WanDiT.set_fuse
         self.has_camera = cfg.has_camera
         if cfg.has_camera:  # upstream keeps these four directly on the block
@@ -277,6 +278,9 @@ class Block(nn.Module):
         """x [B, L, dim]; e0 [B, 1 or L, 6, dim] float32; cam [B or 1, L, dim] or None; kv / cross_kv: this
         layer's views of the causal model's caches (models/kv_cache.py), or None."""
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.float() + e0).unbind(2)
+        if self.block_chunk is not None and kv is None and x.shape[1] > self.block_chunk:
+            return self._forward_chunked(x, (shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff), rot,
+                                         context, context_img, cam, self.block_chunk)
 
         fuse = self.fuse
         y = self.self_attn(modulate(x, shift_sa, scale_sa, self.norm1.eps, compute_dtype(self.self_attn.q),
@@ -298,10 +302,70 @@ class Block(nn.Module):
             x[:, rows] = gate_residual(x[:, rows], self._ffn(x[:, rows], part[0], part[1]), part[2], fuse=fuse)
         return x
 
+    def _forward_chunked(self, x, mods, rot, context, context_img, cam, n: int):
+        """The same per-token math over `n` tokens at a time (long clips on small GPUs): keys and values of
+        every token first (self-attention needs them all), then for each chunk of queries the attention, the
+        camera injection, cross-attention and FFN. Live memory per token: the float32 residual and the bf16
+        keys and values (~8 bytes x dim), instead of the ~22 x dim of the whole-sequence block; everything else
+        is per chunk. The residual stream is updated in place (the block owns it: `x = block(x)`)."""
+        shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = mods
+        sa, fuse = self.self_attn, self.fuse
+        heads = (sa.num_heads, -1)
+        cos, sin = rot
+        if x.dtype != torch.float32 or not x.is_contiguous():
+            x = x.float().contiguous()
+        b, length = x.shape[:2]
+
+        def rows(m, r):
+            return m if m.shape[1] == 1 else m[:, r]
+        spans = [slice(s, min(s + n, length)) for s in range(0, length, n)]
+        cdt = compute_dtype(sa.q)
+        k = v = None
+        for r in spans:
+            h = modulate(x[:, r], rows(shift_sa, r), rows(scale_sa, r), self.norm1.eps, cdt, fuse=fuse)
+            h = shared_input(h, (sa.k, sa.v))
+            vv = linear(sa.v, h).unflatten(-1, heads)
+            kk = rope(sa.norm_k(linear(sa.k, h)).unflatten(-1, heads), cos[r], sin[r], vv.dtype, fuse=fuse)
+            if k is None:
+                k = torch.empty((b, length, *kk.shape[2:]), dtype=kk.dtype, device=x.device)
+                v = torch.empty((b, length, *vv.shape[2:]), dtype=vv.dtype, device=x.device)
+            k[:, r], v[:, r] = kk, vv
+            del h, kk, vv
+        cross = _Once()
+        for r in spans:
+            h = modulate(x[:, r], rows(shift_sa, r), rows(scale_sa, r), self.norm1.eps, cdt, fuse=fuse)
+            q = rope(sa.norm_q(linear(sa.q, shared_input(h, (sa.q,)))).unflatten(-1, heads), cos[r], sin[r],
+                     v.dtype, fuse=fuse)
+            y = linear(sa.o, attention(q, k, v, sa.backend).flatten(2))
+            del h, q
+            xr = gate_residual(x[:, r], y, rows(gate_sa, r), fuse=fuse)
+            if cam is not None:
+                c = cam[:, r]
+                hc = linear(self.cam_injector_layer2, F.silu(linear(self.cam_injector_layer1, c))) + c
+                xr = (1.0 + linear(self.cam_scale_layer, hc)) * xr + linear(self.cam_shift_layer, hc)
+            xr = xr + self.cross_attn(self.norm3(xr), context, context_img, cross)
+            x[:, r] = gate_residual(xr, self._ffn(xr, rows(shift_ff, r), rows(scale_ff, r)), rows(gate_ff, r),
+                                    fuse=fuse)
+        return x
+
     def _ffn(self, x, shift, scale):
         h = modulate(x, shift, scale, self.norm2.eps, compute_dtype(self.ffn[0]), fuse=self.fuse)
         h = linear(self.ffn[0], h)
         return linear(self.ffn[2], shared_input(h.to(compute_dtype(self.ffn[2])), (self.ffn[2],), gelu=True))
+
+
+class _Once:
+    """Cross-attention keys / values of one block forward, computed for its first chunk and reused (the
+    interface of models.kv_cache.LayerCrossKV)."""
+
+    def __init__(self):
+        self.kv = None
+
+    def get(self):
+        return self.kv
+
+    def put(self, kv):
+        self.kv = kv
 
 
 class Head(nn.Module):
@@ -439,6 +503,12 @@ class WanDiT(nn.Module):
         """Run each block's FFN over at most `tokens` rows at a time (bounds the [L, ffn_dim] hidden tensor)."""
         for block in self.blocks:
             block.ffn_chunk = tokens
+
+    def set_block_chunk(self, tokens: int | None) -> None:
+        """Run each block over at most `tokens` tokens at a time (keys / values of all tokens kept): the
+        activation peak of a long clip shrinks from ~22 x dim bytes per token to ~8 (runtime/planner.py)."""
+        for block in self.blocks:
+            block.block_chunk = tokens
 
     def set_attention(self, self_attention: str = "sdpa", cross_attention: str = "sdpa") -> None:
         """The attention kernels of this model by registered name (models/attention.py). "8bit" pays off for

@@ -279,6 +279,8 @@ def format_report(result: Result) -> str:
         mem.append(f"peak VRAM {fmt_bytes(r['peak_vram'])}")
     mem.append(f"peak host RAM {fmt_bytes(r['peak_rss'])}")
     steps = ", ".join(f"{n} {e}" for e, n in r["expert_steps"].items())
-    mem.append(f"steps per expert: {steps}; CFG {'batched' if r['batched_guidance'] else 'as two forwards'}")
+    cfg_text = ("no CFG" if not result.job.guided else
+                f"CFG {'batched' if r['batched_guidance'] else 'as two forwards'}")
+    mem.append(f"steps per expert: {steps}; {cfg_text}")
     lines.append("memory: " + "; ".join(mem))
     return "\n".join(lines)

@@ -32,7 +32,8 @@ class StackModel(Protocol):
     def tokens(self, frames: int, height: int, width: int) -> int: ...
     def block_flops(self, tokens: int, batch: int, keys: int | None = None) -> tuple[float, float]: ...
     def block_elementwise_bytes(self, tokens: int, batch: int) -> float: ...
-    def activation_bytes(self, tokens: int, batch: int, ffn_chunk: int | None = None) -> float: ...
+    def activation_bytes(self, tokens: int, batch: int, ffn_chunk: int | None = None,
+                         block_chunk: int | None = None) -> float: ...
 
 
 class PlanError(ValueError):
@@ -41,6 +42,8 @@ class PlanError(ValueError):
 
 HEADROOM = 0.04   # fraction of the VRAM budget kept free for the allocator
 FFN_CHUNK = 8192   # tokens per FFN chunk when the plan needs the memory (WanDiT.set_ffn_chunk)
+BLOCK_CHUNK = 8192  # tokens per whole-block chunk when even that is not enough (WanDiT.set_block_chunk)
+BLOCK_CHUNK_COST = 1.02   # its extra modulate pass and per-chunk image keys, as a share of the block's time
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,8 @@ class Plan:
     block_compute_s: float
     block_copy_s: float
     notes: list[str] = field(default_factory=list)
+    block_chunk: int | None = None   # tokens per whole-block chunk (WanDiT.set_block_chunk), None: whole clip
+    guided: bool = True              # the workload has CFG (two passes a step)
 
     @property
     def slots(self) -> int:
@@ -103,8 +108,10 @@ class Plan:
             f" {self.resident if len(self.resident) < self.n_blocks else '(all)'}",
             f"streamed: {len(self.streamed)} blocks through {self.slots} GPU slots (prefetch depth {self.prefetch})",
             f"host tiers: {len(self.ram_blocks)} blocks pinned in RAM, {len(self.disk_blocks)} read from disk",
-            f"CFG: {'cond+uncond batched in one forward' if self.batched_guidance else 'cond and uncond as two forwards'}"
-            + (f"; FFN in chunks of {self.ffn_chunk} tokens" if self.ffn_chunk else ""),
+            ("CFG: " + ('cond+uncond batched in one forward' if self.batched_guidance else
+                        'cond and uncond as two forwards') if self.guided else "no CFG: one forward a step")
+            + (f"; FFN in chunks of {self.ffn_chunk} tokens" if self.ffn_chunk else "")
+            + (f"; blocks in chunks of {self.block_chunk} tokens" if self.block_chunk else ""),
             f"block compute {self.block_compute_s * 1e3:.1f} ms vs copy {self.block_copy_s * 1e3:.1f} ms",
             f"predicted: {self.step_seconds:.2f} s/step (resident would be {self.resident_step_seconds:.2f} s),"
             f" peak VRAM {fmt_bytes(self.vram_peak)}, peak host RAM {fmt_bytes(self.ram_peak)}"
@@ -169,18 +176,19 @@ def plan(cfg: StackModel, workload: Workload, vram_budget: float | None, ram_bud
     options = [True, False] if workload.guidance else [False]
     best: Plan | None = None
     needs = []
-    for batched, chunk in [(b, c) for b in options for c in (None, FFN_CHUNK)]:
+    modes = [(None, None), (FFN_CHUNK, None)] + ([(None, BLOCK_CHUNK)] if L > BLOCK_CHUNK else [])
+    for batched, (chunk, bchunk) in [(b, m) for b in options for m in modes]:
         batch = 2 if batched else 1
         forwards = 2 if (workload.guidance and not batched) else 1
-        act = cfg.activation_bytes(L, batch, chunk)
-        comp = block_seconds(cfg, L, batch, hw, workload.keys)
+        act = cfg.activation_bytes(L, batch, chunk, bchunk) if bchunk else cfg.activation_bytes(L, batch, chunk)
+        comp = block_seconds(cfg, L, batch, hw, workload.keys) * (BLOCK_CHUNK_COST if bchunk else 1.0)
         copy = block_bytes / hw.pcie_bw
         resident_step = forwards * n * comp
         for prefetch in range(1, max_prefetch + 1):
             slots = prefetch + 1
             room = budget - fixed - act - slots * block_bytes - len(pinned_resident) * per_block * 2
             if room < 0:
-                needs.append(fixed + act + slots * block_bytes)
+                needs.append(fixed + act + slots * block_bytes + len(pinned_resident) * per_block * 2)
                 continue
             r_max = n if room >= n * block_bytes else int(room // block_bytes) + len(pinned_resident)
 
@@ -198,7 +206,7 @@ def plan(cfg: StackModel, workload: Workload, vram_budget: float | None, ram_bud
             stream = len(resident) < n
             vram = fixed + act + (len(resident) + (slots if stream else 0)) * block_bytes
             cand = Plan(n, block_bytes, resident, prefetch, batched, chunk, [], [], vram, 0.0, 0.0, step,
-                        resident_step, comp, copy)
+                        resident_step, comp, copy, block_chunk=bchunk, guided=workload.guidance)
             _assign_host_tiers(cand, cfg, workload, ram_budget, hw)   # a disk-bound plan may lose its lead
             step = cand.step_seconds
             if best is None or step < best.step_seconds * 0.995 or (
@@ -207,12 +215,16 @@ def plan(cfg: StackModel, workload: Workload, vram_budget: float | None, ram_bud
             if not stream:
                 break
     if best is None:
+        least = (cfg.activation_bytes(L, 1, None, BLOCK_CHUNK) if L > BLOCK_CHUNK
+                 else cfg.activation_bytes(L, 1, FFN_CHUNK))
+        pinned = (f", {len(pinned_resident)} whole (uncompressed) blocks that must stay resident "
+                  f"{fmt_bytes(len(pinned_resident) * per_block * 2)}" if pinned_resident else "")
         raise PlanError(
             f"{cfg.name} at {workload.frames} frames {workload.width}x{workload.height} needs at least "
             f"{fmt_bytes(min(needs) / (1 - HEADROOM))} of VRAM (non-block weights {fmt_bytes(non_block * 2)}, "
-            f"activations {fmt_bytes(cfg.activation_bytes(L, 1, FFN_CHUNK))}, two block slots "
-            f"{fmt_bytes(2 * block_bytes)}); the budget is {fmt_bytes(vram_budget)}. Use fewer frames, a smaller "
-            f"size, or compressed weights.")
+            f"activations {fmt_bytes(least)}, two block slots {fmt_bytes(2 * block_bytes)}{pinned}); the budget "
+            f"is {fmt_bytes(vram_budget)}. Use fewer frames, a smaller size, or compressed weights"
+            + (" for every block (`convert --no_skip_first_last`)" if pinned_resident else "") + ".")
 
     return best
 

@@ -95,7 +95,8 @@ class Expert:
 
 class DiTRunner:
     def __init__(self, names: list[str], loader, device, dtype, plan_: Plan | None, keep_all: bool = True,
-                 ffn_chunk: int | None = None, attention: str = "sdpa", fuse: bool = True, trace: bool = False):
+                 ffn_chunk: int | None = None, attention: str = "sdpa", fuse: bool = True, trace: bool = False,
+                 block_chunk: int | None = None):
         self.experts = {name: Expert(name) for name in names}
         self.loader = loader
         self.quant = getattr(loader, "quant", None)
@@ -103,6 +104,7 @@ class DiTRunner:
         self.plan = plan_
         self.keep_all = keep_all                 # RAM holds both experts (else one, the other read at the switch)
         self.ffn_chunk, self.attention, self.fuse = ffn_chunk, attention, fuse
+        self.block_chunk = block_chunk             # whole-block token chunks (long clips on small GPUs)
         self.trace = trace                       # the engine records its copies and computes (tests)
         self.batched_guidance = plan_.batched_guidance if plan_ is not None else True
         self.engine: StreamEngine | None = None
@@ -148,6 +150,8 @@ class DiTRunner:
         e.model, e.sources = self.loader.load(e.name, streamed, self.device, self.dtype, disk=disk, tier=self.tier,
                                               slabs=slabs)
         e.model.set_ffn_chunk(self.ffn_chunk)
+        if self.block_chunk is not None:
+            e.model.set_block_chunk(self.block_chunk)
         e.model.set_attention(self.attention)
         e.model.set_fuse(self.fuse)
         self.report["load_s"] += time.perf_counter() - t0
@@ -289,4 +293,4 @@ def build_runner(ckpt, device, dtype, workload: Workload, vram: float | None = N
                         f"--out DIR` once and generate from DIR, or raise --ram")
     keep_all = 2 * p.weights_in_ram + 4e9 <= ram
     return DiTRunner(names, loader, device, dtype, p, keep_all=keep_all, ffn_chunk=p.ffn_chunk,
-                     attention=attention, fuse=fuse)
+                     attention=attention, fuse=fuse, block_chunk=p.block_chunk)
