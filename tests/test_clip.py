@@ -68,7 +68,6 @@ def test_clip_matches_the_spec_reference(tmp_path, image, cfg):
     ref = reference_visual(state, image, cfg.heads)
     assert out.shape == (1, cfg.tokens, cfg.width) == ref.shape
     assert (out - ref).abs().max().item() <= 1e-4 * max(1.0, ref.abs().max().item())
-    # the last block is not computed, and its weights matter nowhere: changing them changes nothing
     enc.close()
 
 
@@ -114,9 +113,7 @@ def test_bad_clip_files_are_refused_by_name(tmp_path, damage, message):
     assert CLIP_CHECKPOINT in str(e.value)
 
 
-def test_a_pickle_with_code_is_refused(tmp_path):
-    import collections
-    torch.save(collections.OrderedDict(a=torch.zeros(1)), tmp_path / "x.pth")   # allowed container
+def test_a_file_that_is_not_a_checkpoint_is_refused(tmp_path):
     (tmp_path / CLIP_CHECKPOINT).write_bytes(b"not a pytorch file at all")
     with pytest.raises(CheckpointError, match=CLIP_CHECKPOINT):
         check_image_encoder(tmp_path)
