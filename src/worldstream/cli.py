@@ -23,10 +23,73 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 # ---- generate / demo ------------------------------------------------------------------------------------
 
+def _rank() -> int:
+    """This process's rank when torchrun started several (0 otherwise): only rank 0 speaks."""
+    import os
+    return int(os.environ.get("RANK", "0"))
+
+
 def _fail(msg: object) -> int:
-    """Bad input: one `worldstream: error: ...` line on stderr, exit code 2, no traceback."""
-    print(f"worldstream: error: {msg}", file=sys.stderr)
+    """Bad input: one `worldstream: error: ...` line on stderr, exit code 2, no traceback. Of several processes
+    (torchrun), every one fails with the same error and only rank 0 prints it."""
+    if _rank() == 0:
+        print(f"worldstream: error: {msg}", file=sys.stderr)
     return 2
+
+
+def _interrupted(what: str = "no video written") -> int:
+    if _rank() == 0:
+        print(f"\nworldstream: interrupted; {what}", file=sys.stderr)
+    return 130
+
+
+def _parallel(args: argparse.Namespace):
+    """The Ulysses group this process joins for `--ulysses N` (None for one process). Checked first, the same
+    way in every process: the launch (torchrun with N processes on one machine) and the device (cuda:LOCAL_RANK
+    for each process, or the CPU with gloo)."""
+    from .pipelines.conditioning import GenerationError
+    from .runtime.parallel import SequenceParallel, check_launch
+
+    n = check_launch(args.ulysses)
+    if n == 1:
+        return None
+    device = _device(args.device)
+    if device.type == "cuda" and device.index is not None:
+        raise GenerationError(f"--device {args.device}: with --ulysses each process takes the GPU of its local "
+                              "rank (cuda:LOCAL_RANK); pass --device cuda (or leave it out)")
+    return SequenceParallel.launch(n, device.type)
+
+
+def _quiet_unless_first(parallel):
+    """Processes other than rank 0 print nothing on stdout (rank 0 reports for all)."""
+    import contextlib
+    import os
+
+    if parallel is None or parallel.first:
+        return contextlib.nullcontext()
+    return contextlib.redirect_stdout(open(os.devnull, "w"))
+
+
+def _run_parallel_command(args: argparse.Namespace, body) -> int:
+    """`body(args, parallel)` with the parallel group set up first and left together at the end; known errors
+    become one `worldstream: error:` line (rank 0), exit code 2 in every process."""
+    from .checkpoints.tensors import CheckpointError
+    from .pipelines.conditioning import GenerationError
+    from .runtime.parallel import ParallelError
+    from .runtime.planner import PlanError
+
+    parallel = None
+    try:
+        parallel = _parallel(args)
+        with _quiet_unless_first(parallel):
+            code = body(args, parallel)
+    except (GenerationError, CheckpointError, PlanError, ParallelError) as e:
+        code = _fail(e)
+    except KeyboardInterrupt:
+        return _interrupted()
+    if parallel is not None:   # (an unexpected error skips this: the process dies, torchrun stops the others)
+        parallel.close()
+    return code
 
 
 def _str2bool(v: str) -> bool:
@@ -124,24 +187,30 @@ def _write_and_report(result, path) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    return _run_parallel_command(args, _generate)
+
+
+def _generate(args: argparse.Namespace, parallel) -> int:
     import re
     import time
 
     import torch
 
-    from .checkpoints.tensors import CheckpointError
     from .pipelines.conditioning import GenerationError
     from .pipelines.generate import run
     from .pipelines.prompts import PromptCache
     from .pipelines.tasks import prepare
-    from .runtime.planner import PlanError
+    from .runtime.parallel import check
 
-    try:
+    everyone = (lambda fn: fn()) if parallel is None else parallel.everyone     # all check, all fail together
+    once = (lambda fn: fn()) if parallel is None else parallel.from_first       # rank 0 does it, all get it
+
+    def validate():
         if args.ckpt_dir is None:
             raise GenerationError("--ckpt_dir is required (the folder with the downloaded checkpoint)")
         if args.prompt is None:
             raise GenerationError("--prompt is required")
-        device = _device(args.device)
+        device = _device(args.device) if parallel is None else parallel.device
         vram, ram = _budget("--vram", args.vram), _budget("--ram", args.ram)
         if device.type == "cpu" and (vram or ram):
             print("note: --vram / --ram place the DiT on a GPU; on the CPU every weight stays in RAM")
@@ -150,23 +219,26 @@ def cmd_generate(args: argparse.Namespace) -> int:
                       negative_prompt=args.negative_prompt, steps=args.sample_steps, shift=args.sample_shift,
                       guide_scale=args.sample_guide_scale, seed=args.base_seed, solver=args.sample_solver,
                       notice=lambda m: print(f"note: {m}"))
-        slug = re.sub(r"[^A-Za-z0-9]+", "_", job.prompt)[:40].strip("_") or "video"
-        name = f"{job.task}_{job.width}x{job.height}_{slug}_{time.strftime('%Y%m%d_%H%M%S')}.mp4"
-        path = _output_path(args.save_file, name)
-        print(job.describe())
-        dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(args.dtype)
+        if parallel is not None:
+            check(job.ckpt.config, job.ckpt.config.tokens(job.frames, job.height, job.width), parallel.world,
+                  f"{job.frames} frames at {job.width}x{job.height}")
         if args.vae_tile is not None and args.vae_tile < 2:
             raise GenerationError(f"--vae_tile must be at least 2 latent pixels, got {args.vae_tile}")
-        result = run(job, device=device, dtype=dtype, t5_cpu=args.t5_cpu,
-                     vae_cpu=args.vae_cpu, vae_tile=args.vae_tile, vram=vram, ram=ram, quant=args.quant,
-                     attention=args.attention, fuse=_fuse_from_env(),
-                     prompt_cache=None if args.no_prompt_cache else PromptCache())
+        return device, vram, ram, job
+
+    device, vram, ram, job = everyone(validate)
+    job.seed = once(lambda: job.seed)        # a random seed is drawn by each process: rank 0's counts
+    slug = re.sub(r"[^A-Za-z0-9]+", "_", job.prompt)[:40].strip("_") or "video"
+    name = f"{job.task}_{job.width}x{job.height}_{slug}_{time.strftime('%Y%m%d_%H%M%S')}.mp4"
+    path = once(lambda: _output_path(args.save_file, name))
+    print(job.describe() + (f"; Ulysses over {parallel.world} processes" if parallel is not None else ""))
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(args.dtype)
+    result = run(job, device=device, dtype=dtype, t5_cpu=args.t5_cpu,
+                 vae_cpu=args.vae_cpu, vae_tile=args.vae_tile, vram=vram, ram=ram, quant=args.quant,
+                 attention=args.attention, fuse=_fuse_from_env(),
+                 prompt_cache=None if args.no_prompt_cache else PromptCache(), parallel=parallel)
+    if result.frames is not None:            # rank 0 writes and reports
         _write_and_report(result, path)
-    except (GenerationError, CheckpointError, PlanError) as e:
-        return _fail(e)
-    except KeyboardInterrupt:
-        print("\nworldstream: interrupted; no video written", file=sys.stderr)
-        return 130
     return 0
 
 
@@ -255,6 +327,10 @@ def _add_generate_parser(sub) -> None:
            "the untiled decode")
     a("--no_prompt_cache", action="store_true", help="do not read or store prompt embeddings in "
                                                      "~/.cache/worldstream/prompts")
+    a("--ulysses", type=int, default=None, metavar="N",
+      help="split every DiT forward over N GPUs of this machine (Ulysses sequence parallelism): launch N "
+           "processes with `torchrun --nproc_per_node N -m worldstream generate ... --ulysses N`. N must divide the "
+           "attention heads (40: 2, 4, 5, 8). Rank 0 writes the video and reports")
     a("--offload_model", type=_str2bool, help="accepted for upstream compatibility and ignored: worldstream "
                                               "decides placement itself from --vram / --ram")
     a("--convert_model_dtype", action="store_true", help="accepted for upstream compatibility: weights are "
@@ -282,23 +358,28 @@ def _add_demo_parser(sub) -> None:
 
 def cmd_stream(args: argparse.Namespace) -> int:
     """Run a causal student's chunk loop offline (pipelines/stream.py), writing the MP4 as chunks come."""
+    return _run_parallel_command(args, _stream)
+
+
+def _stream(args: argparse.Namespace, parallel) -> int:
     import re
     import tempfile
     import time
 
     import torch
 
-    from .checkpoints.tensors import CheckpointError
-    from .pipelines.conditioning import GenerationError
     from .pipelines.prompts import PromptCache
     from .pipelines.stream import format_chunk, open_session, prepare_stream, run_stream
-    from .runtime.planner import PlanError
+    from .runtime.parallel import check
     from .testing.checkpoint import demo_image, write_tiny_checkpoint
 
-    try:
-        device = _device(args.device)
-        vram, ram = _budget("--vram", args.vram), _budget("--ram", args.ram)
-        with tempfile.TemporaryDirectory(prefix="worldstream-stream-") as tmp:
+    everyone = (lambda fn: fn()) if parallel is None else parallel.everyone     # all check, all fail together
+    once = (lambda fn: fn()) if parallel is None else parallel.from_first       # rank 0 does it, all get it
+    with tempfile.TemporaryDirectory(prefix="worldstream-stream-") as tmp:
+
+        def validate():
+            device = _device(args.device) if parallel is None else parallel.device
+            vram, ram = _budget("--vram", args.vram), _budget("--ram", args.ram)
             ckpt_dir, image, prompt = args.ckpt_dir, args.image, args.prompt
             if ckpt_dir is None:     # the built-in tiny causal student (random weights), as `demo` does
                 print("worldstream stream: no --ckpt_dir: a tiny built-in causal model with RANDOM weights (it shows "
@@ -310,30 +391,34 @@ def cmd_stream(args: argparse.Namespace) -> int:
                                      action_string=args.action_string, action_path=args.action_path,
                                      seed=args.base_seed, steps=args.steps, window=args.window, sink=args.sink,
                                      noise=args.noise, notice=lambda m: print(f"note: {m}"))
-            slug = re.sub(r"[^A-Za-z0-9]+", "_", request.prompt)[:40].strip("_") or "stream"
-            path = _output_path(args.save_file, f"stream_{request.width}x{request.height}_{slug}_"
-                                                 f"{time.strftime('%Y%m%d_%H%M%S')}.mp4")
-            print(request.describe())
-            dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(args.dtype)
-            session = open_session(request, device=device, dtype=dtype, vram=vram, ram=ram, quant=args.quant,
-                                   attention=args.attention, vae=args.vae, taehv=args.taehv,
-                                   prompt_cache=None if args.no_prompt_cache else PromptCache())
-            t0, frames = time.perf_counter(), 0
-            try:
-                for chunk in run_stream(session, request, path):
-                    n = chunk.frames.shape[1]
-                    frames += n
-                    print(format_chunk(chunk, n), flush=True)
-            finally:
-                session.close()
-            wall = time.perf_counter() - t0
-            print(f"wrote {path}: {frames} frames {request.width}x{request.height}, H.264 16 fps; "
-                  f"{wall:.1f} s ({frames / wall:.1f} FPS overall)")
-    except (GenerationError, CheckpointError, PlanError) as e:
-        return _fail(e)
-    except KeyboardInterrupt:
-        print("\nworldstream: interrupted; no video written", file=sys.stderr)
-        return 130
+            if parallel is not None:
+                cfg = request.ckpt.config
+                chunk_frames = cfg.latents.video_frames(cfg.realtime.chunk)
+                check(cfg, cfg.tokens(chunk_frames, request.height, request.width), parallel.world,
+                      f"a chunk of {cfg.realtime.chunk} latent frames at {request.width}x{request.height}")
+            return device, vram, ram, request
+
+        device, vram, ram, request = everyone(validate)
+        slug = re.sub(r"[^A-Za-z0-9]+", "_", request.prompt)[:40].strip("_") or "stream"
+        name = f"stream_{request.width}x{request.height}_{slug}_{time.strftime('%Y%m%d_%H%M%S')}.mp4"
+        path = once(lambda: _output_path(args.save_file, name))
+        print(request.describe() + (f"; Ulysses over {parallel.world} processes" if parallel is not None else ""))
+        dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(args.dtype)
+        first = parallel is None or parallel.first
+        session = open_session(request, device=device, dtype=dtype, vram=vram, ram=ram, quant=args.quant,
+                               attention=args.attention, vae=args.vae, taehv=args.taehv,
+                               prompt_cache=None if args.no_prompt_cache else PromptCache(), parallel=parallel)
+        t0, frames = time.perf_counter(), 0
+        try:
+            for chunk in run_stream(session, request, path if first else None):
+                n = session.video_frames_per_chunk - (3 if chunk.index == 0 else 0)
+                frames += n
+                print(format_chunk(chunk, n), flush=True)
+        finally:
+            session.close()
+        wall = time.perf_counter() - t0
+        print(f"wrote {path}: {frames} frames {request.width}x{request.height}, H.264 16 fps; "
+              f"{wall:.1f} s ({frames / wall:.1f} FPS overall)")
     return 0
 
 
@@ -372,6 +457,10 @@ def _add_stream_parser(sub) -> None:
     a("--quant", choices=["fp8", "fp8-block", "int8"], help="compress the DiT's block linears while loading")
     a("--attention", choices=["sdpa", "8bit"], default="sdpa", help="self-attention kernel")
     a("--no_prompt_cache", action="store_true", help="do not read or store prompt embeddings")
+    a("--ulysses", type=int, default=None, metavar="N",
+      help="split every DiT forward over N GPUs of this machine (Ulysses sequence parallelism): launch N "
+           "processes with `torchrun --nproc_per_node N -m worldstream stream ... --ulysses N`. N must divide the "
+           "attention heads (40: 2, 4, 5, 8). Rank 0 writes the video and reports")
     st.set_defaults(fn=cmd_stream)
 
 
@@ -383,7 +472,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from .checkpoints.tensors import CheckpointError
     from .models.configs import get_config
     from .pipelines.conditioning import GenerationError
+    import dataclasses
+
     from .runtime.memory import fmt_bytes
+    from .runtime.parallel import check
     from .runtime.planner import Hardware, PlanError, Workload, plan
 
     try:
@@ -410,18 +502,25 @@ def cmd_plan(args: argparse.Namespace) -> int:
             print(f"note: --frame_num {args.frame_num} is not 4n+1; planning for {frames}", file=sys.stderr)
         vram, ram = _budget("--vram", args.vram), _budget("--ram", args.ram)
         hw = Hardware(pcie_bw=args.pcie * 1e9, disk_bw=args.disk * 1e9)
+        if args.nvlink is not None:
+            hw = dataclasses.replace(hw, p2p_bw=args.nvlink * 1e9)
+        if args.gpus < 1:
+            raise GenerationError(f"--gpus must be at least 1, got {args.gpus}")
+        check(cfg, cfg.tokens(frames, h, w), args.gpus, f"{frames} frames at {w}x{h}", flag="--gpus")
         block_bytes = None
         if args.quant:
             from .runtime.quant import quantized_block_bytes
             block_bytes = quantized_block_bytes(cfg, args.quant)
         p = plan(cfg, Workload(frames=frames, height=h, width=w, guidance=not args.no_cfg, experts=experts),
-                 vram, ram, hw, block_bytes=block_bytes)
+                 vram, ram, hw, block_bytes=block_bytes, gpus=args.gpus)
     except (GenerationError, CheckpointError, PlanError, KeyError, ValueError) as e:
         return _fail(e.args[0] if isinstance(e, KeyError) else e)
+    gpus = f"{args.gpus} GPUs (Ulysses), " if args.gpus > 1 else ""
     print(f"{cfg.name}: {frames} frames at {w}x{h}, {'CFG' if not args.no_cfg else 'no CFG'}, "
-          f"{experts} expert(s); weights {args.quant or 'bf16'}; budgets: VRAM "
-          f"{fmt_bytes(vram) if vram else 'unlimited'}, RAM {fmt_bytes(ram) if ram else 'unlimited'}; "
-          f"PCIe {args.pcie:.0f} GB/s, disk {args.disk:.1f} GB/s")
+          f"{experts} expert(s); weights {args.quant or 'bf16'}; {gpus}budgets: VRAM "
+          f"{fmt_bytes(vram) if vram else 'unlimited'}{' per GPU' if gpus else ''}, RAM "
+          f"{fmt_bytes(ram) if ram else 'unlimited'}; PCIe {args.pcie:.0f} GB/s, disk {args.disk:.1f} GB/s"
+          + (f", GPU-to-GPU {hw.p2p_bw / 1e9:.0f} GB/s" if gpus else ""))
     print(p.describe())
     return 0
 
@@ -438,6 +537,10 @@ def _add_plan_parser(sub) -> None:
     q.add_argument("--ram", help="host RAM budget, e.g. 32GB (default: unlimited)")
     q.add_argument("--quant", choices=["fp8", "fp8-block", "int8"], help="plan for compressed block weights")
     q.add_argument("--no_cfg", action="store_true", help="one forward per step (guide scale 1 / distilled models)")
+    q.add_argument("--gpus", type=int, default=1, help="GPUs of this machine sharing each forward (--ulysses N): "
+                                                        "the plan is per GPU, --vram per GPU, --ram the machine's")
+    q.add_argument("--nvlink", type=float, default=None, help="GPU-to-GPU all-to-all GB/s per GPU for --gpus "
+                                                              "(default 300, assumed, not measured)")
     q.add_argument("--pcie", type=float, default=53.0, help="pinned host-to-device GB/s (default 53, H100 Gen5)")
     q.add_argument("--disk", type=float, default=1.5, help="disk read GB/s for the disk tier (default 1.5)")
     q.set_defaults(fn=cmd_plan)
