@@ -34,7 +34,7 @@ from worldstream.models.kv_cache import KVCache
 from worldstream.pipelines.realtime import RealtimeSession
 from worldstream.pipelines.video import read_mp4
 from worldstream.runtime.loading import CheckpointLoader
-from worldstream.runtime.memory import SharedHostMemory, mapping_of, smaps_of
+from worldstream.runtime.memory import SharedHostMemory, mapping_of, smaps_of, sweep_stale_shm
 from worldstream.runtime.parallel import (ParallelError, check, check_heads, check_launch, world_sizes)
 from worldstream.runtime.planner import Plan, Workload, plan
 from worldstream.runtime.runner import DiTRunner, Forward, build_runner
@@ -223,6 +223,18 @@ def test_shared_slabs_one_process_view(tmp_path):
     with pytest.raises(ValueError):
         failing.end(ValueError("loading failed"))                      # an error is raised after the meeting
     assert len(boom) == 1 and isinstance(boom[0], ValueError)
+
+
+def test_slab_files_of_dead_runs_are_swept(tmp_path):
+    import subprocess as sp
+    dead = sp.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f"worldstream-{int(dead.stdout)}-ab12cd34-0"
+    live = tmp_path / f"worldstream-{os.getpid()}-ab12cd34-0"
+    other = tmp_path / "worldstream-notes.txt"
+    for f in (stale, live, other):
+        f.write_bytes(b"x")
+    assert sweep_stale_shm(str(tmp_path)) == [stale.name]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name])
 
 
 # ---- pieces, in one process -----------------------------------------------------------------------------------------

@@ -111,6 +111,37 @@ def shm_dir() -> str:
     return os.environ.get("WORLDSTREAM_SHM_DIR", SHM_DIR)
 
 
+def sweep_stale_shm(directory: str | None = None) -> list[str]:
+    """Unlink shared slab files left by runs whose first process is gone (killed between making a slab and the
+    end of its load, the one window in which a file exists); files of live runs are kept. Returns the removed."""
+    directory = directory or shm_dir()
+    removed = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    for name in names:
+        m = re.fullmatch(re.escape(SHM_PREFIX) + r"(\d+)-[0-9a-f]+-\d+", name)
+        if m is None or _alive(int(m.group(1))):
+            continue
+        try:
+            os.unlink(os.path.join(directory, name))
+            removed.append(name)
+        except OSError:
+            pass
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def shm_free_bytes(directory: str | None = None) -> int:
     st = os.statvfs(directory or shm_dir())
     return st.f_bavail * st.f_frsize

@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 
 from ..models.attention import get_backend, register_backend
-from .memory import HostMemory, SharedHostMemory
+from .memory import HostMemory, SharedHostMemory, sweep_stale_shm
 
 T = TypeVar("T")
 
@@ -149,7 +149,9 @@ class SequenceParallel:
                 dist.init_process_group("gloo", timeout=CONTROL_TIMEOUT)
         group = dist.group.WORLD
         control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT) if cuda else group
-        box = [f"{os.getpid()}-{secrets.token_hex(4)}" if rank == 0 else None]
+        if local_rank == 0:
+            sweep_stale_shm()         # slab files of runs killed mid-load (the only time a file exists)
+        box = [f"{os.getpid()}-{secrets.token_hex(4)}" if rank == 0 else None]   # names this run's slab files
         dist.broadcast_object_list(box, src=0, group=control)
         return cls(rank, world, local_rank, device, group, control, tag=box[0])
 
