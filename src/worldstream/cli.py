@@ -53,9 +53,60 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 # ---- generate / demo / decode ------------------------------------------------------------------------------
 
+def _rank() -> int:
+    """This process's rank when torchrun started several (0 otherwise): only rank 0 speaks."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def _fail(msg: object, code: int = 2) -> int:
-    """One `worldstream: error: ...` line on stderr and the exit code; no traceback."""
-    print(f"worldstream: error: {msg}", file=sys.stderr)
+    """One `worldstream: error: ...` line on stderr and the exit code; no traceback. Of several processes
+    (torchrun), every one fails with the same error and only rank 0 prints it."""
+    if _rank() == 0:
+        print(f"worldstream: error: {msg}", file=sys.stderr)
+    return code
+
+
+def _parallel(args: argparse.Namespace):
+    """The Ulysses group this process joins for `--ulysses N` (None for one process). Checked first, the same
+    way in every process: the launch (torchrun with N processes on one machine) and the device (cuda:LOCAL_RANK
+    for each process, or the CPU with gloo)."""
+    from .pipelines.conditioning import GenerationError
+    from .runtime.parallel import SequenceParallel, check_launch
+
+    n = check_launch(args.ulysses)
+    if n == 1:
+        return None
+    device = _device(args.device)
+    if device.type == "cuda" and device.index is not None:
+        raise GenerationError(f"--device {args.device}: with --ulysses each process takes the GPU of its local "
+                              "rank (cuda:LOCAL_RANK); pass --device cuda (or leave it out)")
+    return SequenceParallel.launch(n, device.type)
+
+
+def _quiet_unless_first(parallel):
+    """Processes other than rank 0 print nothing on stdout (rank 0 reports for all)."""
+    import contextlib
+    import os
+
+    if parallel is None or parallel.first:
+        return contextlib.nullcontext()
+    return contextlib.redirect_stdout(open(os.devnull, "w"))
+
+
+def _run_parallel_command(args: argparse.Namespace, body) -> int:
+    """`body(args, parallel)` with the parallel group (`--ulysses N`) set up first and left together at the end.
+    Errors the command anticipates are raised in every process together (their checks run everywhere), so the
+    group is left on them too; an unexpected error in one process ends it, and torchrun stops the others."""
+    parallel = _parallel(args)
+    try:
+        with _quiet_unless_first(parallel):
+            code = body(args, parallel)
+    except _expected():
+        if parallel is not None:
+            parallel.close()
+        raise
+    if parallel is not None:
+        parallel.close()
     return code
 
 
@@ -189,6 +240,8 @@ def _finish(run_video, job, path) -> None:
         result = run_video()
     except AfterDenoising as e:
         raise _keep_latents(e.latents, job.ckpt.root, path, f"the VAE decode failed ({_reason(e.cause)})") from e
+    if result.frames is None:                # another process of a parallel run: rank 0 writes and reports
+        return
     try:
         _write_and_report(result, path)
     except Exception as e:  # noqa: BLE001 - whatever the disk or the encoder says, the latents are kept
@@ -223,6 +276,10 @@ def _remove_stale_cache_partials(cache) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    return _run_parallel_command(args, _generate)
+
+
+def _generate(args: argparse.Namespace, parallel) -> int:
     import re
     import time
 
@@ -232,35 +289,51 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .pipelines.generate import run
     from .pipelines.prompts import PromptCache
     from .pipelines.tasks import prepare
+    from .runtime.parallel import check
 
-    if args.ckpt_dir is None:
-        raise GenerationError("--ckpt_dir is required (the folder with the downloaded checkpoint)")
-    if args.prompt is None:
-        raise GenerationError("--prompt is required")
-    if args.vae_tile is not None and not 2 <= args.vae_tile <= MAX_VAE_TILE:
-        raise GenerationError(f"--vae_tile must be from 2 to {MAX_VAE_TILE} latent pixels, got {args.vae_tile}")
-    device = _device(args.device)
-    vram, ram = _budget("--vram", args.vram), _budget("--ram", args.ram)
-    if device.type == "cpu" and (vram or ram):
-        print("note: --vram / --ram place the DiT on a GPU; on the CPU every weight stays in RAM")
-    job = prepare(args.ckpt_dir, args.prompt, task=args.task, image=args.image, size=args.size,
-                  frame_num=args.frame_num, action_path=args.action_path, action_string=args.action_string,
-                  negative_prompt=args.negative_prompt, steps=args.sample_steps, shift=args.sample_shift,
-                  guide_scale=args.sample_guide_scale, seed=args.base_seed, solver=args.sample_solver,
-                  notice=lambda m: print(f"note: {m}"), dit=args.dit, loras=args.lora)
+    everyone = (lambda fn: fn()) if parallel is None else parallel.everyone     # all check, all fail together
+    once = (lambda fn: fn()) if parallel is None else parallel.from_first       # rank 0 does it, all get it
+
+    def validate():
+        if args.ckpt_dir is None:
+            raise GenerationError("--ckpt_dir is required (the folder with the downloaded checkpoint)")
+        if args.prompt is None:
+            raise GenerationError("--prompt is required")
+        if args.vae_tile is not None and not 2 <= args.vae_tile <= MAX_VAE_TILE:
+            raise GenerationError(f"--vae_tile must be from 2 to {MAX_VAE_TILE} latent pixels, got {args.vae_tile}")
+        device = _device(args.device) if parallel is None else parallel.device
+        vram, ram = _budget("--vram", args.vram), _budget("--ram", args.ram)
+        if device.type == "cpu" and (vram or ram):
+            print("note: --vram / --ram place the DiT on a GPU; on the CPU every weight stays in RAM")
+        job = prepare(args.ckpt_dir, args.prompt, task=args.task, image=args.image, size=args.size,
+                      frame_num=args.frame_num, action_path=args.action_path, action_string=args.action_string,
+                      negative_prompt=args.negative_prompt, steps=args.sample_steps, shift=args.sample_shift,
+                      guide_scale=args.sample_guide_scale, seed=args.base_seed, solver=args.sample_solver,
+                      notice=lambda m: print(f"note: {m}"), dit=args.dit, loras=args.lora)
+        if parallel is not None:
+            check(job.ckpt.config, job.ckpt.config.tokens(job.frames, job.height, job.width), parallel.world,
+                  f"{job.frames} frames at {job.width}x{job.height}")
+        return device, vram, ram, job
+
+    device, vram, ram, job = everyone(validate)
+    job.seed = once(lambda: job.seed)        # a random seed is drawn by each process: rank 0's counts
     slug = re.sub(r"[^A-Za-z0-9]+", "_", job.prompt)[:40].strip("_") or "video"
     name = f"{job.task}_{job.width}x{job.height}_{slug}_{time.strftime('%Y%m%d_%H%M%S')}.mp4"
-    path = _output_path(args.save_file, name)
-    _check_room(path, job.frames, job.height, job.width)
+
+    def output():
+        path = _output_path(args.save_file, name)
+        _check_room(path, job.frames, job.height, job.width)
+        return path
+    path = once(output)
     cache = None if args.no_prompt_cache else PromptCache()
-    if cache is not None:
+    if cache is not None and (parallel is None or parallel.first):
         _remove_stale_cache_partials(cache)
-    print(job.describe())
+    print(job.describe() + (f"; Ulysses over {parallel.world} processes" if parallel is not None else ""))
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(args.dtype)
     _finish(lambda: run(job, device=device, dtype=dtype, t5_cpu=args.t5_cpu, vae_cpu=args.vae_cpu,
                         clip_cpu=args.clip_cpu,
                         vae_tile=args.vae_tile, vram=vram, ram=ram, quant=args.quant, attention=args.attention,
-                        fuse=_fuse_from_env(), prompt_cache=cache), job, path)
+                        fuse=_fuse_from_env(), prompt_cache=cache, parallel=parallel), job, path)
     return 0
 
 
@@ -403,6 +476,10 @@ def _add_generate_parser(sub, common) -> None:
                                               "decides placement itself from --vram / --ram")
     a("--convert_model_dtype", action="store_true", help="accepted for upstream compatibility: weights are "
                                                          "always loaded in the compute dtype")
+    a("--ulysses", type=int, default=None, metavar="N",
+      help="split every DiT forward over N GPUs of this machine (Ulysses sequence parallelism): launch N "
+           "processes with `torchrun --nproc_per_node N -m worldstream generate ... --ulysses N`. N must divide the "
+           "attention heads (40: 2, 4, 5, 8). Rank 0 writes the video and reports")
     g.set_defaults(fn=cmd_generate)
 
 
@@ -431,6 +508,10 @@ def _add_demo_parser(sub, common) -> None:
 
 def cmd_stream(args: argparse.Namespace) -> int:
     """Run a causal student's chunk loop offline (pipelines/stream.py), writing the MP4 as chunks come."""
+    return _run_parallel_command(args, _stream)
+
+
+def _stream(args: argparse.Namespace, parallel) -> int:
     import re
     import tempfile
     import time
@@ -439,35 +520,53 @@ def cmd_stream(args: argparse.Namespace) -> int:
 
     from .pipelines.prompts import PromptCache
     from .pipelines.stream import format_chunk, open_session, prepare_stream, run_stream
+    from .runtime.parallel import check
     from .testing.checkpoint import demo_image, write_tiny_checkpoint
 
-    device = _device(args.device)
-    vram, ram = _budget("--vram", args.vram), _budget("--ram", args.ram)
+    everyone = (lambda fn: fn()) if parallel is None else parallel.everyone     # all check, all fail together
+    once = (lambda fn: fn()) if parallel is None else parallel.from_first       # rank 0 does it, all get it
     with tempfile.TemporaryDirectory(prefix="worldstream-stream-") as tmp:
-        ckpt_dir, image, prompt = args.ckpt_dir, args.image, args.prompt
-        if ckpt_dir is None:     # the built-in tiny causal student (random weights), as `demo` does
-            print("worldstream stream: no --ckpt_dir: a tiny built-in causal model with RANDOM weights (it shows "
-                  "the chunk loop runs, not a world)")
-            ckpt_dir = write_tiny_checkpoint(Path(tmp), "lingbot-fast-v2-tiny", seed=0)
-            image = image or demo_image()
-            prompt = prompt or "A walk through a sunny field."
-        request = prepare_stream(ckpt_dir, prompt, image=image, size=args.size, frame_num=args.frame_num,
-                                 action_string=args.action_string, action_path=args.action_path,
-                                 seed=args.base_seed, steps=args.steps, window=args.window, sink=args.sink,
-                                 noise=args.noise, notice=lambda m: print(f"note: {m}"))
+
+        def validate():
+            device = _device(args.device) if parallel is None else parallel.device
+            vram, ram = _budget("--vram", args.vram), _budget("--ram", args.ram)
+            ckpt_dir, image, prompt = args.ckpt_dir, args.image, args.prompt
+            if ckpt_dir is None:     # the built-in tiny causal student (random weights), as `demo` does
+                print("worldstream stream: no --ckpt_dir: a tiny built-in causal model with RANDOM weights (it "
+                      "shows the chunk loop runs, not a world)")
+                ckpt_dir = write_tiny_checkpoint(Path(tmp), "lingbot-fast-v2-tiny", seed=0)
+                image = image or demo_image()
+                prompt = prompt or "A walk through a sunny field."
+            request = prepare_stream(ckpt_dir, prompt, image=image, size=args.size, frame_num=args.frame_num,
+                                     action_string=args.action_string, action_path=args.action_path,
+                                     seed=args.base_seed, steps=args.steps, window=args.window, sink=args.sink,
+                                     noise=args.noise, notice=lambda m: print(f"note: {m}"))
+            if parallel is not None:
+                cfg = request.ckpt.config
+                chunk_frames = cfg.latents.video_frames(cfg.realtime.chunk)
+                check(cfg, cfg.tokens(chunk_frames, request.height, request.width), parallel.world,
+                      f"a chunk of {cfg.realtime.chunk} latent frames at {request.width}x{request.height}")
+            return device, vram, ram, request
+
+        device, vram, ram, request = everyone(validate)
         slug = re.sub(r"[^A-Za-z0-9]+", "_", request.prompt)[:40].strip("_") or "stream"
-        path = _output_path(args.save_file, f"stream_{request.width}x{request.height}_{slug}_"
-                                             f"{time.strftime('%Y%m%d_%H%M%S')}.mp4")
-        _check_room(path, request.frames, request.height, request.width)
-        print(request.describe())
+        name = f"stream_{request.width}x{request.height}_{slug}_{time.strftime('%Y%m%d_%H%M%S')}.mp4"
+
+        def output():
+            path = _output_path(args.save_file, name)
+            _check_room(path, request.frames, request.height, request.width)
+            return path
+        path = once(output)
+        print(request.describe() + (f"; Ulysses over {parallel.world} processes" if parallel is not None else ""))
         dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(args.dtype)
+        first = parallel is None or parallel.first
         session = open_session(request, device=device, dtype=dtype, vram=vram, ram=ram, quant=args.quant,
                                attention=args.attention, vae=args.vae, taehv=args.taehv,
-                               prompt_cache=None if args.no_prompt_cache else PromptCache())
+                               prompt_cache=None if args.no_prompt_cache else PromptCache(), parallel=parallel)
         t0, frames = time.perf_counter(), 0
         try:
-            for chunk in run_stream(session, request, path):
-                n = chunk.frames.shape[1]
+            for chunk in run_stream(session, request, path if first else None):
+                n = session.video_frames_per_chunk - (3 if chunk.index == 0 else 0)
                 frames += n
                 print(format_chunk(chunk, n), flush=True)
         finally:
@@ -513,6 +612,10 @@ def _add_stream_parser(sub, common) -> None:
     a("--quant", choices=["fp8", "fp8-block", "int8"], help="compress the DiT's block linears while loading")
     a("--attention", choices=["sdpa", "8bit"], default="sdpa", help="self-attention kernel")
     a("--no_prompt_cache", action="store_true", help="do not read or store prompt embeddings")
+    a("--ulysses", type=int, default=None, metavar="N",
+      help="split every DiT forward over N GPUs of this machine (Ulysses sequence parallelism): launch N "
+           "processes with `torchrun --nproc_per_node N -m worldstream stream ... --ulysses N`. N must divide the "
+           "attention heads (40: 2, 4, 5, 8). Rank 0 decodes, writes and reports")
     st.set_defaults(fn=cmd_stream)
 
 
@@ -547,6 +650,8 @@ def _bandwidth(flag: str, value: float) -> float:
 def cmd_plan(args: argparse.Namespace) -> int:
     """Print what the planner would do for a model, a clip and a machine, without loading anything: the same
     plan `generate` makes (runtime/runner.plan_run), with generate's budget defaults."""
+    import dataclasses
+
     import torch
 
     from .checkpoints.compressed import as_policy
@@ -556,6 +661,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from .runtime.loading import resolve_quant
     from .runtime.memory import fmt_bytes
     from .runtime.planner import Hardware, Workload
+    from .runtime.parallel import check
     from .runtime.runner import RAM_SHARE, default_ram, plan_run
 
     if (args.ckpt_dir is None) == (args.variant is None):
@@ -589,6 +695,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if frames != args.frame_num:
         print(f"note: --frame_num {args.frame_num} is not 4n+1; planning for {frames}", file=sys.stderr)
     hw = Hardware(pcie_bw=_bandwidth("--pcie", args.pcie), disk_bw=_bandwidth("--disk", args.disk))
+    if args.nvlink is not None:
+        hw = dataclasses.replace(hw, p2p_bw=_bandwidth("--nvlink", args.nvlink))
+    if args.gpus < 1:
+        raise GenerationError(f"--gpus must be at least 1, got {args.gpus}")
+    check(cfg, cfg.tokens(frames, h, w), args.gpus, f"{frames} frames at {w}x{h}", flag="--gpus")
     vram, ram = _budget("--vram", args.vram), _budget("--ram", args.ram)
     vram_note = fmt_bytes(vram) if vram else "unlimited (no --vram)"
     if vram is None and torch.cuda.is_available():
@@ -597,11 +708,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
     ram_note = fmt_bytes(ram) if ram else f"{fmt_bytes(default_ram())} ({RAM_SHARE:.0%} of this machine's, generate's default)"
     ram = ram if ram is not None else default_ram()
     p = plan_run(cfg, Workload(frames=frames, height=h, width=w, guidance=guided, experts=experts),
-                 vram, ram, torch.bfloat16, policy, hw)
+                 vram, ram, torch.bfloat16, policy, hw, gpus=args.gpus)
     weights = policy.fmt + (" (first/last blocks bf16)" if policy.skip_first_last else "") if policy else "bf16"
+    gpus = f"{args.gpus} GPUs (Ulysses), " if args.gpus > 1 else ""
     print(f"{cfg.name}: {frames} frames at {w}x{h}, {'CFG' if guided else 'no CFG'}, "
-          f"{experts} expert(s); weights {weights}; budgets: VRAM {vram_note}, RAM {ram_note}; "
-          f"PCIe {args.pcie:g} GB/s, disk {args.disk:g} GB/s")
+          f"{experts} expert(s); weights {weights}; {gpus}budgets: VRAM {vram_note}{' per GPU' if gpus else ''}, "
+          f"RAM {ram_note}; PCIe {args.pcie:g} GB/s, disk {args.disk:g} GB/s"
+          + (f", GPU-to-GPU {hw.p2p_bw / 1e9:.0f} GB/s" if gpus else ""))
     print(p.describe())
     steps = student.steps if student else (cfg.sampling.steps if cfg.sampling else None)
     if steps:
@@ -661,6 +774,10 @@ def _add_plan_parser(sub, common) -> None:
                                                                   "would use instead (generate --dit)")
     q.add_argument("--pcie", type=float, default=53.0, help="pinned host-to-device GB/s (default 53, H100 Gen5)")
     q.add_argument("--disk", type=float, default=1.5, help="disk read GB/s for the disk tier (default 1.5)")
+    q.add_argument("--gpus", type=int, default=1, help="GPUs of this machine sharing each forward (--ulysses N): "
+                                                        "the plan is per GPU, --vram per GPU, --ram the machine's")
+    q.add_argument("--nvlink", type=float, default=None, help="GPU-to-GPU all-to-all GB/s per GPU for --gpus "
+                                                              "(default 300, assumed, not measured)")
     q.set_defaults(fn=cmd_plan)
 
 
@@ -760,9 +877,10 @@ def _expected() -> tuple[type, ...]:
     """The errors a command anticipates: bad input and damaged files (exit code 2)."""
     from .checkpoints.tensors import CheckpointError
     from .pipelines.conditioning import GenerationError
+    from .runtime.parallel import ParallelError
     from .runtime.planner import PlanError
 
-    return CommandError, GenerationError, CheckpointError, PlanError
+    return CommandError, GenerationError, CheckpointError, PlanError, ParallelError
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -1,4 +1,4 @@
-"""The attention seam: every attention call in the DiT goes through `attention(q, k, v, backend)`.
+"""The attention seam: every attention call in the DiT goes through `attention(q, k, v, backend, kv=None)`.
 
 q, k, v are [B, L, heads, head_dim] (the layout upstream's flash-attn call uses). Which kernel runs is chosen
 per attention module (`SelfAttention.backend`, `CrossAttention.backend`; `WanDiT.set_attention` sets them for
@@ -8,6 +8,13 @@ Kernels are looked up by name in a registry. "sdpa" (`torch.nn.functional.scaled
 and GPU, cuDNN / flash kernels on Hopper) is built in; other kernels register themselves from outside the
 model code with `register_backend(name, fn)` — runtime/attention8.py adds "8bit" (int8 Q·Kᵀ, fp8 P·V Triton
 kernels) when it is imported.
+
+The causal model's self-attention also hands over its layer's KV cache view (`kv`, models/kv_cache.py LayerKV).
+A plain kernel never sees it: the chunk's keys / values are written into the cache first and the kernel attends
+to everything the cache holds (`kv.update(k, v)`, then `fn(q, k, v)`). A kernel registered with
+`handles_cache=True` is called as `fn(q, k, v, kv=kv)` and writes the cache itself, when it likes: Ulysses
+sequence parallelism (runtime/parallel.py) first exchanges heads for tokens between the processes, then
+writes the keys / values of its own heads, for every token of the chunk, into its process's cache.
 """
 from __future__ import annotations
 
@@ -28,11 +35,17 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 
 _BACKENDS: dict[str, AttentionFn] = {"sdpa": sdpa}
+_HANDLES_CACHE: set[str] = set()     # kernels called with kv= (they write the causal cache themselves)
 
 
-def register_backend(name: str, fn: AttentionFn) -> None:
-    """Make kernel `fn(q, k, v) -> out` available as `name` (same layout as `sdpa`)."""
+def register_backend(name: str, fn: AttentionFn, handles_cache: bool = False) -> None:
+    """Make kernel `fn(q, k, v) -> out` available as `name` (same layout as `sdpa`). With `handles_cache`,
+    causal self-attention calls it as `fn(q, k, v, kv=layer_kv)` and it must write the cache itself."""
     _BACKENDS[name] = fn
+    if handles_cache:
+        _HANDLES_CACHE.add(name)
+    else:
+        _HANDLES_CACHE.discard(name)
 
 
 def get_backend(name: str) -> AttentionFn:
@@ -43,5 +56,13 @@ def get_backend(name: str) -> AttentionFn:
     return _BACKENDS[name]
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa") -> torch.Tensor:
-    return get_backend(backend)(q, k, v)
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa", kv=None) -> torch.Tensor:
+    """Attention of q to k / v with the kernel `backend`. `kv`: the causal self-attention's layer cache view:
+    the chunk's k / v go into it and q attends to every key it holds (see the module docstring)."""
+    fn = get_backend(backend)
+    if kv is None:
+        return fn(q, k, v)
+    if backend in _HANDLES_CACHE:
+        return fn(q, k, v, kv=kv)
+    k, v = kv.update(k, v)
+    return fn(q, k, v)

@@ -193,16 +193,15 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, rot: torch.Tensor, kv=None) -> torch.Tensor:
         """`kv` (causal model: a models.kv_cache.LayerKV): the chunk's keys / values, after RoPE, go into the
-        cache first; the queries then attend to every frame the cache holds."""
+        cache; the queries attend to every frame the cache holds (the attention seam writes it:
+        models/attention.py)."""
         heads = (self.num_heads, -1)
         x = shared_input(x.to(compute_dtype(self.q)), (self.q, self.k, self.v))  # one cast (or quantization)
         q = self.norm_q(linear(self.q, x)).unflatten(-1, heads)
         k = self.norm_k(linear(self.k, x)).unflatten(-1, heads)
         v = linear(self.v, x).unflatten(-1, heads)
         q, k = rope(q, *rot, v.dtype, fuse=self.fuse), rope(k, *rot, v.dtype, fuse=self.fuse)
-        if kv is not None:
-            k, v = kv.update(k, v)
-        return linear(self.o, attention(q, k, v, self.backend).flatten(2))
+        return linear(self.o, attention(q, k, v, self.backend, kv).flatten(2))
 
 
 class CrossAttention(nn.Module):
@@ -444,13 +443,16 @@ class WanDiT(nn.Module):
         context = F.pad(context, (0, 0, 0, pad))
         return self.text_embedding(context.to(compute_dtype(self.text_embedding[0])))
 
-    def embed_camera(self, camera: torch.Tensor) -> torch.Tensor:
-        """Fold each 1x2x2 latent patch of the camera map into one token's features, then embed."""
+    def embed_camera(self, camera: torch.Tensor, tokens: slice | None = None) -> torch.Tensor:
+        """Fold each 1x2x2 latent patch of the camera map into one token's features, then embed (only the
+        tokens in `tokens`, if given)."""
         pt, ph, pw = self.cfg.patch_size
         b, c, f, h, w = camera.shape
-        tokens = (camera.view(b, c, f // pt, pt, h // ph, ph, w // pw, pw)
+        folded = (camera.view(b, c, f // pt, pt, h // ph, ph, w // pw, pw)
                   .permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(b, (f // pt) * (h // ph) * (w // pw), c * pt * ph * pw))
-        c0 = linear(self.patch_embedding_wancamctrl, tokens)
+        if tokens is not None:
+            folded = folded[:, tokens]
+        c0 = linear(self.patch_embedding_wancamctrl, folded)
         return c0 + linear(self.c2ws_hidden_states_layer2, F.silu(linear(self.c2ws_hidden_states_layer1, c0)))
 
     def rope_angles(self, f: int, h: int, w: int, device, start_frame: int | None = None
@@ -469,9 +471,14 @@ class WanDiT(nn.Module):
         x = x.view(b, f, h, w, pt, ph, pw, c).permute(0, 7, 1, 4, 2, 5, 3, 6)
         return x.reshape(b, c, f * pt, h * ph, w * pw)
 
-    def prepare(self, x, t, context, y=None, clip=None, camera=None, start_frame=None, cross=None):
+    def prepare(self, x, t, context, y=None, clip=None, camera=None, start_frame=None, cross=None,
+                tokens: slice | None = None):
         """Everything before the blocks: returns (tokens, block kwargs, head inputs). Causal chunks: frames at
-        absolute positions from `start_frame`; the embedded text kept in `cross` (models.kv_cache.CrossKV)."""
+        absolute positions from `start_frame`; the embedded text kept in `cross` (models.kv_cache.CrossKV).
+
+        `tokens` (a range of the clip's tokens in (frame, row, column) order): only those tokens, with their
+        own RoPE angles, camera features and per-token time embeddings; the blocks then run on that part of
+        the sequence (sequence parallelism: runtime/parallel.py gives each process its part)."""
         cfg = self.cfg
         if y is not None:
             x = torch.cat([x, y], dim=1)
@@ -482,13 +489,18 @@ class WanDiT(nn.Module):
         grid = tuple(x.shape[2:])
         x = x.flatten(2).transpose(1, 2)
         e, e0 = self.embed_time(t)
+        rot = self.rope_angles(*grid, device=x.device, start_frame=start_frame)
+        if tokens is not None:
+            x = x[:, tokens]
+            rot = tuple(r[tokens] for r in rot)
+            e, e0 = (a if a.shape[1] == 1 else a[:, tokens] for a in (e, e0))
         if cross is None:
             text = self.embed_text(context)
         else:
             if cross.context is None:
                 cross.context = self.embed_text(context)
             text = cross.context
-        kwargs = dict(e0=e0, rot=self.rope_angles(*grid, device=x.device, start_frame=start_frame), context=text)
+        kwargs = dict(e0=e0, rot=rot, context=text)
         if cfg.has_image_branch:
             if clip is None:
                 raise ValueError(f"{cfg.name} needs CLIP image features (clip=...)")
@@ -496,7 +508,7 @@ class WanDiT(nn.Module):
         if camera is not None:
             if not cfg.has_camera:
                 raise ValueError(f"{cfg.name} has no camera layers; camera input given")
-            kwargs["cam"] = self.embed_camera(camera.to(wdt))
+            kwargs["cam"] = self.embed_camera(camera.to(wdt), tokens)
         return x, kwargs, (e, grid)
 
     def set_ffn_chunk(self, tokens: int | None) -> None:
@@ -536,14 +548,23 @@ class WanDiT(nn.Module):
         of one chunk of latent frames starting at latent frame `start_frame`: the chunk's keys / values are
         written into `cache` and its queries attend to every frame held, and the prompt's cross-attention keys /
         values come from `cross` (a CrossKV; computed from `context` on the first forward of a prompt)."""
+        self.begin_chunk(x, cache, cross, start_frame)
+        x, kwargs, (e, grid) = self.prepare(x, t, context, y=y, clip=clip, camera=camera, start_frame=start_frame,
+                                            cross=cross)
+        x = self.run_blocks(x, kwargs, cache, cross)
+        return self.finish(x, e, grid)
+
+    def begin_chunk(self, x: torch.Tensor, cache=None, cross=None, start_frame: int | None = None) -> None:
+        """Causal model: tell `cache` which frames the latents `x` [B, C, F, H, W] are (a no-op without one)."""
         if cache is not None:
             if start_frame is None or cross is None:
                 raise ValueError("a forward with a KV cache needs start_frame and cross")
             cache.begin_chunk(start_frame, x.shape[2] // self.cfg.patch_size[0])
-        x, kwargs, (e, grid) = self.prepare(x, t, context, y=y, clip=clip, camera=camera, start_frame=start_frame,
-                                            cross=cross)
+
+    def run_blocks(self, x: torch.Tensor, kwargs: dict, cache=None, cross=None) -> torch.Tensor:
+        """The block stack on the tokens `x` with `prepare`'s block kwargs (and each layer's cache views)."""
         for i, block in enumerate(self.blocks):
             if cache is not None:
                 kwargs.update(kv=cache.layer(i), cross_kv=cross.layer(i))
             x = block(x, **kwargs)
-        return self.finish(x, e, grid)
+        return x

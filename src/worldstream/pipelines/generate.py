@@ -10,6 +10,11 @@
 after its last) -> VAE decode. It returns the frames, the latents, seconds per phase and peak memory. A failure
 after the denoising loop raises `AfterDenoising` carrying the latents, which `save_latents` keeps on disk and
 `worldstream decode` (`decode_video`) turns into the video later.
+
+With sequence parallelism (`parallel`, runtime/parallel.py; `torchrun ... generate --ulysses N`) every process
+runs `run`: rank 0 alone loads the VAE, encodes the prompts and the first frame and sends the results to the
+others (the text encoder and the VAE exist once, not per GPU); all of them denoise together; rank 0 alone
+decodes. A failure in rank 0's part is raised in every process.
 """
 from __future__ import annotations
 
@@ -42,7 +47,7 @@ from .video import to_uint8_frames
 
 @dataclass
 class Result:
-    frames: torch.Tensor                  # uint8 [F, H, W, 3], CPU
+    frames: torch.Tensor | None           # uint8 [F, H, W, 3], CPU (None in processes other than rank 0)
     latents: torch.Tensor                 # float32 [16, lat_f, lat_h, lat_w], CPU
     timings: dict[str, float]             # seconds per phase, in order
     report: dict                          # peak memory, runner report, expert steps
@@ -142,7 +147,7 @@ def run(job: Job, *, device=None, dtype: torch.dtype | None = None, t5_cpu: bool
         vae_tile: int | None = None, clip_cpu: bool = False,
         vram: float | None = None, ram: float | None = None, prompt_cache: PromptCache | None = None,
         batched_guidance: bool | None = None, runner_factory: Callable | None = None, progress: bool = True,
-        quant: str | None = None, attention: str = "sdpa", fuse: bool = True) -> Result:
+        quant: str | None = None, attention: str = "sdpa", fuse: bool = True, parallel=None) -> Result:
     """Compute a prepared job. dtype: DiT compute dtype (default bf16 on CUDA, float32 on the CPU).
 
     t5_cpu: run umt5 on the CPU (upstream --t5_cpu). clip_cpu: run Wan2.1 I2V's CLIP image encoder on the CPU
@@ -153,7 +158,8 @@ def run(job: Job, *, device=None, dtype: torch.dtype | None = None, t5_cpu: bool
     (default runtime.runner.build_runner). progress: show the denoising progress bar on stderr. quant: "fp8" |
     "fp8-block" | "int8" compresses the DiT's block linears while loading (a converted checkpoint is already
     compressed). attention: the DiT's self-attention kernel for this run ("sdpa", "8bit": models/attention.py).
-    fuse: compiled float32 elementwise kernels on CUDA (same math as eager).
+    fuse: compiled float32 elementwise kernels on CUDA (same math as eager). parallel: this process's
+    runtime.parallel.SequenceParallel (see the module docstring); `device` is then its GPU.
 
     Order, so that at most one big model is on the GPU at a time: VAE loaded (parked on the CPU on CUDA runs),
     umt5 loaded / used / freed, CLIP (Wan2.1 I2V) loaded / used / freed, VAE encode, DiT denoising (the runner loads it at its first forward and is
@@ -174,13 +180,22 @@ def run(job: Job, *, device=None, dtype: torch.dtype | None = None, t5_cpu: bool
     workload = Workload(frames=job.frames, height=job.height, width=job.width, guidance=job.guided,
                         experts=len(job.experts))
     extra = {"loras": job.loras} if job.loras else {}
+    if parallel is not None:
+        extra["parallel"] = parallel
     runner = (runner_factory or build_runner)(job.ckpt, device, dtype, workload, vram=vram, ram=ram, quant=quant,
                                               attention=attention, fuse=fuse, **extra)
+    first = parallel is None or parallel.first
+    once = (lambda fn: fn()) if parallel is None else parallel.from_first   # rank 0 computes, all receive
+    vae = None
     try:
         t0 = time.perf_counter()
         vae_home = torch.device("cpu") if (vae_cpu or cuda) else device   # parked on the CPU between uses
-        vae = load_checkpoint_vae(job.ckpt.root, vae_home)
         vae_device = torch.device("cpu") if vae_cpu else device
+
+        def load_vae_once() -> None:
+            nonlocal vae
+            vae = load_checkpoint_vae(job.ckpt.root, vae_home)
+        once(load_vae_once)
         phase("load", t0)
 
         t0 = time.perf_counter()
@@ -189,32 +204,42 @@ def run(job: Job, *, device=None, dtype: torch.dtype | None = None, t5_cpu: bool
         t5_placement = "cpu" if t5_cpu else "gpu"
         if cuda and vram is not None and not t5_cpu and t5_file.exists() and t5_file.stat().st_size > 0.85 * vram:
             t5_placement = "stream"   # the --vram budget holds for every phase, not only the DiT's
-            print(f"note: the text encoder ({t5_file.stat().st_size / 1e9:.1f} GB) does not fit --vram "
-                  f"{vram / 1e9:.0f}GB with headroom: streaming its blocks through the GPU", file=sys.stderr)
-        try:
-            context, context_null = encode_prompts(
-                [job.prompt, job.negative_prompt], job.ckpt.root, cache=prompt_cache,
-                placement=t5_placement, device=device, dtype=t5_dtype, text_len=cfg.text_len)
-        except (ValueError, FileNotFoundError) as e:
-            raise GenerationError(f"text encoder: {e}") from None
+            if first:
+                print(f"note: the text encoder ({t5_file.stat().st_size / 1e9:.1f} GB) does not fit --vram "
+                      f"{vram / 1e9:.0f}GB with headroom: streaming its blocks through the GPU", file=sys.stderr)
+
+        def encode():
+            try:
+                return encode_prompts([job.prompt, job.negative_prompt], job.ckpt.root, cache=prompt_cache,
+                                      placement=t5_placement, device=device, dtype=t5_dtype, text_len=cfg.text_len)
+            except (ValueError, FileNotFoundError) as e:
+                raise GenerationError(f"text encoder: {e}") from None
+        context, context_null = (c.to(device) for c in once(encode))
         phase("text encode", t0)
 
         clip = None
         if job.needs_clip:
             t0 = time.perf_counter()
-            try:
-                clip = encode_image(job.image, job.ckpt.root, "cpu" if clip_cpu else "gpu", device)
-            except CheckpointError as e:
-                raise GenerationError(f"image encoder: {e}") from None
+
+            def clip_features():
+                try:
+                    return encode_image(job.image, job.ckpt.root, "cpu" if clip_cpu else "gpu", device)
+                except CheckpointError as e:
+                    raise GenerationError(f"image encoder: {e}") from None
+            clip = once(clip_features).to(device)
             phase("CLIP encode", t0)
 
         y = None
         if job.image is not None:
             t0 = time.perf_counter()
-            vae.to(vae_device)
-            image = resize_image(job.image, job.height, job.width)
-            y = image_condition(vae, image, job.frames).to(device)
-            vae.to(vae_home)
+
+            def first_frame_latents():
+                vae.to(vae_device)
+                image = resize_image(job.image, job.height, job.width)
+                out = image_condition(vae, image, job.frames)
+                vae.to(vae_home)
+                return out
+            y = once(first_frame_latents).to(device)
             phase("VAE encode", t0)
 
         camera = None
@@ -230,7 +255,7 @@ def run(job: Job, *, device=None, dtype: torch.dtype | None = None, t5_cpu: bool
         sampler = make_sampler(job)
         batched = (batched_guidance if batched_guidance is not None
                    else bool(getattr(runner, "batched_guidance", True)))
-        bar = Progress(job.steps, "denoise", enabled=progress)
+        bar = Progress(job.steps, "denoise", enabled=progress and first)
         steps_log: list = []
         load_before = runner.report.get("load_s", 0.0)
         with torch.no_grad():
@@ -245,6 +270,10 @@ def run(job: Job, *, device=None, dtype: torch.dtype | None = None, t5_cpu: bool
         runner.close()
     runner_report = dict(runner.report)
     del runner
+    ranks = parallel.gather(_rank_report(runner_report, device)) if parallel is not None else None
+    if not first:      # rank 0 decodes and writes
+        return Result(frames=None, latents=latents.cpu(), timings=timings, report={"runner": runner_report},
+                      job=job)
 
     t0 = time.perf_counter()
     try:
@@ -262,7 +291,16 @@ def run(job: Job, *, device=None, dtype: torch.dtype | None = None, t5_cpu: bool
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),
     }
+    if ranks is not None:
+        report["ranks"] = ranks
     return Result(frames=frames, latents=latents.cpu(), timings=timings, report=report, job=job)
+
+
+def _rank_report(runner_report: dict, device) -> dict:
+    """What one process of a parallel run tells rank 0 for the report."""
+    return {"peak_vram": runner_report.get("peak_vram"), "peak_rss": runner_report.get("peak_rss", peak_rss_bytes()),
+            "pss": runner_report.get("pss"), "shared_slabs": runner_report.get("shared_slabs", 0),
+            "device": str(device)}
 
 
 def format_report(result: Result) -> str:
@@ -283,4 +321,22 @@ def format_report(result: Result) -> str:
                 f"CFG {'batched' if r['batched_guidance'] else 'as two forwards'}")
     mem.append(f"steps per expert: {steps}; {cfg_text}")
     lines.append("memory: " + "; ".join(mem))
+    if r.get("ranks"):
+        lines.append(format_ranks(r["ranks"]))
     return "\n".join(lines)
+
+
+def format_ranks(ranks: list[dict]) -> str:
+    """One line on the processes of a parallel run: their GPUs' peaks, host RAM counted once for shared pages."""
+    vram = [x["peak_vram"] for x in ranks if x.get("peak_vram") is not None]
+    pss = [x["pss"] for x in ranks if x.get("pss") is not None]
+    parts = [f"{len(ranks)} processes (Ulysses)"]
+    if vram:
+        parts.append(f"peak VRAM per GPU {fmt_bytes(min(vram))} - {fmt_bytes(max(vram))}")
+    if pss:
+        parts.append(f"host RAM of all processes while denoising {fmt_bytes(sum(pss))} (proportional set size: "
+                     f"shared pages counted once)")
+    shared = max((x.get("shared_slabs") or 0) for x in ranks)
+    if shared:
+        parts.append(f"streamed weights held once in shared memory: {fmt_bytes(shared)}")
+    return "parallel: " + "; ".join(parts)

@@ -19,6 +19,10 @@ turns the keys held during the next chunk into that chunk's video frames:
 Everything that changes from chunk to chunk is this session's data (the KV cache, the prompt's cross K/V,
 the decoder and encoder states, the pose, the noise generator), never a module's.
 
+Several GPUs (the runner's `parallel`, runtime/parallel.py): every process runs the session; each holds the KV
+cache of its share of the heads; rank 0 alone holds the VAE and the decoder: it computes the chunk's first-frame
+latents and sends them to the others, and it alone decodes (the others' chunks carry no frames).
+
 Upstream's semantics are the default; differences are named options:
   * noise: upstream draws the whole clip's initial noise first, then 3 re-noise draws per chunk, from one
     generator. A live session does not know the clip's length: by default ("chunk") each chunk draws its
@@ -123,7 +127,8 @@ class ImageCondition:
 class Chunk:
     """What one step produced: the chunk's frames and latents, and where its time went."""
     index: int
-    frames: torch.Tensor                 # float32 [3, n, H, W] in [-1, 1] (on the decoder's device)
+    frames: torch.Tensor | None          # float32 [3, n, H, W] in [-1, 1] (on the decoder's device); None in a
+                                         # process without a decoder (ranks other than 0 of a parallel run)
     latents: torch.Tensor                # float32 [16, lat, h, w]
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -134,7 +139,8 @@ class RealtimeSession:
     runner: a DiTRunner (runtime/runner.py) for the student (expert "fast"); it is told the endless schedule
     of `len(schedule) + 1` forwards per chunk. decoder: anything with `decoder_state()` and
     `decode_chunk(latents, state) -> (frames, state)` (the Wan VAE, or the tiny TAEHV decoder). vae: the Wan
-    VAE for the first frame's latents (y). context: the prompt's embedding [len, text_dim].
+    VAE for the first frame's latents (y). context: the prompt's embedding [len, text_dim]. In a parallel run
+    (the runner's `parallel`), processes other than rank 0 pass `vae=None, decoder=None`.
     """
 
     def __init__(self, runner, cfg: DiTConfig, vae, decoder, context: torch.Tensor, image: torch.Tensor,
@@ -147,6 +153,9 @@ class RealtimeSession:
             raise ValueError(f"{cfg.name} is not a causal student: it has no chunk loop")
         self.cfg, self.rt = cfg, rt
         self.runner, self.vae, self.decoder = runner, vae, decoder
+        self.parallel = getattr(runner, "parallel", None)      # runtime.parallel.SequenceParallel or None
+        if vae is None and (self.parallel is None or self.parallel.first):
+            raise ValueError("the session needs the Wan VAE for the first frame's latents")
         self.device, self.dtype = torch.device(device), dtype
         self.height, self.width = height, width
         self.schedule = CausalSchedule(_step_indices(rt, steps), rt.shift)
@@ -166,7 +175,8 @@ class RealtimeSession:
                 raise ValueError("a global KV cache (no window) needs total_frames: give a window to stream "
                                  "without end")
             max_frames = _round_up(cfg.latents.latent_frames(total_frames), rt.chunk)
-        self.cache = KVCache.empty(cfg.num_layers, 1, frame_tokens, cfg.num_heads, cfg.head_dim, dtype,
+        heads = cfg.num_heads if self.parallel is None else self.parallel.kv_heads(cfg.num_heads)
+        self.cache = KVCache.empty(cfg.num_layers, 1, frame_tokens, heads, cfg.head_dim, dtype,
                                    self.device, window=self.window, sink=self.sink, max_frames=max_frames)
         self.cross = CrossKV(cfg.num_layers)
 
@@ -193,9 +203,9 @@ class RealtimeSession:
             lat_f = _round_up(self.cfg.latents.latent_frames(self.total_frames), self.rt.chunk)
             self.clip_noise = torch.randn(self.cfg.latents.channels, lat_f, *self.latent_hw,
                                           generator=self.generator)
-        self.y = ImageCondition(self.vae, self.image)
+        self.y = ImageCondition(self.vae, self.image) if self.vae is not None else None
         self.camera = LiveCamera(self.intrinsics, self.height, self.width)
-        self.decoder_state = self.decoder.decoder_state()
+        self.decoder_state = self.decoder.decoder_state() if self.decoder is not None else None
 
     def set_prompt(self, context: torch.Tensor) -> None:
         """A new prompt from the next chunk on: its cross-attention K/V are recomputed, the frames seen (the
@@ -216,7 +226,7 @@ class RealtimeSession:
         video_frames = self.cfg.latents.video_frames(start + n) - self.cfg.latents.video_frames(start) \
             if start else self.cfg.latents.video_frames(n)
         camera = self._camera_chunk(start, n, video_frames, keys, look)
-        y = self.y.chunk(start, n).to(self.device)
+        y = self._image_chunk(start, n)
         seconds["camera"] = clock()
 
         x = self._initial_noise(start, n).to(self.device)
@@ -233,11 +243,14 @@ class RealtimeSession:
         self.runner(EXPERT, **dict(inputs, x=x0[None], t=torch.zeros(1, device=self.device)))   # refresh
         seconds["refresh"] = clock()
 
-        frames, self.decoder_state = self.decoder.decode_chunk(x0[None], self.decoder_state)
+        frames = None
+        if self.decoder is not None:
+            frames, self.decoder_state = self.decoder.decode_chunk(x0[None], self.decoder_state)
+            frames = frames[0]
         seconds["decode"] = clock()
         self.frame += n
         self.chunk_index += 1
-        return Chunk(self.chunk_index - 1, frames[0], x0, seconds)
+        return Chunk(self.chunk_index - 1, frames, x0, seconds)
 
     # ---- pieces -----------------------------------------------------------------------------------------
     def _camera_chunk(self, start: int, n: int, video_frames: int, keys, look) -> torch.Tensor:
@@ -258,6 +271,15 @@ class RealtimeSession:
                 self.camera.mark_latent_frame()
         cond = self.camera.condition(list(range(start, start + n)))
         return cond[None].to(self.device, self.dtype)
+
+    def _image_chunk(self, start: int, n: int) -> torch.Tensor:
+        """y of latent frames start..start+n-1 on the device; in a parallel run, rank 0's, sent to all."""
+        y = self.y.chunk(start, n).to(self.device, torch.float32) if self.y is not None else None
+        if self.parallel is None:
+            return y
+        if y is None:
+            y = torch.empty(self.cfg.in_dim - self.cfg.latents.channels, n, *self.latent_hw, device=self.device)
+        return self.parallel.broadcast(y)
 
     def _initial_noise(self, start: int, n: int) -> torch.Tensor:
         if self.clip_noise is not None:

@@ -174,10 +174,13 @@ def prepare_stream(ckpt_dir, prompt: str, *, image, size: str | None = None, fra
 def open_session(request: StreamRequest, *, device=None, dtype=None, vram: float | None = None,
                  ram: float | None = None, quant: str | None = None, attention: str = "sdpa", vae: str = "wan",
                  taehv: str | Path | None = None, prompt_cache: PromptCache | None = None,
-                 timing: bool = False) -> RealtimeSession:
+                 timing: bool = False, parallel=None) -> RealtimeSession:
     """Load what the stream needs and open its session: prompt embedding (the encoder loaded, used, freed),
     the student placed under the VRAM / RAM budgets (its KV cache budgeted with it), the Wan VAE (first frame;
-    decoding unless `vae="tiny"`: the TAEHV decoder from `taehv`)."""
+    decoding unless `vae="tiny"`: the TAEHV decoder from `taehv`).
+
+    `parallel` (runtime/parallel.py, one per process of `torchrun ... stream --ulysses N`): every process opens
+    its session; rank 0 alone encodes the prompt (sent to the others) and loads the VAE and the decoder."""
     from ..checkpoints.taehv import load_taehv
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -196,19 +199,28 @@ def open_session(request: StreamRequest, *, device=None, dtype=None, vram: float
                         cache_bytes=cfg.kv_cache_bytes(held, request.height, request.width,
                                                        torch.finfo(dtype).bits // 8))
     runner = build_runner(request.ckpt, device, dtype, workload, vram=vram, ram=ram, quant=quant,
-                          attention=attention)
-    try:
-        context = encode_prompts([request.prompt], request.ckpt.root, cache=prompt_cache,
-                                 placement="gpu" if cuda else "cpu", device=device,
-                                 dtype=torch.bfloat16 if cuda else dtype, text_len=cfg.text_len)[0]
-    except (ValueError, FileNotFoundError) as e:
-        raise GenerationError(f"text encoder: {e}") from None
-    try:
-        wan = load_vae(request.ckpt.root / VAE_FILE, device=device)
-        decoder = wan if vae == "wan" else load_taehv(taehv, device=device,
-                                                      dtype=torch.float16 if cuda else torch.float32)
-    except (ValueError, OSError) as e:
-        raise GenerationError(f"VAE: {e}") from None
+                          attention=attention, **({} if parallel is None else {"parallel": parallel}))
+    once = (lambda fn: fn()) if parallel is None else parallel.from_first    # rank 0 computes, all receive
+
+    def encode():
+        try:
+            return encode_prompts([request.prompt], request.ckpt.root, cache=prompt_cache,
+                                  placement="gpu" if cuda else "cpu", device=device,
+                                  dtype=torch.bfloat16 if cuda else dtype, text_len=cfg.text_len)[0]
+        except (ValueError, FileNotFoundError) as e:
+            raise GenerationError(f"text encoder: {e}") from None
+    context = once(encode).to(device)
+    wan = decoder = None
+
+    def load_decoders() -> None:
+        nonlocal wan, decoder
+        try:
+            wan = load_vae(request.ckpt.root / VAE_FILE, device=device)
+            decoder = wan if vae == "wan" else load_taehv(taehv, device=device,
+                                                          dtype=torch.float16 if cuda else torch.float32)
+        except (ValueError, OSError) as e:
+            raise GenerationError(f"VAE: {e}") from None
+    once(load_decoders)
     return RealtimeSession(runner, cfg, wan, decoder, context, request.image, request.height, request.width,
                            intrinsics=request.intrinsics, device=device, dtype=dtype, seed=request.seed,
                            steps=request.steps, window=request.window, sink=request.sink, noise=request.noise,
@@ -225,10 +237,11 @@ def run_stream(session: RealtimeSession, request: StreamRequest, save_file: str 
             t0 = time.perf_counter()
             n = session.video_frames_per_chunk - (3 if frames_done == 0 else 0)
             chunk = session.step(keys=request.keys[frames_done:frames_done + n])
-            video = to_uint8_frames(chunk.frames)
+            video = to_uint8_frames(chunk.frames) if chunk.frames is not None else None   # (None: not rank 0)
             chunk.seconds["wall"] = time.perf_counter() - t0
-            out.write(video)
-            frames_done += video.shape[0]
+            if video is not None:
+                out.write(video)
+            frames_done += n
             yield chunk
 
 

@@ -2,8 +2,10 @@
 device, streamed blocks in pinned host slabs (no second host copy), disk-tier blocks left in the shards.
 
 A loader is a small object with `.quant` (the compression policy in effect) and `.load(name, streamed, device,
-dtype, disk, tier, slabs) -> (model, sources)`, where `sources` maps each host-held block to its RamSource /
-DiskSource. `CheckpointLoader` reads a checkpoint's files one tensor at a time (compressing block linears on
+dtype, disk, tier, slabs, memory) -> (model, sources)`, where `sources` maps each host-held block to its
+RamSource / DiskSource. Streamed blocks' slabs come from `memory` (runtime/memory.py: this process's pinned
+memory, or slabs shared by the processes of a machine, which only one of them fills), always requested in
+ascending block order so that every process asks for the same slabs in the same order. `CheckpointLoader` reads a checkpoint's files one tensor at a time (compressing block linears on
 the way with `quant`); `RandomLoader` makes random weights of the right shapes (benchmarks).
 
 Compressed weights: a compressed block is 8-bit Parameters + float32 scales in its slab; blocks the policy
@@ -16,14 +18,14 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from ..checkpoints.lora import LoraSpec, expert_deltas, merge_stream
 from ..checkpoints.compressed import QuantPolicy, as_policy, quantize_stream, quantized_keys, quantized_model
 from ..checkpoints.dit import index_model_dir, validate
-from ..checkpoints.lora import LoraSpec, expert_deltas, merge_stream
 from ..checkpoints.tensors import iter_tensors
 from ..models.configs import DiTConfig
 from ..models.dit import WanDiT
 from .disk import DiskTier, block_parts, placeholder, read_blocks
-from .memory import pinned_empty
+from .memory import HostMemory
 from .slab import BlockLayout
 from .streaming import RamSource
 
@@ -57,10 +59,13 @@ class CheckpointLoader:
         self.loras = list(loras)
 
     def load(self, name: str, streamed: set, device, dtype, disk: set = frozenset(), tier: DiskTier | None = None,
-             slabs: list | None = None) -> tuple[WanDiT, dict[int, object]]:
-        """Expert `name` with blocks `streamed` in host slabs (`disk` of them left on disk for `tier`); slabs in
-        `slabs` (a previous expert's, same layout, already pinned) are filled before new ones are allocated."""
+             slabs: list | None = None, memory: HostMemory | None = None) -> tuple[WanDiT, dict[int, object]]:
+        """Expert `name` with blocks `streamed` in host slabs from `memory` (`disk` of them left on disk for
+        `tier`); slabs in `slabs` (a previous expert's, same layout, already pinned) are filled before new ones
+        are allocated. When `memory` does not fill its slabs (another process does), streamed blocks are not
+        read at all."""
         ckpt, policy, on_load = self.ckpt, self.quant, self.on_load
+        memory = memory or HostMemory()
         model_dir = Path(ckpt.experts[name])
         locations = index_model_dir(model_dir)
         validate(ckpt.config, locations, model_dir, None if on_load else policy)
@@ -79,16 +84,18 @@ class CheckpointLoader:
         # streamed blocks stored as safetensors byte ranges are read straight into their slabs (below)
         in_pth = {block_of.get(k) for k, loc in locations.items() if loc.offset < 0}
         direct = set() if on_load else set(streamed) - in_pth - merged
-        read = {k: v for k, v in locations.items() if block_of.get(k) not in disk | direct}
+        skip = disk | direct | (set() if memory.fills else set(streamed))   # blocks not read tensor by tensor
+        read = {k: v for k, v in locations.items() if block_of.get(k) not in skip}
         # with LoRAs, tensors are merged in their stored precision and rounded once (by _assemble)
         tensors = iter_tensors(read, None if (policy or deltas) else dtype, "cpu")
         if deltas:
             tensors = merge_stream(tensors, deltas)
         if on_load:
             tensors = quantize_stream(tensors, quantized_keys(ckpt.config, policy), policy.fmt)
-        model, sources = _assemble(ckpt.config, tensors, streamed - direct, device, dtype, policy)
+        model, sources = _assemble(ckpt.config, tensors, streamed - direct, device, dtype, policy, memory)
         if direct:
-            sources.update(_read_streamed(model, locations, sorted(direct), slabs if slabs is not None else []))
+            sources.update(_read_streamed(model, locations, sorted(direct), slabs if slabs is not None else [],
+                                          memory))
         for i in disk:
             sources[i] = tier.source(locations, f"blocks.{i}.")
             for mod in model.blocks[i].modules():
@@ -105,8 +112,10 @@ class RandomLoader:
     def __init__(self, cfg: DiTConfig, seed: int = 0, quant: QuantPolicy | str | None = None):
         self.cfg, self.seed, self.quant = cfg, seed, as_policy(quant)
 
-    def load(self, name: str, streamed: set, device, dtype, disk: set = frozenset(), tier=None, slabs=None
-             ) -> tuple[WanDiT, dict[int, object]]:
+    def load(self, name: str, streamed: set, device, dtype, disk: set = frozenset(), tier=None, slabs=None,
+             memory: HostMemory | None = None) -> tuple[WanDiT, dict[int, object]]:
+        """Every tensor is generated in every process, also those of streamed blocks another process writes into
+        shared slabs: the generator's sequence, hence every weight, is then the same in all of them."""
         cfg, seed, policy = self.cfg, self.seed, self.quant
         if disk:
             raise ValueError("random weights have no files to stream from disk; raise the RAM budget")
@@ -123,7 +132,7 @@ class RandomLoader:
         made = tensors()
         if policy is not None:
             made = quantize_stream(made, quantized_keys(cfg, policy), policy.fmt)
-        return _assemble(cfg, made, streamed, device, dtype, policy)
+        return _assemble(cfg, made, streamed, device, dtype, policy, memory)
 
 
 def _check_streamable(cfg, policy: QuantPolicy | None, streamed: set) -> None:
@@ -132,49 +141,60 @@ def _check_streamable(cfg, policy: QuantPolicy | None, streamed: set) -> None:
                          "(another slab layout than the compressed blocks) and must stay resident")
 
 
-def _assemble(cfg, tensors, streamed: set, device, dtype,
-              policy: QuantPolicy | None = None) -> tuple[WanDiT, dict[int, object]]:
+def _assemble(cfg, tensors, streamed: set, device, dtype, policy: QuantPolicy | None = None,
+              memory: HostMemory | None = None) -> tuple[WanDiT, dict[int, object]]:
     """Fill a meta skeleton (with the policy's QLinears) from (key, tensor) pairs: each tensor is converted to
-    its parameter's dtype (8-bit weights and float32 scales keep theirs) and goes straight to its home."""
+    its parameter's dtype (8-bit weights and float32 scales keep theirs) and goes straight to its home.
+
+    Streamed blocks get their slabs from `memory` first, in ascending block order, and their parameters become
+    views into them; their tensors are copied in only if `memory.fills` (else another process writes them)."""
+    memory = memory or HostMemory()
     model = quantized_model(cfg, dtype, policy).eval()
     _check_streamable(cfg, policy, streamed)
-    layouts: dict[int, BlockLayout] = {}
-    slabs: dict[int, torch.Tensor] = {}
     views: dict[int, dict[str, torch.Tensor]] = {}
+    sources: dict[int, object] = {}
+    for i in sorted(streamed):
+        layout = BlockLayout.of(model.blocks[i])
+        slab = memory.slab(layout.nbytes)
+        views[i] = layout.views(slab)
+        _point_at(model.blocks[i], views[i])
+        sources[i] = RamSource(slab)
     for key, t in tensors:
         module_name, _, pname = key.rpartition(".")
         module = model.get_submodule(module_name)
-        t = t.to(module._parameters[pname].dtype)
         parts = key.split(".")
         if parts[0] == "blocks" and int(parts[1]) in streamed:
-            i = int(parts[1])
-            if i not in slabs:
-                layouts[i] = BlockLayout.of(model.blocks[i])
-                slabs[i] = pinned_empty(layouts[i].nbytes)
-                views[i] = layouts[i].views(slabs[i])
-            dst = views[i][".".join(parts[2:])]
-            dst.copy_(t)
-            t = dst
-        else:
-            t = t.to(device)
+            if memory.fills:
+                views[int(parts[1])][".".join(parts[2:])].copy_(t)
+            continue
+        t = t.to(module._parameters[pname].dtype).to(device)
         module._parameters[pname] = nn.Parameter(t, requires_grad=False)
-    return model, {i: RamSource(b) for i, b in slabs.items()}
+    return model, sources
 
 
-def _read_streamed(model: WanDiT, locations: dict, blocks: list[int], reuse: list[torch.Tensor]) -> dict:
+def _point_at(block: nn.Module, views: dict[str, torch.Tensor]) -> None:
+    """Make the block's parameters the given views (of its slab)."""
+    for pname, view in views.items():
+        module_name, _, leaf = pname.rpartition(".")
+        block.get_submodule(module_name)._parameters[leaf] = nn.Parameter(view, requires_grad=False)
+
+
+def _read_streamed(model: WanDiT, locations: dict, blocks: list[int], reuse: list[torch.Tensor],
+                   memory: HostMemory | None = None) -> dict:
     """Streamed blocks of `model` (a meta skeleton there) read from their safetensors byte ranges straight into
     pinned slabs, several blocks at a time in threads: no staging copy, no memory map. Slabs in `reuse` (the
-    previous expert's, at a switch: same layout, already pinned) are filled before new ones are allocated."""
+    previous expert's, at a switch: same layout, already pinned) are filled before new ones are allocated.
+    Nothing is read when `memory` does not fill its slabs (another process does)."""
+    memory = memory or HostMemory()
     jobs, sources = [], {}
     for i in blocks:
         layout = BlockLayout.of(model.blocks[i])
-        slab = reuse.pop() if reuse and reuse[-1].numel() == layout.nbytes else pinned_empty(layout.nbytes)
+        slab = reuse.pop() if reuse and reuse[-1].numel() == layout.nbytes else memory.slab(layout.nbytes)
         jobs.append((block_parts(layout, locations, f"blocks.{i}."), slab))
-        for pname, view in layout.views(slab).items():
-            module_name, _, leaf = pname.rpartition(".")
-            model.blocks[i].get_submodule(module_name)._parameters[leaf] = nn.Parameter(view, requires_grad=False)
+        _point_at(model.blocks[i], layout.views(slab))
         sources[i] = RamSource(slab)
-    read_blocks(jobs)
+    if memory.fills:
+        read_blocks(jobs)
     return sources
 
 

@@ -10,6 +10,12 @@ servers with the slot dependencies), with block compute time from the model's co
 from the measured pinned bandwidth. The constants below were measured on an H100 PCIe-Gen5 host
 (BENCHMARKS.md); pass a `Hardware` measured on your machine for yours.
 
+Several GPUs of one machine (`gpus`, Ulysses sequence parallelism: runtime/parallel.py): the plan is made for
+one of them, each holding every weight (resident or streamed) and computing 1/gpus of the tokens, with two
+all-to-alls per block (q/k/v in, the attention output back) at `Hardware.p2p_bw`; the KV cache is split by
+heads. Host RAM is the machine's: the streamed blocks' slabs are held once (shared memory), each process adds
+its own overhead and disk-tier ring.
+
 The planner knows no model family. It asks the config (`StackModel`: models/configs.py for Wan) for the
 block count, parameters per block and outside the blocks, tokens of a clip, FLOPs and elementwise bytes of one
 block forward and the activation peak of a forward. A new family plans by giving its config these methods.
@@ -57,6 +63,10 @@ class Hardware:
     block_overhead_s: float = 1e-3   # launches and small kernels per block
     vram_reserve: float = 0.8e9      # allocator slack, cuBLAS workspaces, compiled-kernel scratch
     host_overhead: float = 2.5e9     # process RSS before weights: torch, CUDA libraries
+    # GPU-to-GPU all-to-all bus bandwidth per GPU (NVLink). NOT measured yet: an assumed figure for H100 / H200
+    # NVLink 4 (450 GB/s per direction on paper, ~2/3 of it reached by NCCL all-to-all).
+    p2p_bw: float = 300e9
+    collective_latency_s: float = 30e-6
 
 
 @dataclass(frozen=True)
@@ -93,6 +103,12 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     block_chunk: int | None = None   # tokens per whole-block chunk (WanDiT.set_block_chunk), None: whole clip
     guided: bool = True              # the workload has CFG (two passes a step)
+    gpus: int = 1                    # sequence-parallel processes (this plan is one GPU's)
+    comm_s: float = 0.0              # all-to-all seconds per block (included in block_compute_s)
+    tokens: int = 0                  # tokens of one forward, and this GPU's share of them
+    local_tokens: int = 0
+    process_ram: float = 0.0         # host RAM of one process before any weights
+    shared_weights: float = 0.0      # streamed weights held once for every process (pinned RAM tier)
 
     @property
     def slots(self) -> int:
@@ -117,6 +133,12 @@ class Plan:
             f" peak VRAM {fmt_bytes(self.vram_peak)}, peak host RAM {fmt_bytes(self.ram_peak)}"
             f" ({fmt_bytes(self.weights_in_ram)} of it weights)",
         ]
+        if self.gpus > 1:
+            lines.insert(0, f"Ulysses over {self.gpus} GPUs: each computes {self.local_tokens} of the {self.tokens} "
+                            f"tokens and holds every weight; all-to-all {self.comm_s * 1e3:.1f} ms per block "
+                            f"(in the block time); the figures below are per GPU, host RAM is the machine's")
+            lines.append(f"host RAM: {fmt_bytes(self.shared_weights)} of streamed weights held once in shared "
+                         f"memory for all {self.gpus} processes, plus {fmt_bytes(self.process_ram)} per process")
         return "\n".join(lines + [f"note: {n}" for n in self.notes])
 
 
@@ -127,6 +149,16 @@ def block_seconds(cfg: StackModel, tokens: int, batch: int, hw: Hardware, keys: 
     mm, attn = cfg.block_flops(tokens, batch, keys)
     elementwise = cfg.block_elementwise_bytes(tokens, batch)
     return mm / hw.matmul_flops + attn / hw.attn_flops + elementwise / hw.hbm_bw + hw.block_overhead_s
+
+
+def comm_seconds(cfg, local_tokens: int, batch: int, gpus: int, hw: Hardware, bytes_per_value: float = 2.0
+                 ) -> float:
+    """One block's Ulysses all-to-alls on one GPU: q, k, v out and the attention output back, each sending
+    (gpus - 1) / gpus of [batch, local_tokens, dim]."""
+    if gpus <= 1:
+        return 0.0
+    sent = 4 * batch * local_tokens * cfg.dim * bytes_per_value * (gpus - 1) / gpus
+    return sent / hw.p2p_bw + 2 * hw.collective_latency_s
 
 
 # ---- the schedule ----------------------------------------------------------------------------------------------
@@ -162,15 +194,20 @@ def simulate(n_blocks: int, resident: set[int], prefetch: int, compute_s: float,
 
 def plan(cfg: StackModel, workload: Workload, vram_budget: float | None, ram_budget: float | None = None,
          hardware: Hardware | None = None, bytes_per_param: float = 2.0, max_prefetch: int = 4,
-         block_bytes: int | None = None, pinned_resident: tuple[int, ...] = ()) -> Plan:
+         block_bytes: int | None = None, pinned_resident: tuple[int, ...] = (), gpus: int = 1) -> Plan:
     """`block_bytes` overrides the streamed size of a block (compressed weights, runtime/quant.py);
-    `pinned_resident` blocks must stay resident (e.g. uncompressed first/last blocks)."""
+    `pinned_resident` blocks must stay resident (e.g. uncompressed first/last blocks). `gpus`: plan one of
+    that many GPUs sharing each forward by Ulysses sequence parallelism (`vram_budget` is per GPU,
+    `ram_budget` the machine's)."""
     hw = hardware or Hardware()
     per_block, non_block = cfg.param_counts()
     block_bytes = block_bytes or int(per_block * bytes_per_param)
     n = cfg.num_layers
-    L = cfg.tokens(workload.frames, workload.height, workload.width)
-    fixed = non_block * 2 + hw.vram_reserve + workload.cache_bytes
+    gpus = max(1, int(gpus))
+    L_all = cfg.tokens(workload.frames, workload.height, workload.width)
+    L = -(-L_all // gpus)                           # this GPU's tokens
+    keys = workload.keys if workload.keys is not None else (L_all if gpus > 1 else None)
+    fixed = non_block * 2 + hw.vram_reserve + workload.cache_bytes / gpus    # the cache is split by heads
     budget = float("inf") if vram_budget is None else vram_budget * (1 - HEADROOM)
 
     options = [True, False] if workload.guidance else [False]
@@ -181,7 +218,10 @@ def plan(cfg: StackModel, workload: Workload, vram_budget: float | None, ram_bud
         batch = 2 if batched else 1
         forwards = 2 if (workload.guidance and not batched) else 1
         act = cfg.activation_bytes(L, batch, chunk, bchunk) if bchunk else cfg.activation_bytes(L, batch, chunk)
-        comp = block_seconds(cfg, L, batch, hw, workload.keys) * (BLOCK_CHUNK_COST if bchunk else 1.0)
+        comm = comm_seconds(cfg, L, batch, gpus, hw, bytes_per_param)
+        if gpus > 1:   # all-to-all send / receive buffers of q, k, v and the output
+            act += 8 * batch * L * cfg.dim * bytes_per_param
+        comp = block_seconds(cfg, L, batch, hw, keys) * (BLOCK_CHUNK_COST if bchunk else 1.0) + comm
         copy = block_bytes / hw.pcie_bw
         resident_step = forwards * n * comp
         for prefetch in range(1, max_prefetch + 1):
@@ -206,7 +246,8 @@ def plan(cfg: StackModel, workload: Workload, vram_budget: float | None, ram_bud
             stream = len(resident) < n
             vram = fixed + act + (len(resident) + (slots if stream else 0)) * block_bytes
             cand = Plan(n, block_bytes, resident, prefetch, batched, chunk, [], [], vram, 0.0, 0.0, step,
-                        resident_step, comp, copy, block_chunk=bchunk, guided=workload.guidance)
+                        resident_step, comp, copy, block_chunk=bchunk, guided=workload.guidance, gpus=gpus,
+                        comm_s=comm, tokens=L_all, local_tokens=L, process_ram=hw.host_overhead)
             _assign_host_tiers(cand, cfg, workload, ram_budget, hw)   # a disk-bound plan may lose its lead
             step = cand.step_seconds
             if best is None or step < best.step_seconds * 0.995 or (
@@ -224,7 +265,8 @@ def plan(cfg: StackModel, workload: Workload, vram_budget: float | None, ram_bud
             f"{fmt_bytes(min(needs) / (1 - HEADROOM))} of VRAM (non-block weights {fmt_bytes(non_block * 2)}, "
             f"activations {fmt_bytes(least)}, two block slots {fmt_bytes(2 * block_bytes)}{pinned}); the budget "
             f"is {fmt_bytes(vram_budget)}. Use fewer frames, a smaller size, or compressed weights"
-            + (" for every block (`convert --no_skip_first_last`)" if pinned_resident else "") + ".")
+            + (" for every block (`convert --no_skip_first_last`)" if pinned_resident else "")
+            + (f" (per GPU, with {L} of the {L_all} tokens on each of {gpus} GPUs)." if gpus > 1 else "."))
 
     return best
 
@@ -232,16 +274,18 @@ def plan(cfg: StackModel, workload: Workload, vram_budget: float | None, ram_bud
 def _assign_host_tiers(p: Plan, cfg: StackModel, workload: Workload, ram_budget: float | None,
                        hw: Hardware) -> None:
     streamed = p.streamed
-    ram_for_weights = float("inf") if ram_budget is None else ram_budget - hw.host_overhead
+    g = p.gpus          # processes on the machine: the streamed weights once (shared), the rest per process
+    ram_for_weights = float("inf") if ram_budget is None else ram_budget - g * hw.host_overhead
     ring = 0
     if len(streamed) * p.block_bytes <= ram_for_weights:
         p.ram_blocks = streamed
     else:
-        ring = (p.prefetch + 2) * p.block_bytes
+        ring = g * (p.prefetch + 2) * p.block_bytes
         fit = max(0, int((ram_for_weights - ring) // p.block_bytes))
         if ram_budget is not None and ram_for_weights - ring < 0:
             raise PlanError(f"host RAM budget {fmt_bytes(ram_budget)} cannot hold even the disk tier's read ring "
-                            f"({fmt_bytes(ring)}) plus the process ({fmt_bytes(hw.host_overhead)})")
+                            f"({fmt_bytes(ring)}) plus the process{'es' if g > 1 else ''} "
+                            f"({fmt_bytes(g * hw.host_overhead)})")
         keep = set(spread_resident(len(streamed), fit))
         p.ram_blocks = [b for k, b in enumerate(streamed) if k in keep]
         p.disk_blocks = [b for k, b in enumerate(streamed) if k not in keep]
@@ -252,7 +296,11 @@ def _assign_host_tiers(p: Plan, cfg: StackModel, workload: Workload, ram_budget:
             p.step_seconds = disk_step
             p.notes.append(f"disk-bound: {len(p.disk_blocks)} blocks per forward read at "
                            f"{hw.disk_bw / 1e9:.1f} GB/s; more RAM or compressed weights would help")
+    p.shared_weights = len(p.ram_blocks) * p.block_bytes if g > 1 else 0.0
     p.weights_in_ram = len(p.ram_blocks) * p.block_bytes + ring
-    p.ram_peak = p.weights_in_ram + hw.host_overhead
+    p.ram_peak = p.weights_in_ram + g * hw.host_overhead
+    if g > 1 and p.disk_blocks:
+        p.notes.append(f"each of the {g} processes reads the disk-tier blocks itself (the page cache serves "
+                       "the later readers)")
     if workload.experts == 2:
         p.notes.append("two experts: only the active expert is held close to the GPU; the other waits on disk")

@@ -18,6 +18,12 @@ schedule. From the schedule alone the runner
 Each expert is one `Expert` record whose `state` says where its weights are: "unloaded", "loaded" (held in host
 memory, not on the device), "placed" (on the device under the plan: resident blocks there, the rest streamed)
 or "staged" (placed fully streamed ahead of its first forward).
+
+With sequence parallelism (`parallel`: a runtime.parallel.SequenceParallel, one runner per process) every
+forward runs on the process's share of the tokens (`parallel.forward`), self-attention through the Ulysses
+backend, and the streamed blocks' host slabs are shared by the processes of the machine (one copy, written by
+local rank 0): every load is a meeting point of all processes. The processes run the same schedule, so they
+load, switch and free in the same order.
 """
 from __future__ import annotations
 
@@ -32,7 +38,7 @@ from ..models.dit import WanDiT
 from . import attention8  # noqa: F401  (registers the "8bit" attention backend)
 from .disk import DiskTier
 from .loading import CheckpointLoader, resolve_quant, stream_layout
-from .memory import host_ram_bytes, peak_rss_bytes, unpin
+from .memory import HostMemory, host_ram_bytes, peak_rss_bytes, pss_bytes, shm_dir, shm_free_bytes, unpin
 from ..checkpoints.compressed import QuantPolicy
 from .planner import Hardware, Plan, PlanError, Workload, plan
 from .quant import quantized_block_bytes
@@ -96,7 +102,12 @@ class Expert:
 class DiTRunner:
     def __init__(self, names: list[str], loader, device, dtype, plan_: Plan | None, keep_all: bool = True,
                  ffn_chunk: int | None = None, attention: str = "sdpa", fuse: bool = True, trace: bool = False,
-                 block_chunk: int | None = None):
+                 block_chunk: int | None = None, parallel=None):
+        if parallel is not None and block_chunk is not None:
+            raise PlanError("whole-block token chunks (a clip too long for the VRAM budget) do not combine with "
+                            "sequence parallelism yet: raise --vram, or use fewer frames")
+        self.parallel = parallel                 # runtime.parallel.SequenceParallel, or None (one process)
+        self.memory: HostMemory = parallel.host_memory if parallel is not None else HostMemory()
         self.experts = {name: Expert(name) for name in names}
         self.loader = loader
         self.quant = getattr(loader, "quant", None)
@@ -131,7 +142,7 @@ class DiTRunner:
         model = self._activate(expert)
         self._look_ahead(self.schedule.peek())
         self.calls.append(expert)
-        out = model(**inputs)
+        out = model(**inputs) if self.parallel is None else self.parallel.forward(model, **inputs)
         if self.experts[expert].state == "staged":
             self._settle(expert)
         if self.schedule.peek() is None:
@@ -147,14 +158,30 @@ class DiTRunner:
         t0 = time.perf_counter()
         if disk and self.tier is None:
             self.tier = DiskTier(stream_layout(self.loader.cfg, self.dtype, self.quant), ring=self.plan.prefetch + 2)
-        e.model, e.sources = self.loader.load(e.name, streamed, self.device, self.dtype, disk=disk, tier=self.tier,
-                                              slabs=slabs)
+        extra = {} if self.parallel is None else {"memory": self.memory}
+        self.memory.begin()
+        error = None
+        try:
+            e.model, e.sources = self.loader.load(e.name, streamed, self.device, self.dtype, disk=disk,
+                                                  tier=self.tier, slabs=slabs, **extra)
+        except Exception as x:  # noqa: BLE001 - shared slabs: every process learns of it and fails with it
+            error = x
+        self.memory.end(error)
+        if self.parallel is not None:
+            self._check_same_slabs(e)
         e.model.set_ffn_chunk(self.ffn_chunk)
         if self.block_chunk is not None:
             e.model.set_block_chunk(self.block_chunk)
-        e.model.set_attention(self.attention)
+        e.model.set_attention(self.attention if self.parallel is None else self.parallel.attention(self.attention))
         e.model.set_fuse(self.fuse)
         self.report["load_s"] += time.perf_counter() - t0
+
+    def _check_same_slabs(self, e: Expert) -> None:
+        """Shared slabs: every process must hold block i in the same slab (same schedule, same requests)."""
+        mine = sorted((i, self.memory.key(src.buf)) for i, src in e.sources.items() if isinstance(src, RamSource))
+        if len({repr(m) for m in self.parallel.gather(mine)}) != 1:
+            raise RuntimeError(f"expert {e.name}: the processes hold its streamed blocks in different shared slabs "
+                               "(they did not make the same loads in the same order)")
 
     def _place(self, e: Expert, resident: list[int], state: str) -> None:
         self.engine, e.handle = place(e.model, e.model.blocks, self.device, e.sources, resident, self._prefetch,
@@ -232,6 +259,9 @@ class DiTRunner:
             self.tier = None
         if self.device.type == "cuda":
             self.report["peak_vram"] = torch.cuda.max_memory_allocated(self.device)
+        if self.parallel is not None and "pss" not in self.report:   # before the weights go: shared pages
+            self.report["pss"] = pss_bytes()                         # count once over the processes
+            self.report["shared_slabs"] = getattr(self.memory, "nbytes", 0)
         self.report["peak_rss"] = peak_rss_bytes()
         for e in self.experts.values():
             e.model, e.sources, e.handle, e.state = None, {}, None, "unloaded"   # (weights freed with them)
@@ -247,18 +277,20 @@ def default_ram() -> float:
 
 
 def plan_run(cfg, workload: Workload, vram: float | None, ram: float | None, dtype: torch.dtype,
-             policy: QuantPolicy | None, hardware: Hardware | None = None) -> Plan:
+             policy: QuantPolicy | None, hardware: Hardware | None = None, gpus: int = 1) -> Plan:
     """The plan `generate` runs under: block bytes of `dtype` or of the compression `policy` (whose whole
     first / last blocks stay resident). `worldstream plan` calls this too, so it predicts what generate does."""
     extra = {}
     if policy is not None:
         extra = dict(block_bytes=quantized_block_bytes(cfg, policy.fmt, dtype, tuple(policy.skip)),
                      pinned_resident=policy.pinned(cfg.num_layers))
-    return plan(cfg, workload, vram, ram, hardware, bytes_per_param=torch.finfo(dtype).bits / 8, **extra)
+    return plan(cfg, workload, vram, ram, hardware, bytes_per_param=torch.finfo(dtype).bits / 8, gpus=gpus,
+                **extra)
 
 
 def build_runner(ckpt, device, dtype, workload: Workload, vram: float | None = None, ram: float | None = None,
-                 loader=None, quant=None, attention: str = "sdpa", fuse: bool = True, loras=()) -> DiTRunner:
+                 loader=None, quant=None, attention: str = "sdpa", fuse: bool = True, loras=(),
+                 parallel=None) -> DiTRunner:
     """Plan and build a runner for `ckpt` (a checkpoints.dit.Checkpoint, or anything with `.config`,
     `.experts` and `.quant`).
 
@@ -266,7 +298,10 @@ def build_runner(ckpt, device, dtype, workload: Workload, vram: float | None = N
     then streams compressed blocks and keeps the whole first/last blocks resident. A converted checkpoint
     (`ckpt.quant`) is planned the same way without asking. `attention` / `fuse`: the DiT's attention kernel and
     compiled elementwise work (per model: models/dit.py). `loras`: LoRA files merged into the weights while
-    they load (checkpoints/lora.py); the blocks they touch cannot be left to the disk tier."""
+    they load (checkpoints/lora.py); the blocks they touch cannot be left to the disk tier. `parallel`
+    (runtime.parallel.SequenceParallel): this process is one of several that share each forward; the plan is
+    made for one of `parallel.world` GPUs and the RAM budget is the machine's (the streamed weights are held
+    once, in shared memory)."""
     device = torch.device(device)
     cfg = ckpt.config
     names = list(ckpt.experts)
@@ -277,10 +312,11 @@ def build_runner(ckpt, device, dtype, workload: Workload, vram: float | None = N
     loader = loader or CheckpointLoader(ckpt, policy, loras)
     workload = replace(workload, experts=len(names))
     if device.type != "cuda":
-        return DiTRunner(names, loader, device, dtype, None, attention=attention, fuse=fuse)
+        return DiTRunner(names, loader, device, dtype, None, attention=attention, fuse=fuse, parallel=parallel)
     budget = vram if vram is not None else torch.cuda.mem_get_info(device)[0]
     ram = ram if ram is not None else default_ram()
-    p = plan_run(cfg, workload, budget, ram, dtype, policy)
+    gpus = parallel.world if parallel is not None else 1
+    p = plan_run(cfg, workload, budget, ram, dtype, policy, gpus=gpus)
     if loras and p.disk_blocks:
         raise PlanError(f"--ram {ram / 1e9:.1f}GB holds {len(p.ram_blocks)} of the {len(p.streamed)} streamed "
                         f"blocks; the rest would stream from disk, but --lora merges into the weights while they "
@@ -291,6 +327,14 @@ def build_runner(ckpt, device, dtype, workload: Workload, vram: float | None = N
                         f"blocks even compressed; the rest would stream from disk, which needs the compressed "
                         f"checkpoint on disk: run `worldstream convert --ckpt_dir {ckpt.root} --quant {policy.fmt} "
                         f"--out DIR` once and generate from DIR, or raise --ram")
-    keep_all = 2 * p.weights_in_ram + 4e9 <= ram
+    keep_all = 2 * p.weights_in_ram + 4e9 + (gpus - 1) * p.process_ram <= ram
+    if parallel is not None and gpus > 1 and p.shared_weights > 0:
+        staged = p.n_blocks * p.block_bytes if keep_all and len(names) == 2 else 0   # the next expert, whole
+        need = p.shared_weights + staged
+        free = shm_free_bytes()
+        if free < need:
+            raise PlanError(f"the {gpus} processes share one host copy of the streamed weights in {shm_dir()}, "
+                            f"which needs {need / 1e9:.1f} GB; it has {free / 1e9:.1f} GB free (docker: "
+                            f"--shm-size; or set WORLDSTREAM_SHM_DIR to a larger tmpfs, or raise --vram)")
     return DiTRunner(names, loader, device, dtype, p, keep_all=keep_all, ffn_chunk=p.ffn_chunk,
-                     attention=attention, fuse=fuse, block_chunk=p.block_chunk)
+                     attention=attention, fuse=fuse, block_chunk=p.block_chunk, parallel=parallel)
