@@ -112,14 +112,14 @@ class Connection:
         return (n1 - n0) / (t1 - t0) if t1 > t0 else None
 
     async def run(self) -> None:
-        e = self.engine
-        await self.ws.send_json({
-            "type": "hello", "session": self.name, "model": e.name, "device": str(e.device), "width": e.width,
-            "height": e.height, "fps": 16, "chunk_frames": self._frames.maxlen, "window": e.window,
-            "steps": e.student.request.steps or len(e.student.config.realtime.step_indices),
-            "limits": {"text_bytes": self.config.max_text_bytes, "image_bytes": self.config.max_image_bytes,
-                       "image_pixels": self.config.max_image_pixels, "message_bytes": self.config.max_message_bytes},
-            "outputs": str(self.config.outputs.resolve())})
+        """Accept, greet, generate until the page leaves; returns once both threads have ended. The session
+        slot is freed only when `finished` resolves, also when the page left before the threads started."""
+        try:
+            await self.ws.accept()
+            await self._hello()
+        except Exception:                  # gone during the handshake: no thread was started
+            self.finished.set_result(None)
+            return
         self.worker.start()
         tasks = [asyncio.create_task(self._receive()), asyncio.create_task(self._send())]
         try:
@@ -132,6 +132,16 @@ class Connection:
             # The chunk in progress finishes, then both threads end and the session is dropped; the session
             # slot is freed only then (the done-callback in server.py), so a new session never overlaps it.
             await asyncio.shield(self.finished)
+
+    async def _hello(self) -> None:
+        e = self.engine
+        await self.ws.send_json({
+            "type": "hello", "session": self.name, "model": e.name, "device": str(e.device), "width": e.width,
+            "height": e.height, "fps": 16, "chunk_frames": self._frames.maxlen, "window": e.window,
+            "steps": e.student.request.steps or len(e.student.config.realtime.step_indices),
+            "limits": {"text_bytes": self.config.max_text_bytes, "image_bytes": self.config.max_image_bytes,
+                       "image_pixels": self.config.max_image_pixels, "message_bytes": self.config.max_message_bytes},
+            "outputs": str(self.config.outputs.resolve())})
 
     async def _receive(self) -> None:
         while True:

@@ -18,7 +18,7 @@ from ..pipelines.conditioning import image_to_tensor, resize_image
 from ..pipelines.prompts import PromptCache
 from ..pipelines.realtime import RealtimeSession
 from ..pipelines.stream import Student, load_student, prepare_stream
-from ..runtime.memory import rss_bytes
+from ..runtime.memory import rss_bytes, trim_host_memory
 
 TINY_VARIANT = "lingbot-fast-v2-tiny"
 TINY_PROMPT = "A walk through a sunny field."
@@ -115,12 +115,17 @@ class Engine:
         else:
             ch = max(1, round(iw * h / w))
             box = (0, (ih - ch) // 2, iw, (ih - ch) // 2 + ch)
-        return resize_image(image_to_tensor(pil.crop(box)), h, w).clamp_(-1, 1)
+        crop = pil.crop(box)
+        factor = min(crop.size[0] // (4 * w), crop.size[1] // (4 * h))
+        if factor >= 2:                  # a large photo: box-filter it down to ~4x first (bounded memory)
+            crop = crop.reduce(factor)
+        return resize_image(image_to_tensor(crop), h, w).clamp_(-1, 1)
 
     def release_memory(self) -> None:
-        """After a session is dropped: hand its cached GPU blocks back (no-op on the CPU)."""
+        """After a session is dropped: hand its cached GPU blocks back, and the freed host heap to the OS."""
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+        trim_host_memory()
 
     def close(self) -> None:
         """Free the weights and the GPU; remove the tiny model's temp folder. Idempotent."""

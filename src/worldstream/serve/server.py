@@ -101,7 +101,6 @@ def create_app(engine, config: ServeConfig) -> Starlette:
         conn = Connection(websocket, engine, config, name=f"session{state.served}")
         state.active.add(conn)
         conn.finished.add_done_callback(lambda _: state.active.discard(conn))   # the slot frees with the GPU
-        await websocket.accept()
         await conn.run()
 
     @contextlib.asynccontextmanager
