@@ -3,7 +3,7 @@
 The loop never computes: input messages become `Controls` state, the generator and encoder threads
 (serve/worker.py) do the work, and their results come back through `call_soon_threadsafe` into three small
 outboxes, sent by one task in this order: replies (errors, notices, pongs; at most 64 waiting), the latest
-status, then frames. Frames are sent while fewer than one chunk of them is unacknowledged by the page (its
+status (a newer one replaces it; one that came before a reply goes out before it), then frames. Frames are sent while fewer than one chunk of them is unacknowledged by the page (its
 "ack" messages); the outbox holds one chunk's frames, so when the page reads slower than the generator makes
 frames, the oldest unsent ones fall out (counted in the status as dropped) and what the page gets is always
 the newest. Without the acks, the kernel's socket buffers alone would hold seconds of frames for a page that
@@ -75,8 +75,17 @@ class Connection:
 
     # ---- the loop's side -------------------------------------------------------------------------------------
     def _put_reply(self, msg: dict) -> None:
+        if self._status is not None:          # keep the order things happened in: that status came first
+            self._replies.append(self._stamped(self._status))
+            self._status = None
         self._replies.append(msg)
         self._wake.set()
+
+    def _stamped(self, status: dict) -> dict:
+        msg = dict(status)
+        msg.update(delivered_fps=self.delivered_fps(), frames_sent=self.frames_sent,
+                   dropped=self.dropped + msg.pop("encoder_dropped", 0))
+        return msg
 
     def _put_status(self, msg: dict) -> None:
         self._status = self._last_status = msg
@@ -193,9 +202,7 @@ class Connection:
                         await self.ws.close(code=INTERNAL_ERROR)
                         return
                     elif self._status is not None:
-                        msg, self._status = dict(self._status), None
-                        msg.update(delivered_fps=self.delivered_fps(), frames_sent=self.frames_sent,
-                                   dropped=self.dropped + msg.pop("encoder_dropped", 0))
+                        msg, self._status = self._stamped(self._status), None
                         await self.ws.send_text(json.dumps(msg))
                     elif self._frames and self._last_sent - self._acked < self._in_flight:
                         data = self._frames.popleft()
