@@ -619,6 +619,116 @@ def _add_stream_parser(sub, common) -> None:
     st.set_defaults(fn=cmd_stream)
 
 
+# ---- serve ---------------------------------------------------------------------------------------------------
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """A local web page to walk through a world in real time (serve/): load the student once, then serve."""
+    import os
+
+    import torch
+
+    from .pipelines.conditioning import GenerationError
+    from .pipelines.prompts import PromptCache
+    from .serve import Engine, ServeConfig, Server
+    from .serve.config import is_loopback
+
+    if args.ckpt_dir is not None and args.image is None:
+        raise GenerationError("--image is required with --ckpt_dir: the stream starts from a first frame")
+    if args.max_sessions is not None and not 1 <= args.max_sessions <= 64:
+        raise GenerationError(f"--max_sessions {args.max_sessions}: between 1 and 64")
+    if not 0 <= args.port <= 65535:
+        raise GenerationError(f"--port {args.port}: between 0 and 65535")
+    outputs = Path(args.outputs)
+    try:
+        outputs.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise GenerationError(f"--outputs {outputs}: {e}") from None
+    if not os.access(outputs, os.W_OK):
+        raise GenerationError(f"--outputs {outputs}: not writable")
+    try:
+        config = ServeConfig(host=args.host, port=args.port, token=args.token,
+                             allow_origins=tuple(args.allow_origin or ()), max_sessions=args.max_sessions,
+                             max_image_bytes=int(args.max_image_mb * (1 << 20)), jpeg_quality=args.jpeg_quality,
+                             outputs=outputs)
+    except ValueError as e:
+        raise GenerationError(str(e)) from None
+    device = _device(args.device)
+    vram, ram = _budget("--vram", args.vram), _budget("--ram", args.ram)
+    if args.ckpt_dir is None:
+        print("worldstream serve: no --ckpt_dir: a tiny built-in causal model with RANDOM weights (the page and "
+              "the whole path work; the video is coloured noise, not a world)")
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(args.dtype)
+    sessions = args.max_sessions or (1 if torch.device(device).type == "cuda" else 2)
+    engine = Engine.load(args.ckpt_dir, prompt=args.prompt, image=args.image, size=args.size, device=device,
+                         dtype=dtype, vram=vram, ram=ram, quant=args.quant, attention=args.attention,
+                         vae=args.vae, taehv=args.taehv, steps=args.steps, window=args.window, sink=args.sink,
+                         seed=args.base_seed, sessions=sessions,
+                         prompt_cache=None if args.no_prompt_cache else PromptCache(),
+                         notice=lambda m: print(f"note: {m}"))
+    try:
+        try:
+            server = Server(engine, config, log_level=args.log_level)
+        except OSError as e:
+            raise CommandError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from e
+        print(f"worldstream serve: {engine.name} on {engine.device}, {engine.width}x{engine.height}, KV window "
+              f"{engine.window} (sink {engine.sink}), at most {server.state.max_sessions} session(s) at once")
+        if not is_loopback(args.host):
+            print(f"worldstream serve: listening on {args.host} (not loopback): clients need the token below")
+        if config.token:
+            print(f"token: {config.token}")
+        print(f"open {server.url}", flush=True)
+        stopped_by = server.run()
+    finally:
+        engine.close()
+    mem = engine.memory()
+    freed = (f"; GPU memory allocated now {mem['vram'] / 2**20:.0f} MiB" if mem["vram"] is not None else "")
+    print(f"worldstream serve: stopped{f' by {stopped_by}' if stopped_by else ''}; "
+          f"{server.state.served} session(s) served; model freed{freed}", flush=True)
+    return 0
+
+
+def _add_serve_parser(sub, common) -> None:
+    sv = sub.add_parser(
+        "serve", parents=[common], help="a local web page to walk through a generated world in real time",
+        description="Serve a causal LingBot student on a local web page: hold W/A/S/D, look with I/J/K/L or the "
+                    "mouse, watch the world being generated. One session per browser tab (WebSocket), frames as "
+                    "JPEG. Listens on 127.0.0.1 unless --host says otherwise (then a token is required). Without "
+                    "--ckpt_dir a tiny built-in causal model (random weights) runs on the CPU.")
+    a = sv.add_argument
+    a("--ckpt_dir", help="checkpoint folder, as for `worldstream stream` (default: the tiny built-in model)")
+    a("--image", help="first frame (required with --ckpt_dir; the page can upload another)")
+    a("--prompt", help="what the world shows (the page can change it)")
+    a("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; anything else needs the "
+                                          "token printed at start)")
+    a("--port", type=int, default=7860, help="port (default 7860; 0 picks a free one)")
+    a("--token", help="the token clients must give (?token=... on the page URL); default: none on loopback, a "
+                      "random one otherwise")
+    a("--allow_origin", action="append", help="another page origin allowed to open the WebSocket, e.g. "
+                                              "https://proxy.example (repeatable)")
+    a("--max_sessions", type=int, help="sessions generating at once (default 1 on a GPU, 2 on the CPU)")
+    a("--max_image_mb", type=float, default=8.0, help="largest image upload in MiB (default 8)")
+    a("--jpeg_quality", type=int, default=85, help="JPEG quality of the frames sent (default 85)")
+    a("--outputs", default="outputs", help="folder for recorded MP4s (default outputs)")
+    a("--size", help="W*H pixel budget; the image's aspect ratio is kept (default 832*480; tiny model 112*64)")
+    a("--steps", type=int, help="denoising steps per chunk: the student's 4 (default), or 1")
+    a("--window", type=int, help="latent frames the KV cache holds (default: the student's; 18 for a v1 "
+                                 "student, whose own cache is global)")
+    a("--sink", type=int, help="first latent frames kept forever in the window (default: the student's, or 6)")
+    a("--vae", choices=["wan", "tiny"], default="wan", help="decoder: the Wan VAE or the TAEHV tiny one")
+    a("--taehv", help="taew2_1.pth / .safetensors for --vae tiny (never downloaded)")
+    a("--base_seed", type=int, help="noise seed (default 42)")
+    a("--device", help="cuda, cuda:N or cpu (default: cuda if available)")
+    a("--dtype", choices=["bf16", "fp32"], help="DiT compute dtype (default bf16 on CUDA, fp32 on CPU)")
+    a("--vram", help="GPU memory budget (weights + KV caches)")
+    a("--ram", help="host RAM budget for the weights")
+    a("--quant", choices=["fp8", "fp8-block", "int8"], help="compress the DiT's block linears while loading")
+    a("--attention", choices=["sdpa", "8bit"], default="sdpa", help="self-attention kernel")
+    a("--no_prompt_cache", action="store_true", help="do not read or store prompt embeddings")
+    a("--log_level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
+      help="server log level (default warning)")
+    sv.set_defaults(fn=cmd_serve)
+
+
 # ---- plan ----------------------------------------------------------------------------------------------------
 
 MAX_SIDE = 8192        # plan --size: pixels per side
@@ -852,6 +962,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate_parser(sub, common)
     _add_demo_parser(sub, common)
     _add_stream_parser(sub, common)
+    _add_serve_parser(sub, common)
     _add_decode_parser(sub, common)
     _add_plan_parser(sub, common)
     _add_convert_parser(sub, common)

@@ -3,6 +3,7 @@
 
     request = prepare_stream(ckpt_dir, prompt, image=..., action_string="w-40,jw-40")   # checks, reads headers
     session = open_session(request, device="cuda", vae="tiny", taehv="taew2_1.pth")      # loads, plans
+    student = load_student(request, sessions=2); a, b = student.session(), student.session()   # shared weights
     for chunk in run_stream(session, request, "out.mp4"): print(chunk.seconds)
 
 Bad input fails in `prepare_stream` with one GenerationError naming the culprit, before anything is loaded.
@@ -171,16 +172,69 @@ def prepare_stream(ckpt_dir, prompt: str, *, image, size: str | None = None, fra
                          noise, notes)
 
 
-def open_session(request: StreamRequest, *, device=None, dtype=None, vram: float | None = None,
+@dataclass
+class Student:
+    """A causal student loaded once (runner, VAE, decoder, the request's prompt embedding), from which sessions
+    are opened: `open_session` opens one; the web server opens one per connection on the same weights.
+
+    Sessions opened here share the runner: their forwards must not overlap (the caller serializes them), and
+    closing one of them closes the runner for all (drop a session instead, and `close()` the student at the
+    end)."""
+    request: StreamRequest
+    runner: object
+    vae: object
+    decoder: object
+    context: torch.Tensor
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def config(self):
+        return self.request.ckpt.config
+
+    def session(self, *, image: torch.Tensor | None = None, context: torch.Tensor | None = None,
+                window: int | None = -1, sink: int | None = None, timing: bool = False) -> RealtimeSession:
+        """A new stream from the request's first frame and prompt (or `image` [3, H, W] at the request's size,
+        `context` from `encode_prompt`). window / sink default to the request's."""
+        r = self.request
+        return RealtimeSession(self.runner, self.config, self.vae, self.decoder,
+                               self.context if context is None else context,
+                               r.image if image is None else image, r.height, r.width,
+                               intrinsics=r.intrinsics, device=self.device, dtype=self.dtype, seed=r.seed,
+                               steps=r.steps, window=r.window if window == -1 else window,
+                               sink=r.sink if sink is None else sink, noise=r.noise, total_frames=r.frames,
+                               camera=r.camera, timing=timing)
+
+    def encode_prompt(self, prompt: str, *, prompt_cache: PromptCache | None = None,
+                      placement: str | None = None) -> torch.Tensor:
+        """A prompt's embedding for `session(context=...)` / `RealtimeSession.set_prompt`, through the
+        checkpoint's text encoder (loaded, used, freed; a cached prompt loads nothing). placement: "gpu", "cpu"
+        or "stream" (default: "stream" on CUDA, where the student already holds the GPU; "cpu" on the CPU)."""
+        cuda = self.device.type == "cuda"
+        try:
+            return encode_prompts([prompt], self.request.ckpt.root, cache=prompt_cache,
+                                  placement=placement or ("stream" if cuda else "cpu"), device=self.device,
+                                  dtype=torch.bfloat16 if cuda else self.dtype,
+                                  text_len=self.config.text_len)[0]
+        except (ValueError, FileNotFoundError) as e:
+            raise GenerationError(f"text encoder: {e}") from None
+
+    def close(self) -> None:
+        """Free the weights (the runner's experts and engine)."""
+        self.runner.close()
+
+
+def load_student(request: StreamRequest, *, device=None, dtype=None, vram: float | None = None,
                  ram: float | None = None, quant: str | None = None, attention: str = "sdpa", vae: str = "wan",
                  taehv: str | Path | None = None, prompt_cache: PromptCache | None = None,
-                 timing: bool = False, parallel=None) -> RealtimeSession:
-    """Load what the stream needs and open its session: prompt embedding (the encoder loaded, used, freed),
-    the student placed under the VRAM / RAM budgets (its KV cache budgeted with it), the Wan VAE (first frame;
-    decoding unless `vae="tiny"`: the TAEHV decoder from `taehv`).
+                 sessions: int = 1, parallel=None) -> Student:
+    """Load what streams need: prompt embedding (the encoder loaded, used, freed), the student planned under
+    the VRAM / RAM budgets with the KV caches of `sessions` concurrent sessions budgeted beside it (weights
+    load at the first forward), the Wan VAE (first frame; decoding unless `vae="tiny"`: the TAEHV decoder from
+    `taehv`).
 
-    `parallel` (runtime/parallel.py, one per process of `torchrun ... stream --ulysses N`): every process opens
-    its session; rank 0 alone encodes the prompt (sent to the others) and loads the VAE and the decoder."""
+    `parallel` (runtime/parallel.py, one per process of `torchrun ... stream --ulysses N`): every process loads
+    its student; rank 0 alone encodes the prompt (sent to the others) and loads the VAE and the decoder."""
     from ..checkpoints.taehv import load_taehv
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -196,8 +250,8 @@ def open_session(request: StreamRequest, *, device=None, dtype=None, vram: float
     held = window if window is not None else math.ceil(cfg.latents.latent_frames(request.frames) / rt.chunk) * rt.chunk
     workload = Workload(frames=cfg.latents.video_frames(rt.chunk), height=request.height, width=request.width,
                         guidance=False, keys=cfg.tokens(cfg.latents.video_frames(held), request.height, request.width),
-                        cache_bytes=cfg.kv_cache_bytes(held, request.height, request.width,
-                                                       torch.finfo(dtype).bits // 8))
+                        cache_bytes=max(1, sessions) * cfg.kv_cache_bytes(held, request.height, request.width,
+                                                                          torch.finfo(dtype).bits // 8))
     runner = build_runner(request.ckpt, device, dtype, workload, vram=vram, ram=ram, quant=quant,
                           attention=attention, **({} if parallel is None else {"parallel": parallel}))
     once = (lambda fn: fn()) if parallel is None else parallel.from_first    # rank 0 computes, all receive
@@ -221,10 +275,16 @@ def open_session(request: StreamRequest, *, device=None, dtype=None, vram: float
         except (ValueError, OSError) as e:
             raise GenerationError(f"VAE: {e}") from None
     once(load_decoders)
-    return RealtimeSession(runner, cfg, wan, decoder, context, request.image, request.height, request.width,
-                           intrinsics=request.intrinsics, device=device, dtype=dtype, seed=request.seed,
-                           steps=request.steps, window=request.window, sink=request.sink, noise=request.noise,
-                           total_frames=request.frames, camera=request.camera, timing=timing)
+    return Student(request, runner, wan, decoder, context, device, dtype)
+
+
+def open_session(request: StreamRequest, *, device=None, dtype=None, vram: float | None = None,
+                 ram: float | None = None, quant: str | None = None, attention: str = "sdpa", vae: str = "wan",
+                 taehv: str | Path | None = None, prompt_cache: PromptCache | None = None,
+                 timing: bool = False, parallel=None) -> RealtimeSession:
+    """Load what the stream needs (`load_student`) and open its session; `session.close()` frees it all."""
+    return load_student(request, device=device, dtype=dtype, vram=vram, ram=ram, quant=quant, attention=attention,
+                        vae=vae, taehv=taehv, prompt_cache=prompt_cache, parallel=parallel).session(timing=timing)
 
 
 def run_stream(session: RealtimeSession, request: StreamRequest, save_file: str | Path | None = None
@@ -237,11 +297,10 @@ def run_stream(session: RealtimeSession, request: StreamRequest, save_file: str 
             t0 = time.perf_counter()
             n = session.video_frames_per_chunk - (3 if frames_done == 0 else 0)
             chunk = session.step(keys=request.keys[frames_done:frames_done + n])
-            video = to_uint8_frames(chunk.frames) if chunk.frames is not None else None   # (None: not rank 0)
+            video = to_uint8_frames(chunk.frames)
             chunk.seconds["wall"] = time.perf_counter() - t0
-            if video is not None:
-                out.write(video)
-            frames_done += n
+            out.write(video)
+            frames_done += video.shape[0]
             yield chunk
 
 

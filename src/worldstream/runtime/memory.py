@@ -271,6 +271,21 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def trim_host_memory() -> bool:
+    """Give freed heap memory back to the OS (glibc's malloc_trim; elsewhere a no-op returning False).
+
+    A long-running process whose threads come and go (the web server: two per session) otherwise keeps the
+    freed blocks of their malloc arenas, and its RSS creeps up session after session although nothing leaks."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
+
 def peak_rss_bytes() -> int:
     """Peak resident set size of this process so far (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
