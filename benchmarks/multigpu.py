@@ -238,7 +238,7 @@ def case_stream_ram(sp, env, args, out_dir):
                               vram=args.vram * 1e9, loader=RandomLoader(cfg), parallel=sp)
     else:   # the CPU has no plan of its own: stream every block from host slabs (the same engine, synchronous)
         plan = Plan(n_blocks=cfg.num_layers, block_bytes=0, resident=[], prefetch=1, batched_guidance=True,
-                    ffn_chunk=None, ram_blocks=list(range(cfg.num_layers)), disk_blocks=[], vram_peak=0, ram_peak=0,
+                    chunk=None, ram_blocks=list(range(cfg.num_layers)), disk_blocks=[], vram_peak=0, ram_peak=0,
                     weights_in_ram=0, step_seconds=0, resident_step_seconds=0, block_compute_s=0, block_copy_s=0)
         runner = DiTRunner(["high"], RandomLoader(cfg), device, dtype, plan, parallel=sp)
     runner.start([Forward("high", 2)] * 3)

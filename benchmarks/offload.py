@@ -258,16 +258,19 @@ def run_worldstream(cfg, method, points, spec):
     from worldstream.checkpoints.compressed import QuantPolicy
     from worldstream.runtime.slab import BlockLayout
     block_bytes = BlockLayout.of(m.blocks[1]).nbytes          # a streamable block (compressed if quant)
-    pinned = QuantPolicy(spec["quant"]).pinned(cfg.num_layers) if spec.get("quant") else ()
+    policy = QuantPolicy(spec["quant"]) if spec.get("quant") else None
+    pinned = policy.pinned(cfg.num_layers) if policy else ()
+    fp8_blocks = tuple(policy.blocks(cfg.num_layers)) if policy and policy.fmt == "fp8" else ()
     hw = Hardware(pcie_bw=spec.get("pcie_bw", Hardware.pcie_bw))
     for frames, cap in points:
         try:
             p = plan(cfg, Workload(frames=frames, experts=1), cap * GB, None, hw, block_bytes=block_bytes,
-                     pinned_resident=pinned)
+                     pinned_resident=pinned, fp8_blocks=fp8_blocks, attention=spec.get("attention") or "sdpa")
         except PlanError as e:
             out.append(dict(frames=frames, cap_GB=cap, error=str(e)))
             continue
-        m.set_ffn_chunk(p.ffn_chunk)
+        m.set_chunk(p.chunk)
+        m.set_attention(p.attention)   # "8bit" where the plan finds it faster
         cap_vram(cap * GB)
         engine, handle = place(m, m.blocks, "cuda", sources, p.resident, p.prefetch)
         kw = inputs(cfg, frames, 2 if p.batched_guidance else 1)
@@ -277,7 +280,8 @@ def run_worldstream(cfg, method, points, spec):
         streamed_bytes = len(p.streamed) * p.block_bytes * (1 if p.batched_guidance else 2)
         out.append(dict(frames=frames, cap_GB=cap, cfg_batched=p.batched_guidance, s_per_step=s,
                         predicted_s=p.step_seconds, predicted_vram_GB=p.vram_peak / GB,
-                        resident_blocks=len(p.resident), prefetch=p.prefetch,
+                        resident_blocks=len(p.resident), prefetch=p.prefetch, chunk=p.chunk,
+                        attention=p.attention,
                         streamed_GB_per_step=streamed_bytes / GB,
                         peak_vram_GB=torch.cuda.max_memory_reserved() / GB,
                         peak_alloc_GB=torch.cuda.max_memory_allocated() / GB,
@@ -381,6 +385,16 @@ def quant_jobs(model: str) -> list[dict]:
             dict(method="worldstream", model=model, points=[(81, 8)], quant="fp8", attention="8bit")]
 
 
+def lowmem_jobs(model: str) -> list[dict]:
+    """Issue 17: the 81-frame step resident (CFG batched, the reference) and under 8 / 24 GB (the low-memory
+    block lets 8 GB batch CFG), and with fp8 weights + 8-bit attention under 24 GB / 8 GB (the planner's fp8
+    pricing; 8-bit attention where faster), each in its own process."""
+    return [dict(method="resident", model=model, points=[(81, None)], batched_only=True),
+            dict(method="worldstream", model=model, points=[(81, 8), (81, 24)]),
+            dict(method="worldstream", model=model, points=[(81, 24), (81, 8), (9, 24)], quant="fp8",
+                 attention="8bit")]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="wan2.2-i2v-a14b,lingbot-cam")
@@ -388,8 +402,10 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--quant", choices=["only", "none", "all"], default="all",
                     help="run only the compressed-weight jobs, none of them, or all")
-    ap.add_argument("--suite", choices=["full", "quant"], default="full",
-                    help="quant: resident bf16 and the compressed-weight / 8-bit attention jobs, side by side")
+    ap.add_argument("--suite", choices=["full", "quant", "lowmem"], default="full",
+                    help="quant: resident bf16 and the compressed-weight / 8-bit attention jobs, side by side; "
+                         "lowmem: 81 frames resident (CFG batched) against the 8 GB and 24 GB plans (issue 17: "
+                         "CFG batched in the low-memory block at 8 GB), plus fp8 + 8-bit attention at 24 GB")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "offload.json"))
     ap.add_argument("--job", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -413,9 +429,13 @@ def main():
     results = {"date": time.strftime("%Y-%m-%d"), "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
                "torch": torch.__version__, "bandwidth": bw[0] if bw else None, "rows": []}
     for model in args.models.split(","):
-        jobs = suite(model, args.quick) if args.suite == "full" else (
-            [dict(method="resident", model=model, points=[(9, None), (81, None)], batched_only=True)]
-            + quant_jobs(model))
+        if args.suite == "full":
+            jobs = suite(model, args.quick)
+        elif args.suite == "quant":
+            jobs = ([dict(method="resident", model=model, points=[(9, None), (81, None)], batched_only=True)]
+                    + quant_jobs(model))
+        else:
+            jobs = lowmem_jobs(model)
         for spec in jobs:
             if args.methods and spec["method"] not in args.methods.split(","):
                 continue

@@ -29,11 +29,29 @@ storage (/proc/self/io), the switch time.
 464x832 (upstream's flooring, see `conditioning.i2v_size`); the benchmark then sets the job to exactly
 480x832 so that the stated size is measured. The prompt cache is off, so umt5 runs every time.
 
-Each VRAM budget runs in a fresh subprocess (separate peaks, nothing cached in memory); the folder is built by
-a third one. Results: `$OUT/pipeline.json` (else `benchmarks/results/pipeline.json`) and a table on stdout.
+Each run (a VRAM budget, or a variant of the job) is a fresh subprocess (separate peaks, nothing cached in
+memory); the folder is built by another one. Results: `$OUT/pipeline.json` (else
+`benchmarks/results/pipeline.json`) and a table on stdout.
 
-    python benchmarks/pipeline.py                       # H100: 24GB then 12GB
+`--job target` is issue 17's job: LingBot Cam A14B, 480x832, 81 frames (`w-40,jw-40`), 70 steps, `--vram
+24GB`, fp8 weights (compressed as they are made) and 8-bit attention, without step caching and with it, side
+by side (`--variants`, one fresh process each, in order):
+  * "off": no step cache (run at threshold 0: the uncached run bit for bit, which records the cache's signal
+    per step into the folder, and its final latents);
+  * a threshold, e.g. "0.1";
+  * "skip:N": the threshold that would skip N steps given the "off" run's signals (pipelines/step_cache.py
+    `threshold_for`). On random weights the signal's scale says nothing about a trained model's, so a fixed
+    threshold would skip an arbitrary number of steps; this measures the speed of skipping N, and the error
+    it costs here (final latents against the "off" run's) is reported beside it.
+Reported per run: the phases, s/step of computed and of skipped (cached) steps, the steps skipped, the plan.
+A machine that allows only minutes per command runs one variant per command into the same `--folder` (built
+by the first, reused by the next; "off" before "skip:N"):
+
+    python benchmarks/pipeline.py                       # H100: 24GB then 12GB, 17 frames, 6 steps
+    python benchmarks/pipeline.py --job target --variants off --folder /tmp/wsf --out $OUT/target_off.json
+    python benchmarks/pipeline.py --job target --variants skip:32 --folder /tmp/wsf --out $OUT/target_skip32.json
     python benchmarks/pipeline.py --cpu-smoke --out /tmp/smoke.json   # same code path, tiny models, CPU
+    python benchmarks/pipeline.py --cpu-smoke --job target --variants off,skip:32 --out /tmp/smoke.json
 """
 from __future__ import annotations
 
@@ -51,9 +69,15 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
 PROMPT = "The camera moves forward through a dark forest path, then turns left towards a clearing."
-ACTION = "w-8,jw-8"          # 8 frames forward, 8 frames forward while turning left: 16 -> 17 frames (4n+1)
-FRAMES = 17
 SHIFT, GUIDE, SEED = 10.0, 5.0, 42
+# short: 8 frames forward, 8 forward while turning left (16 -> 17 frames, 4n+1), budgets side by side;
+# target (issue 17): 81 frames, 70 steps, --vram 24GB, fp8 + 8-bit attention, step caching on and off
+JOBS = {
+    "short": dict(frames=17, action="w-8,jw-8", steps=6, smoke_steps=4, vram="24GB,12GB", quant=None,
+                  attention="sdpa", variants="off", timeout=300),
+    "target": dict(frames=81, action="w-40,jw-40", steps=70, smoke_steps=70, vram="24GB", quant="fp8",
+                   attention="8bit", variants="off,skip:32", timeout=900),
+}
 FULL = {"variant": "lingbot-cam", "height": 480, "width": 832}
 SMOKE = {"variant": "lingbot-cam-tiny", "height": 64, "width": 64}
 PHASES = ["load", "text encode", "VAE encode", "denoise", "VAE decode", "write"]
@@ -254,13 +278,15 @@ class TimedRunner:
         if not self.forwards:
             self._cut("before DiT (VAE load, umt5, VAE encode)")
         load0, switch0 = self.inner.report["load_s"], self.inner.report["switch_s"]
+        stack = inputs.get("stack")
         t0 = time.perf_counter()
         out = self.inner(expert, **inputs)
         if self.cuda:
             torch.cuda.synchronize(self.device)
         self.forwards.append({"expert": expert, "s": time.perf_counter() - t0,
                               "load_s": self.inner.report["load_s"] - load0,
-                              "switch_s": self.inner.report["switch_s"] - switch0})
+                              "switch_s": self.inner.report["switch_s"] - switch0,
+                              "cached": bool(stack is not None and stack.reuse)})
         return out
 
     def close(self) -> None:
@@ -269,7 +295,7 @@ class TimedRunner:
 
 
 def run_once(root: Path, vram_text: str, smoke: bool, steps: int, mp4_dir: Path, dit: str = "random",
-             ram_text: str | None = None) -> dict:
+             ram_text: str | None = None, job_name: str = "short", variant: str = "off") -> dict:
     import dataclasses
 
     import torch
@@ -284,11 +310,29 @@ def run_once(root: Path, vram_text: str, smoke: bool, steps: int, mp4_dir: Path,
     from worldstream.testing.checkpoint import demo_image
 
     spec = SMOKE if smoke else FULL
+    preset = JOBS[job_name]
+    signals_file = root / f"signals_{vram_text}.json"
+    if variant == "off":
+        step_cache = 0.0            # the uncached run, recording the cache's signal
+    elif variant.startswith("skip:"):
+        from worldstream.pipelines.step_cache import StepCache, threshold_for
+        if not signals_file.is_file():
+            raise SystemExit(f"{variant}: run the 'off' variant into this folder first (no {signals_file.name})")
+        seen = json.loads(signals_file.read_text())
+        threshold = threshold_for(seen["signals"], set(seen["forced"]), int(variant[5:]))
+        if threshold is None:
+            raise SystemExit(f"{variant}: no threshold skips that many of the {len(seen['signals'])} steps")
+        # the threshold was found on the uncached run's signals; this run's own skips change them, so it could
+        # skip more: at most N
+        step_cache = StepCache(threshold, max_total=int(variant[5:]))
+    else:
+        step_cache = float(variant)
     device = torch.device("cpu" if smoke else "cuda")
     h, w = spec["height"], spec["width"]
     notes: list[str] = []
-    job = prepare(root, PROMPT, image=demo_image(w, h), size=f"{w}*{h}", frame_num=FRAMES, action_string=ACTION,
-                  steps=steps, shift=SHIFT, guide_scale=GUIDE, seed=SEED, notice=notes.append)
+    job = prepare(root, PROMPT, image=demo_image(w, h), size=f"{w}*{h}", frame_num=preset["frames"],
+                  action_string=preset["action"], steps=steps, shift=SHIFT, guide_scale=GUIDE, seed=SEED,
+                  notice=notes.append)
     if (job.height, job.width) != (h, w):
         notes.append(f"prepare() sized the I2V video {job.height}x{job.width} (upstream's flooring); "
                      f"benchmark sets {h}x{w}")
@@ -308,7 +352,8 @@ def run_once(root: Path, vram_text: str, smoke: bool, steps: int, mp4_dir: Path,
     holder: dict = {}
 
     def factory(ckpt, device_, dtype, workload, vram=None, ram=None, **options):
-        loader = RandomLoader(ckpt.config, seed=0) if dit == "random" else None   # None: the checkpoint's
+        loader = (RandomLoader(ckpt.config, seed=0, quant=options.get("quant")) if dit == "random"
+                  else None)                                                     # None: the checkpoint's
         inner = build_runner(ckpt, device_, dtype, workload, vram=vram, ram=ram, loader=loader, **options)
         holder["runner"] = TimedRunner(inner, torch.device(device_))
         return holder["runner"]
@@ -318,11 +363,22 @@ def run_once(root: Path, vram_text: str, smoke: bool, steps: int, mp4_dir: Path,
     print(job.describe(), flush=True)
     t_all = time.perf_counter()
     read0 = io_read_bytes()
+    quant = preset["quant"] if dit == "random" else None        # fp8-files: already compressed on disk
     result = run(job, device=device, vram=vram, ram=ram, prompt_cache=None, runner_factory=factory,
-                 progress=True)
+                 progress=True, quant=quant, attention=preset["attention"], step_cache=step_cache)
     read1 = io_read_bytes()
     runner: TimedRunner = holder["runner"]
     peaks = dict(runner.peaks)
+    rep = result.report
+    latents_file = root / f"latents_{vram_text}_{variant.replace(':', '')}.pt"
+    torch.save(result.latents, latents_file)
+    off_latents = root / f"latents_{vram_text}_off.pt"
+    rel_err = None
+    if variant == "off":
+        signals_file.write_text(json.dumps({k: rep["step_cache"][k] for k in ("signals", "forced")}))
+    elif off_latents.is_file():
+        ref = torch.load(off_latents)
+        rel_err = ((result.latents - ref).norm() / ref.norm()).item()
     if device.type == "cuda":
         peaks["VAE decode"] = {"allocated": torch.cuda.max_memory_allocated(device),
                                "reserved": torch.cuda.max_memory_reserved(device)}
@@ -340,15 +396,20 @@ def run_once(root: Path, vram_text: str, smoke: bool, steps: int, mp4_dir: Path,
     wall = time.perf_counter() - t_all
     print(format_report(result), flush=True)
 
-    # steady s/step: forwards that neither loaded an expert nor switched, and not the first (kernel compile)
+    # steady s/step: computed forwards that neither loaded an expert nor switched, and not the first (kernel
+    # compile); cached forwards (step cache: embeddings and head only) apart
     fw = runner.forwards
     per_step = len(fw) / job.steps
-    steady = [f["s"] for i, f in enumerate(fw) if i > 0 and f["load_s"] == 0 and f["switch_s"] == 0]
+    steady = [f["s"] for i, f in enumerate(fw)
+              if i > 0 and f["load_s"] == 0 and f["switch_s"] == 0 and not f["cached"]]
+    cached = [f["s"] for f in fw if f["cached"]]
     switch_fw = [f for i, f in enumerate(fw) if i > 0 and f["switch_s"] > 0]
     plan = runner.inner.plan
-    rep = result.report
     return {
         "vram_budget": vram_text, "vram_budget_bytes": vram, "ram_budget": ram_text, "dit": dit,
+        "job_preset": job_name, "variant": variant, "quant": quant, "attention_asked": preset["attention"],
+        "step_cache": rep.get("step_cache"),
+        "latents_rel_err_vs_off": rel_err,
         "storage_read_bytes": None if read0 is None or read1 is None else read1 - read0,
         "disk_blocks_per_expert": None if plan is None else len(plan.disk_blocks),
         "ram_blocks_per_expert": None if plan is None else len(plan.ram_blocks),
@@ -357,7 +418,7 @@ def run_once(root: Path, vram_text: str, smoke: bool, steps: int, mp4_dir: Path,
         "torch": torch.__version__, "dtype": rep["dtype"],
         "job": {"variant": cfg.name, "height": job.height, "width": job.width, "frames": job.frames,
                 "steps": job.steps, "solver": job.solver, "shift": job.shift, "guide_scale": list(job.guide_scale),
-                "boundary": job.boundary, "action_string": ACTION, "tokens": job.latent_shape[1]
+                "boundary": job.boundary, "action_string": preset["action"], "tokens": job.latent_shape[1]
                 * (job.height // 16) * (job.width // 16)},
         "timings_s": {k: result.timings.get(k, 0.0) for k in PHASES},
         "total_s": sum(result.timings.values()), "wall_s": wall,
@@ -365,6 +426,7 @@ def run_once(root: Path, vram_text: str, smoke: bool, steps: int, mp4_dir: Path,
         "switch_s": rep["runner"].get("switch_s", 0.0),         # includes loading the second expert
         "denoise_s_per_step": result.timings["denoise"] / job.steps,
         "steady_s_per_step": (sum(steady) / len(steady) * per_step) if steady else None,
+        "cached_s_per_step": (sum(cached) / len(cached) * per_step) if cached else None,
         "first_forward_s": fw[0]["s"] if fw else None,         # incl. the first expert's load and kernel compile
         "switch_forward_s": switch_fw[0]["s"] if switch_fw else None,
         "forwards": fw,
@@ -372,7 +434,7 @@ def run_once(root: Path, vram_text: str, smoke: bool, steps: int, mp4_dir: Path,
         "plan": None if plan is None else {
             "resident": plan.resident, "n_resident": len(plan.resident), "n_blocks": plan.n_blocks,
             "prefetch": plan.prefetch, "slots": plan.slots, "cfg_batched": plan.batched_guidance,
-            "ffn_chunk": plan.ffn_chunk, "block_bytes": plan.block_bytes,
+            "chunk": plan.chunk, "attention": plan.attention, "block_bytes": plan.block_bytes,
             "predicted_vram_peak": plan.vram_peak, "predicted_s_per_step": plan.step_seconds,
             "predicted_ram_peak": plan.ram_peak, "describe": plan.describe()},
         "peak_vram_allocated": max((p["allocated"] for p in peaks.values()), default=None),
@@ -415,14 +477,31 @@ def table(res: dict) -> str:
     runs = [r for r in res["runs"] if "error" not in r]
     if not runs:
         return "no run finished"
-    head = ["", *[f"--vram {r['vram_budget']}" for r in runs]]
+    def label(r):
+        cache = r.get("variant", "off")
+        return f"--vram {r['vram_budget']}" + ("" if cache == "off" else f", step cache {cache}")
+
+    def skipped(r):
+        sc = r.get("step_cache")
+        if sc is None or r.get("variant", "off") == "off":
+            return "off"
+        err = r.get("latents_rel_err_vs_off")
+        return (f"{sc['skipped']} of {sc['skipped'] + sc['computed']} (threshold {sc['threshold']:.3g}"
+                + (f", latents {err:.1%} off the uncached" if err is not None else "") + ")")
+
+    head = ["", *[label(r) for r in runs]]
     rows = [[f"{p} (s)", *[f"{r['timings_s'][p]:.1f}" for r in runs]] for p in PHASES]
     rows += [
         ["  DiT load, all experts (s)", *[f"{r['dit_load_s']:.1f}" for r in runs]],
         ["total (s)", *[f"{r['total_s']:.1f}" for r in runs]],
+        ["steps skipped by the step cache", *[skipped(r) for r in runs]],
         ["denoise s/step (all)", *[f"{r['denoise_s_per_step']:.2f}" for r in runs]],
-        ["denoise s/step (steady)", *["-" if r["steady_s_per_step"] is None else f"{r['steady_s_per_step']:.2f}"
-                                      for r in runs]],
+        ["denoise s/step (steady, computed)", *["-" if r["steady_s_per_step"] is None else
+                                                f"{r['steady_s_per_step']:.2f}" for r in runs]],
+        ["  s per skipped step", *["-" if r.get("cached_s_per_step") is None else f"{r['cached_s_per_step']:.3f}"
+                                   for r in runs]],
+        ["plan: predicted s/step", *["-" if r["plan"] is None else f"{r['plan']['predicted_s_per_step']:.2f}"
+                                     for r in runs]],
         ["first forward (s)", *[f"{r['first_forward_s']:.1f}" for r in runs]],
         ["expert switch (s)", *[f"{r['switch_s']:.1f}" for r in runs]],
         ["peak VRAM allocated", *[_gb(r["peak_vram_allocated"]) for r in runs]],
@@ -440,6 +519,9 @@ def table(res: dict) -> str:
         ["plan: prefetch / CFG", *["-" if r["plan"] is None else
                                    f"{r['plan']['prefetch']} / {'batched' if r['plan']['cfg_batched'] else 'two'}"
                                    for r in runs]],
+        ["plan: attention / chunk", *["-" if r["plan"] is None else
+                                      f"{r['plan'].get('attention')} / {r['plan'].get('chunk') or '-'}"
+                                      for r in runs]],
         ["plan: predicted VRAM", *["-" if r["plan"] is None else _gb(r["plan"]["predicted_vram_peak"])
                                    for r in runs]],
         ["steps high/low", *[f"{r['expert_steps'].get('high', 0)}/{r['expert_steps'].get('low', 0)}" for r in runs]],
@@ -452,21 +534,31 @@ def table(res: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--vram", default="24GB,12GB", help="comma-separated budgets, one fresh process each")
+    ap.add_argument("--job", choices=sorted(JOBS), default="short",
+                    help="short: 17 frames, 6 steps, budgets side by side; target: issue 17's job (module docstring)")
+    ap.add_argument("--vram", help="comma-separated budgets, one fresh process each (default: the job's)")
+    ap.add_argument("--variants", help="comma-separated step-cache settings, one fresh process each: 'off', a "
+                                       "threshold, or skip:N (module docstring; default: the job's; target: "
+                                       "off,skip:32)")
     ap.add_argument("--ram", help="host RAM budget for the DiT weights (default: the runner's, 80%% of the machine)")
     ap.add_argument("--dit", choices=["random", "fp8-files"], default="random",
                     help="random: DiT generated on the device; fp8-files: full-size fp8 experts written to disk "
                          "and read by the real loader (see the module docstring)")
-    ap.add_argument("--steps", type=int, help="sampling steps (default 6 at shift 10: 3 high + 3 low; smoke 4)")
+    ap.add_argument("--steps", type=int, help="sampling steps (default: the job's: short 6 at shift 10, 3 high + 3 "
+                                              "low; smoke 4; target 70)")
     ap.add_argument("--cpu-smoke", action="store_true", help="same code path, tiny models, on the CPU")
     ap.add_argument("--workdir", help="where the temp checkpoint folder goes (needs ~12 GB; default $TMPDIR)")
+    ap.add_argument("--folder", help="the checkpoint folder to build (if missing) and keep, reused by a later "
+                                     "invocation (one variant per command)")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoint folder and the MP4s in it")
     ap.add_argument("--out", help="result JSON (default $OUT/pipeline.json, else benchmarks/results/pipeline.json)")
-    ap.add_argument("--timeout", type=float, default=300, help="seconds per stage")
+    ap.add_argument("--timeout", type=float, help="seconds per stage (default: the job's)")
     ap.add_argument("--stage", choices=["build", "run"], help=argparse.SUPPRESS)
     ap.add_argument("--root", help=argparse.SUPPRESS)
+    ap.add_argument("--variant", default="off", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    preset = JOBS[args.job]
 
     if args.stage == "build":
         _atomic_json(Path(args.result), build_folder(Path(args.root), args.cpu_smoke, args.dit))
@@ -474,16 +566,30 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage == "run":
         root = Path(args.root)
         _atomic_json(Path(args.result), run_once(root, args.vram, args.cpu_smoke, args.steps, root, args.dit,
-                                                 args.ram))
+                                                 args.ram, args.job, args.variant))
         return 0
 
     out = Path(args.out) if args.out else (Path(os.environ["OUT"]) / "pipeline.json" if os.environ.get("OUT")
                                            else HERE / "results" / "pipeline.json")
     smoke = ["--cpu-smoke"] if args.cpu_smoke else []
-    steps = args.steps or (4 if args.cpu_smoke else 6)
-    root = Path(tempfile.mkdtemp(prefix="ws-pipeline-", dir=args.workdir))
+    steps = args.steps or (preset["smoke_steps"] if args.cpu_smoke else preset["steps"])
+    timeout = args.timeout or preset["timeout"]
+    budgets = [b.strip() for b in (args.vram or preset["vram"]).split(",") if b.strip()]
+    variants = [v.strip() for v in (args.variants or preset["variants"]).split(",") if v.strip()]
+    for v in variants:                            # a bad variant fails here, before anything is built
+        if v != "off" and not (v.startswith("skip:") and v[5:].isdigit()):
+            float(v)
+    if args.folder:
+        root = Path(args.folder)
+        root.mkdir(parents=True, exist_ok=True)
+    else:
+        root = Path(tempfile.mkdtemp(prefix="ws-pipeline-", dir=args.workdir))
+    keep = args.keep or args.folder is not None
+    built = root / "built.json"
     t_start = time.perf_counter()
-    res: dict = {"benchmark": "pipeline", "smoke": args.cpu_smoke, "prompt": PROMPT, "action_string": ACTION,
+    res: dict = {"benchmark": "pipeline", "job_preset": args.job, "smoke": args.cpu_smoke, "prompt": PROMPT,
+                 "action_string": preset["action"], "frames": preset["frames"], "steps": steps,
+                 "quant": preset["quant"], "attention": preset["attention"],
                  "weights": "random: full-size umt5-xxl and Wan2.1 VAE files written to disk, " + (
                      "full-size DiT experts generated on the device (the checkpoint's DiT folders hold a tiny "
                      "model for validation only)" if args.dit == "random" else
@@ -492,30 +598,39 @@ def main(argv: list[str] | None = None) -> int:
                  "dit": args.dit, "ram_budget": args.ram, "runs": []}
     status = 0
     try:
-        print(f"building the checkpoint folder in {root} ...", flush=True)
-        t0 = time.perf_counter()
-        res["build"] = _child(["--stage", "build", "--root", str(root), "--dit", args.dit, *smoke], args.timeout)
-        res["build"]["wall_s"] = time.perf_counter() - t0
+        if built.is_file():
+            res["build"] = json.loads(built.read_text())
+            print(f"reusing the checkpoint folder {root} (built {res['build'].get('date')})", flush=True)
+        else:
+            print(f"building the checkpoint folder in {root} ...", flush=True)
+            t0 = time.perf_counter()
+            res["build"] = _child(["--stage", "build", "--root", str(root), "--dit", args.dit, *smoke], timeout)
+            res["build"]["wall_s"] = time.perf_counter() - t0
+            res["build"]["date"] = time.strftime("%Y-%m-%d %H:%M")
+            if keep:
+                _atomic_json(built, res["build"])
         _atomic_json(out, res)                 # after every stage: a killed benchmark keeps what finished
         print(f"built in {res['build']['wall_s']:.1f} s: {res['build']['seconds']}", flush=True)
-        for budget in [b.strip() for b in args.vram.split(",") if b.strip()]:
-            print(f"\n=== --vram {budget} ===", flush=True)
-            if args.dit == "fp8-files":      # every run reads the disk, not what the last one left cached
-                evict_page_cache(root)
-            try:
-                res["runs"].append(_child(["--stage", "run", "--root", str(root), "--vram", budget,
-                                           "--steps", str(steps), "--dit", args.dit,
-                                           *(["--ram", args.ram] if args.ram else []), *smoke], args.timeout))
-            except (RuntimeError, subprocess.TimeoutExpired) as e:
-                res["runs"].append({"vram_budget": budget, "error": str(e)})
-                status = 1
-            _atomic_json(out, res)
+        for budget in budgets:
+            for variant in variants:
+                print(f"\n=== --vram {budget}, step cache {variant} ===", flush=True)
+                if args.dit == "fp8-files":      # every run reads the disk, not what the last one left cached
+                    evict_page_cache(root)
+                try:
+                    res["runs"].append(_child(["--stage", "run", "--root", str(root), "--vram", budget,
+                                               "--steps", str(steps), "--dit", args.dit, "--job", args.job,
+                                               "--variant", variant,
+                                               *(["--ram", args.ram] if args.ram else []), *smoke], timeout))
+                except (RuntimeError, subprocess.TimeoutExpired) as e:
+                    res["runs"].append({"vram_budget": budget, "variant": variant, "error": str(e)})
+                    status = 1
+                _atomic_json(out, res)
     except (RuntimeError, subprocess.TimeoutExpired) as e:
         res["error"] = str(e)
         status = 1
     finally:
         res["total_wall_s"] = time.perf_counter() - t_start
-        if args.keep:
+        if keep:
             print(f"kept {root}")
         else:
             shutil.rmtree(root, ignore_errors=True)

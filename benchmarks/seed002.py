@@ -211,7 +211,7 @@ def run_case(root: Path, case: str, smoke: bool, mp4_dir: Path) -> dict:
         "peak_vram_by_phase": peaks, "peak_rss": peak_rss_bytes(),
         "plan": None if plan is None else {
             "resident": len(plan.resident), "ram_blocks": len(plan.ram_blocks), "disk_blocks": len(plan.disk_blocks),
-            "block_bytes": plan.block_bytes, "block_chunk": plan.block_chunk, "prefetch": plan.prefetch,
+            "block_bytes": plan.block_bytes, "chunk": plan.chunk, "prefetch": plan.prefetch,
             "predicted_vram_peak": plan.vram_peak, "predicted_ram_peak": plan.ram_peak,
             "predicted_s_per_step": plan.step_seconds, "describe": plan.describe()},
         "mp4": mp4, "notes": notes,

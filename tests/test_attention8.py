@@ -137,3 +137,27 @@ def test_kernel_at_the_81_frame_length_gpu():
     ref = F.scaled_dot_product_attention(q[:, :256].float().transpose(1, 2), k.float().transpose(1, 2),
                                          v.float().transpose(1, 2)).transpose(1, 2)
     assert rel_err(out, ref) < 0.01    # measured on an H100: 0.28% (bf16 SDPA: 0.17%)
+
+
+def test_prepared_keys_serve_query_chunks():
+    """`prepare_attention` (the low-memory block): K and V prepared once, queries in chunks, the same output as
+    one call (the emulation here; the kernels below on a GPU)."""
+    from worldstream.models.attention import prepare_attention
+
+    q, k, v = qkv(2, 300, 300, 3, 16, seed=8)
+    attend = prepare_attention(k, v, "8bit")
+    whole = a8.attention8(q, k, v)
+    assert torch.equal(torch.cat([attend(q[:, s:s + 64]) for s in range(0, 300, 64)], 1), whole)
+
+
+@gpu
+def test_prepared_keys_serve_query_chunks_gpu():
+    """On the GPU the prepared path quantizes K and V once and runs the same kernel per query chunk: each row
+    is computed as in one call (per-token q scales, per-row online softmax), so the chunks should equal it bit
+    for bit; the bound allows for a tile configuration the autotuner might pick differently per length."""
+    q, k, v = (t.bfloat16() for t in qkv(2, 2048, 2048, 4, 128, seed=9, device="cuda"))
+    attend = a8.prepare8(k, v)
+    whole = a8.attention8(q, k, v)
+    got = torch.cat([attend(q[:, s:s + 256].contiguous()) for s in range(0, 2048, 256)], 1)
+    print(f"prepared, in 256-row chunks: bit-equal {torch.equal(got, whole)}, rel. error {rel_err(got, whole):.2e}")
+    assert rel_err(got, whole) < 1e-3

@@ -125,6 +125,8 @@ def test_bad_flag_values(base, capsys):
     fails(cam_args(base, "--frame_num", "0"), capsys, "--frame_num", "4n+1")
     fails(cam_args(base, "--vram", "lots"), capsys, "--vram", "lots")
     fails(cam_args(base, "--sample_steps", "0"), capsys, "--sample_steps")
+    fails(cam_args(base, "--step_cache", "-0.1"), capsys, "--step_cache", "threshold from 0")
+    fails(cam_args(base, "--step_cache", "nan"), capsys, "--step_cache")
     fails(cam_args(base, "--device", "cuda:7") if not _cuda() else cam_args(base, "--device", "tpu"), capsys,
           "--device")
 
@@ -199,6 +201,15 @@ def test_t2v_command(base, capsys):
     out = capsys.readouterr()
     assert code == 0, out.err
     assert read_mp4("t2v.mp4").shape == (5, 32, 48, 3)
+
+
+def test_step_cache_flag_reports_its_skips(base, capsys):
+    code = main(cam_args(base, "--frame_num", "9", "--sample_steps", "12", "--step_cache", "1.0",
+                         "--save_file", "cached.mp4"))
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert "step cache (threshold 1): skipped " in out.out and " of 12 steps" in out.out
+    assert read_mp4("cached.mp4").shape[0] == 9
 
 
 def test_demo_writes_mp4(capsys):

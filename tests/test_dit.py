@@ -455,9 +455,10 @@ def test_text_longer_than_text_len_raises():
 
 
 @pytest.mark.parametrize("variant", ["wan2.1-i2v-14b-tiny", "lingbot-cam-tiny", "wan2.2-i2v-a14b-tiny"])
-def test_block_chunks_give_the_same_velocity(variant):
-    """set_block_chunk (long clips on small GPUs): keys / values of every token, then queries, camera,
-    cross-attention and FFN chunk by chunk, give the whole-sequence result (bit for bit on the CPU here)."""
+def test_low_memory_block_gives_the_same_velocity(variant):
+    """set_chunk (long clips on small GPUs) on the image-conditioned models too (CLIP tokens, per-sample
+    timesteps): keys / values of every token, then queries, camera, cross-attention and FFN chunk by chunk,
+    give the whole-sequence result."""
     from worldstream.testing import random_dit_state
     cfg = get_config(variant)
     m = WanDiT(cfg)
@@ -472,6 +473,6 @@ def test_block_chunks_give_the_same_velocity(variant):
     t, ctx = torch.tensor([900.0, 300.0]), torch.randn(2, 7, 32, generator=g)
     with torch.no_grad():
         whole = m(x, t, ctx, **kw)
-        m.set_block_chunk(29)            # 72 tokens: chunks of 29, 29, 14
+        m.set_chunk(29)                  # 72 tokens: chunks of 29, 29, 14
         chunked = m(x, t, ctx, **kw)
     assert torch.allclose(chunked, whole, atol=1e-5, rtol=0)

@@ -65,7 +65,7 @@ def dit_inputs(cfg, per_token: bool = False) -> dict:
 
 
 def make_plan(n, resident, ram) -> Plan:
-    return Plan(n_blocks=n, block_bytes=0, resident=resident, prefetch=1, batched_guidance=True, ffn_chunk=None,
+    return Plan(n_blocks=n, block_bytes=0, resident=resident, prefetch=1, batched_guidance=True, chunk=None,
                 ram_blocks=ram, disk_blocks=[], vram_peak=0, ram_peak=0, weights_in_ram=0, step_seconds=0,
                 resident_step_seconds=0, block_compute_s=0, block_copy_s=0)
 

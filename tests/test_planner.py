@@ -86,6 +86,17 @@ def test_cli_plan_prints_the_plan_and_refuses_bad_budgets(capsys):
     assert main(["plan"]) == 2
     assert main(["plan", "--variant", "wan2.2-i2v-a14b", "--frame_num", "10", "--vram", "8GB"]) == 0
     assert "planning for 9" in capsys.readouterr().err
+    # issue 17: LingBot at 81 frames under 8 GB runs CFG batched in the low-memory block
+    assert main(["plan", "--variant", "lingbot-cam", "--frame_num", "81", "--vram", "8GB", "--ram", "64GB"]) == 0
+    out = capsys.readouterr().out
+    assert "cond+uncond batched in one forward; low-memory blocks in chunks of" in out
+    assert main(["plan", "--variant", "lingbot-cam", "--frame_num", "81", "--vram", "24GB", "--ram", "64GB",
+                 "--quant", "fp8", "--attention", "8bit", "--step_cache"]) == 0
+    out = capsys.readouterr().out
+    assert "fp8 matmuls in 38 blocks" in out and "8-bit self-attention" in out and "step cache 1.34 GB" in out
+    assert main(["plan", "--variant", "lingbot-cam", "--frame_num", "9", "--vram", "24GB", "--ram", "64GB",
+                 "--attention", "8bit"]) == 0
+    assert "slower than SDPA at this length" in capsys.readouterr().out
 
 
 def _plan_cli(capsys, *args):
@@ -97,8 +108,9 @@ def _plan_cli(capsys, *args):
 
 def test_seed_002_machine_480p_and_720p_at_8gb(capsys):
     """Seed 002 (LightX2V's 8 GB VRAM + 16 GB RAM guide): Wan2.1 I2V 14B, its 4-step student, 81 frames. 480p
-    with fp8 blocks fits 8 GB and 16 GB of RAM (a few blocks on disk); 720p fits 8 GB with every block in fp8
-    (LightX2V's files, `convert --no_skip_first_last`) by running the blocks in token chunks."""
+    with fp8 blocks fits 8 GB and 16 GB of RAM (a few blocks on disk); 720p fits 8 GB by running the low-memory
+    block, with every block in fp8 (LightX2V's files, `convert --no_skip_first_last`) or with whole bf16 first /
+    last blocks; at 6 GB those two whole blocks no longer fit and the error says how to do without them."""
     code, out, err = _plan_cli(capsys, "--size", "832*480", "--vram", "8GB", "--ram", "16GB", "--quant", "fp8",
                                "--student")
     assert code == 0, err
@@ -109,14 +121,18 @@ def test_seed_002_machine_480p_and_720p_at_8gb(capsys):
     code, out, err = _plan_cli(capsys, "--size", "1280*720", "--vram", "8GB", "--ram", "16GB", "--quant", "fp8",
                                "--no_skip_first_last", "--student")
     assert code == 0, err
-    assert "blocks in chunks of 8192 tokens" in out and float(re.search(r"peak VRAM ([\d.]+) GB", out)[1]) <= 7.68
-    code, out, err = _plan_cli(capsys, "--size", "1280*720", "--vram", "8GB", "--quant", "fp8", "--student")
+    assert "low-memory blocks in chunks of" in out and float(re.search(r"peak VRAM ([\d.]+) GB", out)[1]) <= 7.68
+    code, out, err = _plan_cli(capsys, "--size", "1280*720", "--vram", "8GB", "--ram", "16GB", "--quant", "fp8",
+                               "--student")      # the whole bf16 first / last blocks fit beside the chunked blocks
+    assert code == 0, err
+    assert float(re.search(r"peak VRAM ([\d.]+) GB", out)[1]) <= 7.68
+    code, out, err = _plan_cli(capsys, "--size", "1280*720", "--vram", "6GB", "--quant", "fp8", "--student")
     assert code == 2 and "must stay resident" in err and "--no_skip_first_last" in err
 
 
-def test_block_chunks_are_chosen_only_when_needed():
+def test_low_memory_blocks_are_chosen_only_when_needed():
     cfg = get_config("wan2.1-i2v-14b")
     roomy = plan(cfg, Workload(81, 480, 832, guidance=False), 80e9)
-    assert roomy.block_chunk is None
+    assert roomy.chunk is None
     tight = plan(cfg, Workload(81, 720, 1280, guidance=False), 8e9, bytes_per_param=1.0)
-    assert tight.block_chunk == 8192 and tight.vram_peak <= 8e9
+    assert tight.chunk is not None and tight.vram_peak <= 8e9

@@ -176,7 +176,7 @@ def test_streamed_and_compressed_students_run_the_same_loop(students):
     from worldstream.runtime.runner import DiTRunner, Forward, Schedule
     root = students["lingbot-fast-v2-tiny"]
     ckpt = find_checkpoint(root)
-    plan = Plan(n_blocks=2, block_bytes=0, resident=[0], prefetch=1, batched_guidance=True, ffn_chunk=None,
+    plan = Plan(n_blocks=2, block_bytes=0, resident=[0], prefetch=1, batched_guidance=True, chunk=None,
                 ram_blocks=[1], disk_blocks=[], vram_peak=0, ram_peak=0, weights_in_ram=0, step_seconds=0,
                 resident_step_seconds=0, block_compute_s=0, block_copy_s=0)
 

@@ -15,7 +15,7 @@ from worldstream.testing import write_dit_dir
 
 def make_plan(n, resident, ram, disk, prefetch=1):
     return Plan(n_blocks=n, block_bytes=0, resident=resident, prefetch=prefetch, batched_guidance=True,
-                ffn_chunk=None, ram_blocks=ram, disk_blocks=disk, vram_peak=0, ram_peak=0, weights_in_ram=0,
+                chunk=None, ram_blocks=ram, disk_blocks=disk, vram_peak=0, ram_peak=0, weights_in_ram=0,
                 step_seconds=0, resident_step_seconds=0, block_compute_s=0, block_copy_s=0)
 
 

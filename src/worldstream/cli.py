@@ -275,6 +275,17 @@ def _remove_stale_cache_partials(cache) -> None:
         remove_stale_partials(folder, lambda m: print(f"note: {m}"))
 
 
+def _check_step_cache(threshold: float | None) -> None:
+    import math
+
+    from .pipelines.conditioning import GenerationError
+    from .pipelines.step_cache import MAX_THRESHOLD
+
+    if threshold is not None and not (math.isfinite(threshold) and 0 <= threshold <= MAX_THRESHOLD):
+        raise GenerationError(f"--step_cache {threshold:g}: a threshold from 0 to {MAX_THRESHOLD:g} (0 never skips; "
+                              "README: 'Step caching')")
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     return _run_parallel_command(args, _generate)
 
@@ -301,6 +312,7 @@ def _generate(args: argparse.Namespace, parallel) -> int:
             raise GenerationError("--prompt is required")
         if args.vae_tile is not None and not 2 <= args.vae_tile <= MAX_VAE_TILE:
             raise GenerationError(f"--vae_tile must be from 2 to {MAX_VAE_TILE} latent pixels, got {args.vae_tile}")
+        _check_step_cache(args.step_cache)
         device = _device(args.device) if parallel is None else parallel.device
         vram, ram = _budget("--vram", args.vram), _budget("--ram", args.ram)
         if device.type == "cpu" and (vram or ram):
@@ -333,7 +345,8 @@ def _generate(args: argparse.Namespace, parallel) -> int:
     _finish(lambda: run(job, device=device, dtype=dtype, t5_cpu=args.t5_cpu, vae_cpu=args.vae_cpu,
                         clip_cpu=args.clip_cpu,
                         vae_tile=args.vae_tile, vram=vram, ram=ram, quant=args.quant, attention=args.attention,
-                        fuse=_fuse_from_env(), prompt_cache=cache, parallel=parallel), job, path)
+                        fuse=_fuse_from_env(), prompt_cache=cache, parallel=parallel, step_cache=args.step_cache),
+            job, path)
     return 0
 
 
@@ -459,7 +472,12 @@ def _add_generate_parser(sub, common) -> None:
            "fp8 uses fp8 matmuls on Ada/Hopper GPUs). A checkpoint from `worldstream convert` needs no flag")
     a("--attention", choices=["sdpa", "8bit"], default="sdpa",
       help="self-attention kernel: sdpa (default, exact bf16) or 8bit (int8 Q.K, fp8 P.V Triton kernels on "
-           "Ada/Hopper: ~20%% faster attention at 81 frames, ~0.3-3%% error per attention; see README)")
+           "Ada/Hopper: ~20%% faster attention at 81 frames, ~0.3-3%% error per attention; used where the plan "
+           "predicts it faster: not at 9 frames; see README)")
+    a("--step_cache", type=float, default=None, metavar="THRESHOLD",
+      help="step caching: skip the DiT's blocks at steps where their output is predicted to change little and "
+           "reuse the last residual (no forward, no weight transfer). 0 never skips; larger skips more, at a "
+           "quality cost (README: 'Step caching'). Default: off")
     a("--t5_cpu", action="store_true", help="run the text encoder on the CPU: saves ~11 GB of VRAM, costs "
                                             "seconds to a minute of encoding (skipped for cached prompts)")
     a("--clip_cpu", action="store_true", help="Wan2.1 I2V: run the CLIP image encoder on the CPU (float32) instead "
@@ -817,8 +835,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
         vram_note = f"{fmt_bytes(vram)} (free on cuda:0, generate's default)"
     ram_note = fmt_bytes(ram) if ram else f"{fmt_bytes(default_ram())} ({RAM_SHARE:.0%} of this machine's, generate's default)"
     ram = ram if ram is not None else default_ram()
-    p = plan_run(cfg, Workload(frames=frames, height=h, width=w, guidance=guided, experts=experts),
-                 vram, ram, torch.bfloat16, policy, hw, gpus=args.gpus)
+    p = plan_run(cfg, Workload(frames=frames, height=h, width=w, guidance=guided, experts=experts,
+                               step_cache=args.step_cache),
+                 vram, ram, torch.bfloat16, policy, hw, attention=args.attention, gpus=args.gpus)
     weights = policy.fmt + (" (first/last blocks bf16)" if policy.skip_first_last else "") if policy else "bf16"
     gpus = f"{args.gpus} GPUs (Ulysses), " if args.gpus > 1 else ""
     print(f"{cfg.name}: {frames} frames at {w}x{h}, {'CFG' if guided else 'no CFG'}, "
@@ -882,6 +901,11 @@ def _add_plan_parser(sub, common) -> None:
                                                           "its steps); a student checkpoint is planned so anyway")
     q.add_argument("--dit", action="append", metavar="PATH", help="with --ckpt_dir: the DiT file / folder generate "
                                                                   "would use instead (generate --dit)")
+    q.add_argument("--attention", choices=["sdpa", "8bit"], default="sdpa",
+                   help="plan for 8-bit self-attention (generate --attention 8bit): taken where it is faster")
+    q.add_argument("--step_cache", action="store_true",
+                   help="budget the step cache's residuals (generate --step_cache); the prediction is per "
+                        "computed step")
     q.add_argument("--pcie", type=float, default=53.0, help="pinned host-to-device GB/s (default 53, H100 Gen5)")
     q.add_argument("--disk", type=float, default=1.5, help="disk read GB/s for the disk tier (default 1.5)")
     q.add_argument("--gpus", type=int, default=1, help="GPUs of this machine sharing each forward (--ulysses N): "

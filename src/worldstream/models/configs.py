@@ -170,13 +170,30 @@ class DiTConfig:
     def block_flops(self, tokens: int, batch: int, keys: int | None = None) -> tuple[float, float]:
         """(matmul FLOPs, attention FLOPs) of one block forward over `tokens` tokens for `batch` samples, whose
         self-attention sees `keys` tokens (default: the same tokens; a causal chunk: the KV cache's window)."""
-        d, f, L = self.dim, self.ffn_dim, tokens
+        w = self.block_work(tokens, batch, keys)
+        return w.linear_flops + w.camera_flops, w.self_attn_flops + w.cross_attn_flops
+
+    def block_work(self, tokens: int, batch: int, keys: int | None = None) -> "BlockWork":
+        """The work of one block forward, split the way the planner prices it (runtime/planner.py)."""
+        d, f, L, B = self.dim, self.ffn_dim, tokens, batch
         keys = L if keys is None else keys
-        mm = 2 * batch * L * (6 * d * d + 2 * d * f) + 2 * batch * self.text_len * 2 * d * d
-        if self.has_camera:
-            mm += 2 * 1 * L * 4 * d * d          # camera layers run once for the whole CFG batch
-        attn = 4 * batch * L * keys * d + 4 * batch * L * self.text_len * d
-        return mm, attn
+        text = self.text_len + (self.image_tokens if self.has_image_branch else 0)
+        return BlockWork(
+            # self-attention q, k, v, o and cross-attention q, o over the video tokens, cross k, v over the text
+            # (the image branch's k_img, v_img over its tokens), the FFN
+            linear_flops=2 * B * L * (6 * d * d + 2 * d * f) + 2 * B * text * 2 * d * d,
+            camera_flops=2 * 1 * L * 4 * d * d if self.has_camera else 0,   # once for the whole CFG batch
+            self_attn_flops=4 * B * L * keys * d,
+            cross_attn_flops=4 * B * L * text * d,
+            elementwise_bytes=self.block_elementwise_bytes(tokens, batch),
+            # inputs of the compressible linears, quantized per token for fp8 matmuls: self-attention's q/k/v
+            # (once) and o, cross-attention's q and o, the FFN's two (the second fused with the GELU)
+            act_quant_elems=B * L * (5 * d + f),
+            qkv_elems=B * (L + 2 * keys) * d,
+            # the low-memory block's extra traffic: the queries' second modulate (6 bytes per element) and each
+            # chunk's K and V copied into place (8)
+            chunk_bytes=14 * B * L * d,
+        )
 
     def kv_cache_bytes(self, frames: int, height: int, width: int, bytes_per_value: int = 2) -> int:
         """A causal model's self-attention cache for `frames` latent frames: K and V of every layer."""
@@ -184,31 +201,54 @@ class DiTConfig:
             * bytes_per_value
 
     def block_elementwise_bytes(self, tokens: int, batch: int) -> float:
-        """Memory traffic of the block's float32 elementwise work (~12 passes over [B, L, dim])."""
-        return 12 * batch * tokens * self.dim * 4
+        """Memory traffic of the block's float32 elementwise work: ~12 passes over [B, L, dim] (compiled norms,
+        modulation, RoPE, gated residuals), and for a camera model its eager update of the residual stream
+        ((1 + scale) * x + shift: ~20 bytes per element and sample, ~10 more for the batch-1 camera features)."""
+        n = tokens * self.dim
+        return 12 * batch * n * 4 + ((20 * batch + 10) * n if self.has_camera else 0)
 
-    def activation_bytes(self, tokens: int, batch: int, ffn_chunk: int | None = None,
-                         block_chunk: int | None = None) -> float:
-        """Peak activation memory of a forward (residual stream + the largest block intermediate).
+    def activation_bytes(self, tokens: int, batch: int, chunk: int | None = None, attention: str = "sdpa",
+                         fp8: bool = False, keep_tokens: bool = False) -> float:
+        """Peak activation memory of a forward of `batch` samples over `tokens` tokens, with compiled elementwise
+        kernels (what runs on a GPU), x1.1 for the allocator (the margin measured on an H100, BENCHMARKS.md).
 
-        Per token and sample: the float32 residual (4*dim bytes) lives throughout; inside a block the peak is
-        the FFN (bf16 modulated input and two bf16 hidden tensors: 2*dim + 4*ffn bytes, over `ffn_chunk`
-        tokens when the FFN is chunked) or self-attention (modulated input, q, k, v, rotated q, k, output:
-        about 18*dim bytes); the camera features (2*dim, batch 1) live throughout. Calibrated against H100
-        peaks (x1.1, BENCHMARKS.md). With `block_chunk` (WanDiT.set_block_chunk) the whole block runs over that
-        many tokens at a time: per token only the float32 residual and the bf16 keys and values live (8*dim
-        bytes), plus one chunk's whole-block peak (not measured on a GPU yet)."""
-        if block_chunk is not None and tokens > block_chunk:
-            c = block_chunk
-            chunk_peak = max(c * (2 * self.dim + 4 * self.ffn_dim), c * 22 * self.dim)
-            cam = 2 * self.dim * tokens if self.has_camera else 0
-            text = batch * self.text_len * self.dim * 2 * 4
-            return 1.1 * (batch * (tokens * 8 * self.dim + chunk_peak) + cam + text)
-        ffn_tokens = tokens if ffn_chunk is None else min(tokens, ffn_chunk)
-        peak = max(ffn_tokens * (2 * self.dim + 4 * self.ffn_dim), tokens * 18 * self.dim)
-        cam = 2 * self.dim * tokens if self.has_camera else 0
-        text = batch * self.text_len * self.dim * 2 * 4
-        return 1.1 * (batch * (tokens * 4 * self.dim + peak) + cam + text)
+        It is the live set at the forward's largest moment, per sample in units of tokens*dim bytes (f = ffn /
+        dim), checked against a trace of the real code at full size (tests/test_chunked_block.py):
+          plain block (`chunk` None): the FFN, where the block's input and output residual streams (float32,
+            4 + 4), the modulated input (2) and the hidden tensor before and after the GELU (2f + 2f; fp8:
+            2f + f) are alive; or self-attention's output projection, with the input stream (4), the modulated
+            input (2; fp8: +1 quantized), q, k, v (6; 8-bit attention: +3 quantized), the attention output (2)
+            and its projection (2);
+          low-memory block (`chunk` tokens, models/dit.py): the float32 stream (4) and every token's K and V
+            (4; 8-bit attention: +2 quantized copies while they are made), plus one chunk's temporaries.
+        Besides: the camera features (bf16, batch 1: 2 per token), the embedded text and each block's cross
+        K / V, the RoPE tables, and `keep_tokens` (step caching keeps the bf16 tokens through the stack: 2).
+        Before the blocks the time projection's weight is read as float32 (24 * dim^2 bytes) beside the
+        tokens."""
+        d, L, B = self.dim, tokens, batch
+        f = self.ffn_dim / d
+        unit = L * d
+        a8 = attention == "8bit"
+        if chunk is None:
+            ffn = 4 + 4 + 2 + 2 * f + (f if fp8 else 2 * f)
+            attn = 4 + 2 + (1 if fp8 else 0) + 6 + (3 if a8 else 0) + 2 + 2
+            block = B * max(ffn, attn) * unit
+        else:   # K and V with one chunk's temporaries, or later one FFN chunk's (K and V are gone by then)
+            c = min(chunk, L)
+            block = max(B * (4 + 4 + (2 if a8 else 0)) * unit + 10 * c * d,
+                        B * 4 * unit + c * (4 * d + (3 if fp8 else 4) * self.ffn_dim))
+        cam = 2 * unit if self.has_camera else 0
+        text = B * self.text_len * d * 2 * 3
+        rope = L * self.head_dim * 4          # the cos / sin tables, float32
+        kept = 2 * B * unit if keep_tokens else 0
+        blocks = block + cam + text + rope + kept
+        before = 24 * d * d + 2 * B * unit + cam + text + rope
+        return 1.1 * max(blocks, before)
+
+    def step_cache_bytes(self, tokens: int, batch: int) -> float:
+        """The step cache's residual (models/dit.py StackCache): float32 [batch, tokens, dim], kept between
+        steps (two forwards of one sample keep one each: the same bytes as one of two)."""
+        return 4 * batch * tokens * self.dim
 
     # ---- variants ---------------------------------------------------------------------------------------------
     def tiny(self) -> "DiTConfig":
@@ -234,6 +274,22 @@ class DiTConfig:
     def any_size(self) -> bool:
         """Runs at any multiple of `pixel_multiple` (toy and trained-small models), not only upstream's sizes."""
         return self.is_tiny or self.trained_size is not None
+
+
+@dataclass(frozen=True)
+class BlockWork:
+    """One block forward's work, as the planner prices it: FLOPs of the compressible linears (fp8 matmuls can
+    run them), of the camera layers (always bf16), of self- and cross-attention; bytes of float32 elementwise
+    traffic; activation elements quantized per token for fp8 matmuls; q, k, v elements an 8-bit attention
+    quantizes; the extra traffic of the low-memory block."""
+    linear_flops: float
+    camera_flops: float
+    self_attn_flops: float
+    cross_attn_flops: float
+    elementwise_bytes: float
+    act_quant_elems: float
+    qkv_elems: float
+    chunk_bytes: float
 
 
 @functools.lru_cache(maxsize=64)

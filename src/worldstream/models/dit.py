@@ -18,8 +18,19 @@ every explicit cast (`emulate_precision_casts`). Whether they are compiled is a 
 (`WanDiT.set_fuse`), not a process-wide switch.
 
 Per-model state set from outside: `set_attention` (the attention kernel of the self- and cross-attention
-modules, models/attention.py), `set_fuse`, `set_ffn_chunk` (tokens per FFN chunk, for memory). Nothing that
-changes from call to call is kept on the modules (the RoPE table is a cache of constants).
+modules, models/attention.py), `set_fuse`, `set_chunk` (the low-memory block, below). Nothing that changes from
+call to call is kept on the modules (the RoPE table is a cache of constants): the step cache's residual
+(`StackCache`) is passed to `WanDiT.forward` as data.
+
+Low-memory block (`set_chunk(tokens)`, chosen by the planner when a budget needs it): the block runs over the
+sequence `tokens` rows at a time, sample by sample. Self-attention first computes every token's keys and values
+chunk by chunk (the modulated input only ever exists for one chunk), then attends query chunk by query chunk,
+projecting each chunk's output and adding it into the float32 residual stream in place; camera, cross-attention
+and FFN do the same. What stays alive across a block is the residual stream, K and V (or the 8-bit kernel's
+quantized copies) and the camera features, instead of the whole-sequence modulated input, Q, K, V, rotated
+copies, attention output and two residual streams of the plain block. Same per-token math: on the CPU the
+chunked block equals the plain block bit for bit (tests/test_chunked_block.py); on CUDA the matmul kernels
+cuBLAS picks for fewer rows and the in-place gated residual may round differently in the last bits.
 """
 from __future__ import annotations
 
@@ -29,7 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import attention, get_backend
+from .attention import attention, get_backend, prepare_attention, writes_cache
 from .configs import DiTConfig
 
 
@@ -62,11 +73,33 @@ def fused(fn):
     return call
 
 
-@fused
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, dtype: torch.dtype):
-    """LayerNorm (no affine, float32, cast back to x's dtype) * (1 + scale) + shift, cast to `dtype`."""
-    n = F.layer_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype).float()
+def _modulate(x, shift, scale, eps: float, dtype: torch.dtype, norm_dtype: torch.dtype):
+    n = F.layer_norm(x.float(), (x.shape[-1],), eps=eps).to(norm_dtype).float()
     return (n * (1 + scale) + shift).to(dtype)
+
+
+@fused
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, dtype: torch.dtype,
+             norm_dtype: torch.dtype):
+    """LayerNorm (no affine, float32, rounded to `norm_dtype`: the dtype the residual stream had, as upstream's
+    `.type_as(x)`) * (1 + scale) + shift, cast to `dtype`."""
+    return _modulate(x, shift, scale, eps, dtype, norm_dtype)
+
+
+def _rows(m: torch.Tensor, b: int, start: int, n: int) -> torch.Tensor:
+    """Sample b, rows start..start+n of a per-sample ([B or 1, 1, ...]) or per-token ([B or 1, L, ...]) tensor."""
+    m = m[b:b + 1] if m.shape[0] > 1 else m
+    return m if m.shape[1] == 1 else m[:, start:start + n]
+
+
+@fused
+def modulate_rows(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, b: int, start: int, n: int, eps: float,
+                  dtype: torch.dtype, norm_dtype: torch.dtype):
+    """`modulate` of sample b, tokens start..start+n of the residual stream x (the low-memory block). The whole
+    stream goes in and the slicing happens inside, so the compiled kernel sees the same tensor every call (a view
+    at another storage offset could cost a recompile) and reads the rows in place (no copy)."""
+    return _modulate(_rows(x, b, start, n), _rows(shift, b, start, n), _rows(scale, b, start, n), eps, dtype,
+                     norm_dtype)
 
 
 @fused
@@ -81,11 +114,23 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
 
 
+def _rope(x, cos, sin, dtype: torch.dtype):
+    even, odd = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    return torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1).flatten(-2).to(dtype)
+
+
 @fused
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Rotate consecutive pairs of x [B, L, H, D] by angles with cos/sin [L, 1, D/2], in float32; cast to dtype."""
-    even, odd = x.float().unflatten(-1, (-1, 2)).unbind(-1)
-    return torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1).flatten(-2).to(dtype)
+    return _rope(x, cos, sin, dtype)
+
+
+@fused
+def rope_rows(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int, dtype: torch.dtype) -> torch.Tensor:
+    """`rope` of x [B, n, H, D] holding tokens start..start+n: the angles' rows are taken inside (see
+    `modulate_rows`)."""
+    n = x.shape[1]
+    return _rope(x, cos[start:start + n], sin[start:start + n], dtype)
 
 
 class Linear32(nn.Linear):
@@ -195,13 +240,29 @@ class SelfAttention(nn.Module):
         """`kv` (causal model: a models.kv_cache.LayerKV): the chunk's keys / values, after RoPE, go into the
         cache; the queries attend to every frame the cache holds (the attention seam writes it:
         models/attention.py)."""
-        heads = (self.num_heads, -1)
         x = shared_input(x.to(compute_dtype(self.q)), (self.q, self.k, self.v))  # one cast (or quantization)
-        q = self.norm_q(linear(self.q, x)).unflatten(-1, heads)
-        k = self.norm_k(linear(self.k, x)).unflatten(-1, heads)
-        v = linear(self.v, x).unflatten(-1, heads)
-        q, k = rope(q, *rot, v.dtype, fuse=self.fuse), rope(k, *rot, v.dtype, fuse=self.fuse)
-        return linear(self.o, attention(q, k, v, self.backend, kv).flatten(2))
+        q = self.queries(x, rot)
+        k, v = self.keys_values(x, rot)
+        return self.out(attention(q, k, v, self.backend, kv))
+
+    # the pieces, also run chunk by chunk by the low-memory block (`x`: the modulated input, or what
+    # `shared_input` made of it; `start`: x holds tokens start.. of the rotation table `rot`)
+    def queries(self, x, rot, start: int | None = None) -> torch.Tensor:
+        q = self.norm_q(linear(self.q, x)).unflatten(-1, (self.num_heads, -1))
+        return self._rope(q, rot, start, compute_dtype(self.v))
+
+    def keys_values(self, x, rot, start: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        k = self.norm_k(linear(self.k, x)).unflatten(-1, (self.num_heads, -1))
+        v = linear(self.v, x).unflatten(-1, (self.num_heads, -1))
+        return self._rope(k, rot, start, v.dtype), v
+
+    def _rope(self, x, rot, start, dtype):
+        if start is None:
+            return rope(x, *rot, dtype, fuse=self.fuse)
+        return rope_rows(x, *rot, start, dtype, fuse=self.fuse)
+
+    def out(self, attended: torch.Tensor) -> torch.Tensor:
+        return linear(self.o, attended.flatten(2))
 
 
 class CrossAttention(nn.Module):
@@ -222,9 +283,11 @@ class CrossAttention(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor, context_img: torch.Tensor | None,
                 kv=None) -> torch.Tensor:
         """`kv` (a models.kv_cache.LayerCrossKV): the context's keys / values, computed once and reused."""
+        return self.attend(x, self.context_kv(context, context_img, kv))
+
+    def context_kv(self, context: torch.Tensor, context_img: torch.Tensor | None, kv=None) -> tuple:
+        """Keys and values of the text context (from `kv` when it holds them) and of the image tokens."""
         heads = (self.num_heads, -1)
-        x = x.to(compute_dtype(self.q))
-        q = self.norm_q(linear(self.q, x)).unflatten(-1, heads)
         cached = kv.get() if kv is not None else None
         if cached is None:
             context = context.to(compute_dtype(self.k))
@@ -232,12 +295,23 @@ class CrossAttention(nn.Module):
                       linear(self.v, context).unflatten(-1, heads))
             if kv is not None:
                 kv.put(cached)
-        k, v = cached
-        out = attention(q, k, v, self.backend)
+        img = None
         if context_img is not None:
-            k_img = self.norm_k_img(linear(self.k_img, context_img)).unflatten(-1, heads)
-            v_img = linear(self.v_img, context_img).unflatten(-1, heads)
-            out = out + attention(q, k_img, v_img, self.backend)
+            img = (self.norm_k_img(linear(self.k_img, context_img)).unflatten(-1, heads),
+                   linear(self.v_img, context_img).unflatten(-1, heads))
+        return cached, img
+
+    def attend(self, x: torch.Tensor, kvs: tuple, batch: slice = slice(None)) -> torch.Tensor:
+        """The attention of video tokens x to `context_kv`'s keys / values (of the samples `batch`)."""
+        (k, v), img = kvs
+
+        def pick(t):   # a batch-1 context serves every sample
+            return t if t.shape[0] == 1 else t[batch]
+        x = x.to(compute_dtype(self.q))
+        q = self.norm_q(linear(self.q, x)).unflatten(-1, (self.num_heads, -1))
+        out = attention(q, pick(k), pick(v), self.backend)
+        if img is not None:
+            out = out + attention(q, pick(img[0]), pick(img[1]), self.backend)
         return linear(self.o, out.flatten(2))
 
 
@@ -265,106 +339,120 @@ class Block(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(dim, cfg.ffn_dim), nn.GELU(approximate="tanh"),
                                  nn.Linear(cfg.ffn_dim, dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
-        self.ffn_chunk: int | None = None   # tokens per FFN chunk (memory), set by WanDiT.set_ffn_chunk
-        self.block_chunk: int | None = None  # tokens per chunk of the whole block (memory), WanDiT.set_block_chunk
+        self.chunk: int | None = None       # tokens per chunk of the low-memory block, set by WanDiT.set_chunk
         self.fuse = True                    # compiled elementwise kernels on CUDA, set by WanDiT.set_fuse
         self.has_camera = cfg.has_camera
         if cfg.has_camera:  # upstream keeps these four directly on the block
             for name, layer in CameraInjector(dim).named_children():
                 self.add_module(name, layer)
 
-    def forward(self, x, e0, rot, context, context_img=None, cam=None, kv=None, cross_kv=None):
+    def forward(self, x, e0, rot, context, context_img=None, cam=None, kv=None, cross_kv=None, norm_dtype=None):
         """x [B, L, dim]; e0 [B, 1 or L, 6, dim] float32; cam [B or 1, L, dim] or None; kv / cross_kv: this
-        layer's views of the causal model's caches (models/kv_cache.py), or None."""
-        shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.float() + e0).unbind(2)
-        if self.block_chunk is not None and kv is None and x.shape[1] > self.block_chunk:
-            return self._forward_chunked(x, (shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff), rot,
-                                         context, context_img, cam, self.block_chunk)
+        layer's views of the causal model's caches (models/kv_cache.py), or None. `norm_dtype`: the dtype the
+        first norm rounds to (default x's; the low-memory forward hands block 0 a float32 copy of bf16 tokens).
+
+        With `chunk` set (and autograd off) the low-memory path runs: a float32 `x` is updated IN PLACE and
+        returned (another dtype is first copied to float32, leaving the caller's tensor alone)."""
+        mods = (self.modulation.float() + e0).unbind(2)
+        if self.chunk is not None and not torch.is_grad_enabled():
+            return self._forward_chunked(x, mods, rot, context, context_img, cam, kv, cross_kv, norm_dtype)
+        shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = mods
 
         fuse = self.fuse
         y = self.self_attn(modulate(x, shift_sa, scale_sa, self.norm1.eps, compute_dtype(self.self_attn.q),
-                                    fuse=fuse), rot, kv)
+                                    norm_dtype or x.dtype, fuse=fuse), rot, kv)
         x = gate_residual(x, y, gate_sa, fuse=fuse)
+        del y   # (what the block no longer needs goes now, not when it returns)
 
         if cam is not None:
             h = linear(self.cam_injector_layer2, F.silu(linear(self.cam_injector_layer1, cam))) + cam
             x = (1.0 + linear(self.cam_scale_layer, h)) * x + linear(self.cam_shift_layer, h)
+            del h
 
         x = x + self.cross_attn(self.norm3(x), context, context_img, cross_kv)
-
-        if self.ffn_chunk is None or x.shape[1] <= self.ffn_chunk:
-            return gate_residual(x, self._ffn(x, shift_ff, scale_ff), gate_ff, fuse=fuse)
-        # Token-chunked FFN: the same per-token math with a hidden tensor of ffn_chunk rows, not L.
-        for s in range(0, x.shape[1], self.ffn_chunk):
-            rows = slice(s, s + self.ffn_chunk)
-            part = [m if m.shape[1] == 1 else m[:, rows] for m in (shift_ff, scale_ff, gate_ff)]
-            x[:, rows] = gate_residual(x[:, rows], self._ffn(x[:, rows], part[0], part[1]), part[2], fuse=fuse)
-        return x
-
-    def _forward_chunked(self, x, mods, rot, context, context_img, cam, n: int):
-        """The same per-token math over `n` tokens at a time (long clips on small GPUs): keys and values of
-        every token first (self-attention needs them all), then for each chunk of queries the attention, the
-        camera injection, cross-attention and FFN. Live memory per token: the float32 residual and the bf16
-        keys and values (~8 bytes x dim), instead of the ~22 x dim of the whole-sequence block; everything else
-        is per chunk. The residual stream is updated in place (the block owns it: `x = block(x)`)."""
-        shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = mods
-        sa, fuse = self.self_attn, self.fuse
-        heads = (sa.num_heads, -1)
-        cos, sin = rot
-        if x.dtype != torch.float32 or not x.is_contiguous():
-            x = x.float().contiguous()
-        b, length = x.shape[:2]
-
-        def rows(m, r):
-            return m if m.shape[1] == 1 else m[:, r]
-        spans = [slice(s, min(s + n, length)) for s in range(0, length, n)]
-        cdt = compute_dtype(sa.q)
-        k = v = None
-        for r in spans:
-            h = modulate(x[:, r], rows(shift_sa, r), rows(scale_sa, r), self.norm1.eps, cdt, fuse=fuse)
-            h = shared_input(h, (sa.k, sa.v))
-            vv = linear(sa.v, h).unflatten(-1, heads)
-            kk = rope(sa.norm_k(linear(sa.k, h)).unflatten(-1, heads), cos[r], sin[r], vv.dtype, fuse=fuse)
-            if k is None:
-                k = torch.empty((b, length, *kk.shape[2:]), dtype=kk.dtype, device=x.device)
-                v = torch.empty((b, length, *vv.shape[2:]), dtype=vv.dtype, device=x.device)
-            k[:, r], v[:, r] = kk, vv
-            del h, kk, vv
-        cross = _Once()
-        for r in spans:
-            h = modulate(x[:, r], rows(shift_sa, r), rows(scale_sa, r), self.norm1.eps, cdt, fuse=fuse)
-            q = rope(sa.norm_q(linear(sa.q, shared_input(h, (sa.q,)))).unflatten(-1, heads), cos[r], sin[r],
-                     v.dtype, fuse=fuse)
-            y = linear(sa.o, attention(q, k, v, sa.backend).flatten(2))
-            del h, q
-            xr = gate_residual(x[:, r], y, rows(gate_sa, r), fuse=fuse)
-            if cam is not None:
-                c = cam[:, r]
-                hc = linear(self.cam_injector_layer2, F.silu(linear(self.cam_injector_layer1, c))) + c
-                xr = (1.0 + linear(self.cam_scale_layer, hc)) * xr + linear(self.cam_shift_layer, hc)
-            xr = xr + self.cross_attn(self.norm3(xr), context, context_img, cross)
-            x[:, r] = gate_residual(xr, self._ffn(xr, rows(shift_ff, r), rows(scale_ff, r)), rows(gate_ff, r),
-                                    fuse=fuse)
-        return x
+        return gate_residual(x, self._ffn(x, shift_ff, scale_ff), gate_ff, fuse=fuse)
 
     def _ffn(self, x, shift, scale):
-        h = modulate(x, shift, scale, self.norm2.eps, compute_dtype(self.ffn[0]), fuse=self.fuse)
+        return self._ffn_of(modulate(x, shift, scale, self.norm2.eps, compute_dtype(self.ffn[0]), x.dtype,
+                                     fuse=self.fuse))
+
+    def _ffn_of(self, h):
+        """The FFN of its modulated input."""
         h = linear(self.ffn[0], h)
         return linear(self.ffn[2], shared_input(h.to(compute_dtype(self.ffn[2])), (self.ffn[2],), gelu=True))
 
+    def _forward_chunked(self, x, mods, rot, context, context_img, cam, kv, cross_kv, norm_dtype):
+        """The low-memory block (module docstring): the same math as `forward`, `chunk` tokens of one sample at
+        a time, the float32 residual stream `x` updated in place."""
+        # per-sample modulation as tensors of their own (views at other storage offsets could each compile anew)
+        shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (m.clone() if m.shape[1] == 1 else m
+                                                                    for m in mods)
+        fuse, sa = self.fuse, self.self_attn
+        norm_dtype = norm_dtype or x.dtype
+        if x.dtype != torch.float32:
+            x = x.float()
+        n_batch, length = x.shape[:2]
+        # (sample, start, rows): x[b, rows] is contiguous, and one sample's chunk is a GEMM of `chunk` rows
+        pieces = [(b, s, slice(s, min(s + self.chunk, length)))
+                  for s in range(0, length, self.chunk) for b in range(n_batch)]
 
-class _Once:
-    """Cross-attention keys / values of one block forward, computed for its first chunk and reused (the
-    interface of models.kv_cache.LayerCrossKV)."""
+        def mod_sa(b, s, r):
+            return modulate_rows(x, shift_sa, scale_sa, b, s, r.stop - s, self.norm1.eps, compute_dtype(sa.q),
+                                 norm_dtype, fuse=fuse)
 
-    def __init__(self):
-        self.kv = None
+        # self-attention: every token's keys and values, chunk by chunk
+        keys = values = None
+        for b, s, r in pieces:
+            k, v = sa.keys_values(shared_input(mod_sa(b, s, r), (sa.k, sa.v)), rot, s)
+            if keys is None:
+                keys = k.new_empty((n_batch, length, *k.shape[2:]))
+                values = v.new_empty((n_batch, length, *v.shape[2:]))
+            keys[b:b + 1, r], values[b:b + 1, r] = k, v
+            del k, v
+        if kv is not None:
+            if writes_cache(sa.backend):
+                raise ValueError(f"the low-memory block cannot run attention kernel {sa.backend!r}, which writes "
+                                 "the causal cache itself (sequence parallelism); leave chunk unset")
+            keys, values = kv.update(keys, values)
+        attend = [prepare_attention(keys[b:b + 1], values[b:b + 1], sa.backend) for b in range(n_batch)]
+        del keys, values   # (an 8-bit kernel keeps only its quantized copies)
+        for b, s, r in pieces:
+            q = sa.queries(shared_input(mod_sa(b, s, r), (sa.q,)), rot, s)
+            _gated_residual_(x[b:b + 1, r], sa.out(attend[b](q)), _rows(gate_sa, b, s, r.stop - s), fuse)
+            del q
+        del attend
 
-    def get(self):
-        return self.kv
+        if cam is not None:   # camera features per chunk (batch 1 serves every sample), the update in place
+            for s in range(0, length, self.chunk):
+                r = slice(s, min(s + self.chunk, length))
+                c = cam[:, r]
+                h = linear(self.cam_injector_layer2, F.silu(linear(self.cam_injector_layer1, c))) + c
+                scale, shift = 1.0 + linear(self.cam_scale_layer, h), linear(self.cam_shift_layer, h)
+                for b in range(n_batch):
+                    i = b if cam.shape[0] > 1 else 0
+                    x[b:b + 1, r].mul_(scale[i:i + 1]).add_(shift[i:i + 1])
 
-    def put(self, kv):
-        self.kv = kv
+        kvs = self.cross_attn.context_kv(context, context_img, cross_kv)
+        for b, s, r in pieces:
+            x[b:b + 1, r].add_(self.cross_attn.attend(self.norm3(x[b:b + 1, r]), kvs, slice(b, b + 1)))
+        del kvs
+
+        for b, s, r in pieces:
+            n = r.stop - s
+            h = modulate_rows(x, shift_ff, scale_ff, b, s, n, self.norm2.eps, compute_dtype(self.ffn[0]),
+                              torch.float32, fuse=fuse)
+            _gated_residual_(x[b:b + 1, r], self._ffn_of(h), _rows(gate_ff, b, s, n), fuse)
+        return x
+
+
+def _gated_residual_(xr: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, fuse: bool) -> None:
+    """xr += y * gate in place (xr: rows of the float32 residual stream). On CUDA with compiled kernels one
+    addcmul_ (no temporary); elsewhere `gate_residual`'s eager arithmetic, so that the CPU result equals the
+    plain block's bit for bit."""
+    if fuse and xr.is_cuda:
+        xr.addcmul_(y, gate)
+    else:
+        xr.copy_(gate_residual(xr, y, gate, fuse=False))
 
 
 class Head(nn.Module):
@@ -373,10 +461,21 @@ class Head(nn.Module):
         self.norm = LayerNorm32(cfg.dim, eps=cfg.eps, elementwise_affine=False)
         self.head = Linear32(cfg.dim, math.prod(cfg.patch_size) * cfg.out_dim)
         self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
+        self.chunk: int | None = None       # tokens per chunk (the low-memory forward), set by WanDiT.set_chunk
 
     def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         shift, scale = (self.modulation.float() + e.unsqueeze(2)).unbind(2)
-        return self.head(self.norm(x.float()) * (1 + scale) + shift)
+        if self.chunk is None or torch.is_grad_enabled():
+            return self.head(self.norm(x.float()) * (1 + scale) + shift)
+        # its float32 temporaries would be the forward's largest tensors: sample by sample, chunk by chunk
+        out = x.new_empty((*x.shape[:2], self.head.out_features), dtype=torch.float32)
+        for s in range(0, x.shape[1], self.chunk):
+            r = slice(s, s + self.chunk)
+            for b in range(x.shape[0]):
+                sh, sc = (m[b:b + 1] if m.shape[0] > 1 else m for m in (shift, scale))
+                sh, sc = (m if m.shape[1] == 1 else m[:, r] for m in (sh, sc))
+                out[b:b + 1, r] = self.head(self.norm(x[b:b + 1, r].float()) * (1 + sc) + sh)
+        return out
 
 
 class ImageEmbedding(nn.Module):
@@ -511,16 +610,14 @@ class WanDiT(nn.Module):
             kwargs["cam"] = self.embed_camera(camera.to(wdt), tokens)
         return x, kwargs, (e, grid)
 
-    def set_ffn_chunk(self, tokens: int | None) -> None:
-        """Run each block's FFN over at most `tokens` rows at a time (bounds the [L, ffn_dim] hidden tensor)."""
+    def set_chunk(self, tokens: int | None) -> None:
+        """Run every block as the low-memory block (module docstring) over `tokens` rows of one sample at a time;
+        None: the plain block."""
+        if tokens is not None and tokens < 1:
+            raise ValueError(f"chunk must be at least one token, got {tokens}")
         for block in self.blocks:
-            block.ffn_chunk = tokens
-
-    def set_block_chunk(self, tokens: int | None) -> None:
-        """Run each block over at most `tokens` tokens at a time (keys / values of all tokens kept): the
-        activation peak of a long clip shrinks from ~22 x dim bytes per token to ~8 (runtime/planner.py)."""
-        for block in self.blocks:
-            block.block_chunk = tokens
+            block.chunk = tokens
+        self.head.chunk = tokens
 
     def set_attention(self, self_attention: str = "sdpa", cross_attention: str = "sdpa") -> None:
         """The attention kernels of this model by registered name (models/attention.py). "8bit" pays off for
@@ -543,15 +640,34 @@ class WanDiT(nn.Module):
         return self.unpatchify(self.head(x, e), grid)
 
     def forward(self, x, t, context, y=None, clip=None, camera=None, cache=None, cross=None,
-                start_frame: int | None = None) -> torch.Tensor:
+                start_frame: int | None = None, stack: "StackCache | None" = None) -> torch.Tensor:
         """The velocity of the whole clip; or, for the causal model (`cache` given: models.kv_cache.KVCache),
         of one chunk of latent frames starting at latent frame `start_frame`: the chunk's keys / values are
         written into `cache` and its queries attend to every frame held, and the prompt's cross-attention keys /
-        values come from `cross` (a CrossKV; computed from `context` on the first forward of a prompt)."""
+        values come from `cross` (a CrossKV; computed from `context` on the first forward of a prompt).
+
+        `stack` (step caching, pipelines/step_cache.py): with `stack.reuse` the blocks are skipped and the
+        residual the stack added at the last computed step is added to this step's tokens (the embeddings and
+        the head still run, at this step's timestep); otherwise the blocks run and their residual (output -
+        input, float32) is kept in `stack.residual` for the steps that follow."""
         self.begin_chunk(x, cache, cross, start_frame)
-        x, kwargs, (e, grid) = self.prepare(x, t, context, y=y, clip=clip, camera=camera, start_frame=start_frame,
-                                            cross=cross)
-        x = self.run_blocks(x, kwargs, cache, cross)
+        tokens, kwargs, (e, grid) = self.prepare(x, t, context, y=y, clip=clip, camera=camera,
+                                                 start_frame=start_frame, cross=cross)
+        if stack is not None and stack.reuse:
+            return self.finish(stack.reused(tokens), e, grid)
+        x = tokens
+        if self.blocks[0].chunk is not None and not torch.is_grad_enabled():
+            # the low-memory blocks update one float32 stream in place: make it here, so that the tokens can go
+            # (block 0 rounds its first norm to the tokens' dtype, as the plain block does); a float32 copy when
+            # the step cache still needs the tokens
+            x = tokens.to(torch.float32, copy=stack is not None)
+            kwargs["norm_dtype"] = tokens.dtype
+        if stack is None:
+            del tokens   # (x is then the only reference: the bf16 tokens go once the first block has run)
+        for block, block_kwargs in self.layers(kwargs, cache, cross):
+            x = block(x, **block_kwargs)
+        if stack is not None:
+            stack.keep(x, tokens)
         return self.finish(x, e, grid)
 
     def begin_chunk(self, x: torch.Tensor, cache=None, cross=None, start_frame: int | None = None) -> None:
@@ -561,10 +677,41 @@ class WanDiT(nn.Module):
                 raise ValueError("a forward with a KV cache needs start_frame and cross")
             cache.begin_chunk(start_frame, x.shape[2] // self.cfg.patch_size[0])
 
-    def run_blocks(self, x: torch.Tensor, kwargs: dict, cache=None, cross=None) -> torch.Tensor:
-        """The block stack on the tokens `x` with `prepare`'s block kwargs (and each layer's cache views)."""
+    def layers(self, kwargs: dict, cache=None, cross=None):
+        """Each block with its kwargs, in order: `prepare`'s block kwargs with this layer's cache views; a
+        `norm_dtype` in kwargs goes to the first block only (see `forward`). The caller runs
+        `x = block(x, **kw)` itself, so that no frame but its own holds a block's input."""
         for i, block in enumerate(self.blocks):
             if cache is not None:
                 kwargs.update(kv=cache.layer(i), cross_kv=cross.layer(i))
-            x = block(x, **kwargs)
-        return x
+            yield block, kwargs
+            kwargs.pop("norm_dtype", None)
+
+
+class StackCache:
+    """The block stack's residual for step caching, passed to `WanDiT.forward` per call (data, not model state).
+
+    `reuse`: the next forward skips the blocks and adds `residual` to its tokens. A computed forward stores
+    output - input of the stack (float32, [B, L, dim]) into the same buffer."""
+
+    def __init__(self):
+        self.residual: torch.Tensor | None = None
+        self.reuse = False
+
+    def reused(self, tokens: torch.Tensor) -> torch.Tensor:
+        """What the stack would have made of `tokens` [B, L, dim], by the kept residual."""
+        r = self.residual
+        if r is None or r.shape != tokens.shape:
+            raise ValueError(f"step cache: no residual of shape {list(tokens.shape)} to reuse "
+                             f"(have {None if r is None else list(r.shape)}); compute this step")
+        return tokens + r
+
+    def keep(self, out: torch.Tensor, tokens: torch.Tensor) -> None:
+        if self.residual is not None and self.residual.shape == out.shape and self.residual.device == out.device:
+            torch.sub(out, tokens, out=self.residual)
+        else:
+            self.residual = None   # (the old buffer goes before the new one is made)
+            self.residual = out - tokens
+
+    def clear(self) -> None:
+        self.residual, self.reuse = None, False

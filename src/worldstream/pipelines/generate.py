@@ -41,6 +41,7 @@ from .progress import Progress
 from .prompts import PromptCache, encode_prompts
 from .sampling import sample
 from .schedulers import FlowDistill, FlowEuler, FlowUniPC
+from .step_cache import StepCache
 from .tasks import Job
 from .video import to_uint8_frames
 
@@ -147,7 +148,8 @@ def run(job: Job, *, device=None, dtype: torch.dtype | None = None, t5_cpu: bool
         vae_tile: int | None = None, clip_cpu: bool = False,
         vram: float | None = None, ram: float | None = None, prompt_cache: PromptCache | None = None,
         batched_guidance: bool | None = None, runner_factory: Callable | None = None, progress: bool = True,
-        quant: str | None = None, attention: str = "sdpa", fuse: bool = True, parallel=None) -> Result:
+        quant: str | None = None, attention: str = "sdpa", fuse: bool = True, parallel=None,
+        step_cache: "float | StepCache | None" = None) -> Result:
     """Compute a prepared job. dtype: DiT compute dtype (default bf16 on CUDA, float32 on the CPU).
 
     t5_cpu: run umt5 on the CPU (upstream --t5_cpu). clip_cpu: run Wan2.1 I2V's CLIP image encoder on the CPU
@@ -157,9 +159,12 @@ def run(job: Job, *, device=None, dtype: torch.dtype | None = None, t5_cpu: bool
     batch-2 forward (None: the runner's plan decides). runner_factory: `build_runner`-compatible callable
     (default runtime.runner.build_runner). progress: show the denoising progress bar on stderr. quant: "fp8" |
     "fp8-block" | "int8" compresses the DiT's block linears while loading (a converted checkpoint is already
-    compressed). attention: the DiT's self-attention kernel for this run ("sdpa", "8bit": models/attention.py).
-    fuse: compiled float32 elementwise kernels on CUDA (same math as eager). parallel: this process's
-    runtime.parallel.SequenceParallel (see the module docstring); `device` is then its GPU.
+    compressed). attention: the DiT's self-attention kernel for this run ("sdpa", "8bit": models/attention.py;
+    on a GPU "8bit" runs where the plan finds it faster). fuse: compiled float32 elementwise kernels on CUDA
+    (same math as eager). parallel: this process's runtime.parallel.SequenceParallel (see the module
+    docstring); `device` is then its GPU. step_cache: a threshold: skip the DiT's blocks at steps where the
+    step cache (pipelines/step_cache.py) predicts little change, reusing the last residual (None: off; 0:
+    never skips), or a StepCache with other settings.
 
     Order, so that at most one big model is on the GPU at a time: VAE loaded (parked on the CPU on CUDA runs),
     umt5 loaded / used / freed, CLIP (Wan2.1 I2V) loaded / used / freed, VAE encode, DiT denoising (the runner loads it at its first forward and is
@@ -177,8 +182,9 @@ def run(job: Job, *, device=None, dtype: torch.dtype | None = None, t5_cpu: bool
         timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
 
     # The runner plans placement now (a budget that cannot work fails here) and loads on its first forward.
+    cache = (step_cache if isinstance(step_cache, StepCache) or step_cache is None else StepCache(step_cache))
     workload = Workload(frames=job.frames, height=job.height, width=job.width, guidance=job.guided,
-                        experts=len(job.experts))
+                        experts=len(job.experts), step_cache=cache is not None and cache.threshold > 0)
     extra = {"loras": job.loras} if job.loras else {}
     if parallel is not None:
         extra["parallel"] = parallel
@@ -261,7 +267,10 @@ def run(job: Job, *, device=None, dtype: torch.dtype | None = None, t5_cpu: bool
         with torch.no_grad():
             latents = sample(runner, noise, sampler, job.experts, job.boundary, job.guide_scale, context,
                              context_null, y=y, camera=camera, batched_guidance=batched, progress=bar,
-                             log=steps_log, clip=clip)
+                             log=steps_log, clip=clip, step_cache=cache)
+        cache_report = None
+        if cache is not None:                                          # (its residuals go before the decode)
+            cache_report = {**cache.finish(), "signals": cache.signals, "forced": sorted(cache.forced)}
         dit_load = runner.report.get("load_s", 0.0) - load_before
         phase("denoise", t0)
         timings["denoise"] -= dit_load
@@ -288,6 +297,7 @@ def run(job: Job, *, device=None, dtype: torch.dtype | None = None, t5_cpu: bool
         "runner": runner_report,
         "expert_steps": {e: sum(1 for _, x in steps_log if x == e) for e in job.experts},
         "batched_guidance": batched,
+        "step_cache": cache_report,
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),
     }
@@ -323,6 +333,11 @@ def format_report(result: Result) -> str:
     lines.append("memory: " + "; ".join(mem))
     if r.get("ranks"):
         lines.append(format_ranks(r["ranks"]))
+    sc = r.get("step_cache")
+    if sc is not None:
+        lines.append(f"step cache (threshold {sc['threshold']:g}): skipped {sc['skipped']} of "
+                     f"{sc['skipped'] + sc['computed']} steps"
+                     + (f" ({', '.join(str(i + 1) for i in sc['skipped_steps'])})" if sc["skipped_steps"] else ""))
     return "\n".join(lines)
 
 

@@ -189,19 +189,23 @@ def _kernels():
     return quantize_rows, quantize_v, attend
 
 
-def quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-    """The kernel's operands (CUDA): int8 q, q scales [B, Lq, H], int8 k, k scales [B, H, ceil(Lk/128)],
-    fp8 vᵀ [B, H, D, Lk padded to 128], v scales [B, H, D]. The same roundings as `quantize_reference`
-    (IEEE divisions, round half to even); only the float32 mean of k may differ in its last bits."""
-    quantize_rows, quantize_v, _ = _kernels()
+def quantize_q(q: torch.Tensor):
+    """int8 q [B, Lq, H, D] and its scales [B, Lq, H] (CUDA), as `quantize_reference` rounds them."""
+    quantize_rows = _kernels()[0]
     b, lq, h, d = q.shape
-    lk = k.shape[1]
-    nblk = -(-lk // KEY_BLOCK)
     qq = torch.empty(q.shape, dtype=torch.int8, device=q.device)
     sq = torch.empty(b, lq, h, dtype=torch.float32, device=q.device)
     quantize_rows[(-(-lq // 64), b * h)](q, q, qq, sq, h, lq, q.stride(0), q.stride(1), q.stride(2),
                                           sq.stride(0), sq.stride(2), sq.stride(1), D=d, ROWS=64,
                                           PER_BLOCK=False, HAS_MEAN=False)
+    return qq, sq
+
+
+def quantize_kv(k: torch.Tensor, v: torch.Tensor):
+    """int8 k, k scales [B, H, ceil(Lk/128)], fp8 vᵀ [B, H, D, Lk padded to 128], v scales [B, H, D] (CUDA)."""
+    quantize_rows, quantize_v, _ = _kernels()
+    b, lk, h, d = k.shape
+    nblk = -(-lk // KEY_BLOCK)
     mean = k.mean(1, dtype=torch.float32).contiguous()                   # [B, H, D]
     kq = torch.empty(k.shape, dtype=torch.int8, device=k.device)
     sk = torch.empty(b, h, nblk, dtype=torch.float32, device=k.device)
@@ -213,23 +217,34 @@ def quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     vt = torch.empty(b, h, d, nblk * KEY_BLOCK, dtype=FP8, device=v.device)
     quantize_v[(nblk, b * h)](v, sv, vt, h, lk, v.stride(0), v.stride(1), v.stride(2),
                               vt.stride(0), vt.stride(1), vt.stride(2), D=d, ROWS=KEY_BLOCK)
-    return qq, sq, kq, sk, vt, sv
+    return kq, sk, vt, sv
 
 
-def attention8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q kᵀ / sqrt(D)) v with 8-bit operands (see the module docstring); [B, Lq, H, D] in q's dtype.
+def quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """The kernel's operands (CUDA): int8 q, q scales [B, Lq, H], int8 k, k scales [B, H, ceil(Lk/128)],
+    fp8 vᵀ [B, H, D, Lk padded to 128], v scales [B, H, D]. The same roundings as `quantize_reference`
+    (IEEE divisions, round half to even); only the float32 mean of k may differ in its last bits."""
+    return (*quantize_q(q), *quantize_kv(k, v))
 
-    Runs the Triton kernels where `available()` (bf16 / fp16 inputs, D = 64 or 128), else `reference`."""
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     b, lq, h, d = q.shape
     if k.shape != v.shape or k.shape[0] != b or k.shape[2:] != q.shape[2:]:
         raise ValueError(f"8-bit attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} "
                          "do not match ([B, L, H, D] each, same B, H, D)")
-    if (d not in (64, 128) or not q.is_cuda or q.dtype not in (torch.bfloat16, torch.float16)
-            or not available(q.device.index or 0)):
-        return reference(q, k, v)
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    lk = k.shape[1]
-    qq, sq, kq, sk, vt, sv = quantize(q, k, v)
+
+
+def _use_kernel(t: torch.Tensor) -> bool:
+    return (t.shape[-1] in (64, 128) and t.is_cuda and t.dtype in (torch.bfloat16, torch.float16)
+            and available(t.device.index or 0))
+
+
+def _attend(q: torch.Tensor, kv: tuple, lk: int) -> torch.Tensor:
+    """The attention kernel on quantized K / V (`quantize_kv`'s output) for queries q (bf16 / fp16)."""
+    kq, sk, vt, sv = kv
+    b, lq, h, d = q.shape
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    qq, sq = quantize_q(q)
     out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     attend = _kernels()[2]
     grid = lambda meta: (-(-lq // meta["BLOCK_M"]), b * h)   # noqa: E731
@@ -241,4 +256,32 @@ def attention8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tenso
     return out
 
 
-register_backend("8bit", attention8)
+def attention8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q kᵀ / sqrt(D)) v with 8-bit operands (see the module docstring); [B, Lq, H, D] in q's dtype.
+
+    Runs the Triton kernels where `available()` (bf16 / fp16 inputs, D = 64 or 128), else `reference`."""
+    _check(q, k, v)
+    if not _use_kernel(q):
+        return reference(q, k, v)
+    k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (k, v))
+    return _attend(q, quantize_kv(k, v), k.shape[1])
+
+
+def prepare8(k: torch.Tensor, v: torch.Tensor):
+    """`attend(q)` = `attention8(q, k, v)` with K and V quantized once (models/attention.py
+    `prepare_attention`): the query chunks of the low-memory block share them, and the bf16 K / V can be
+    dropped once this returns (the kernel path keeps only the 8-bit copies, half their bytes)."""
+    if not _use_kernel(k):
+        return lambda q: attention8(q, k, v)
+    k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (k, v))
+    kv, lk, shape = quantize_kv(k, v), k.shape[1], k.shape
+
+    def attend(q: torch.Tensor) -> torch.Tensor:
+        if q.shape[0] != shape[0] or q.shape[2:] != shape[2:] or not _use_kernel(q):
+            raise ValueError(f"8-bit attention: queries {tuple(q.shape)} do not fit the prepared keys "
+                             f"{tuple(shape)} (same B, H, D; bf16 / fp16 on the GPU)")
+        return _attend(q, kv, lk)
+    return attend
+
+
+register_backend("8bit", attention8, prepare8)

@@ -280,15 +280,26 @@ class SequenceParallel:
         return total, slice(self.rank * part, (self.rank + 1) * part)
 
     def forward(self, model, x, t, context, y=None, clip=None, camera=None, cache=None, cross=None,
-                start_frame: int | None = None) -> torch.Tensor:
+                start_frame: int | None = None, stack=None) -> torch.Tensor:
         """`model(x, t, context, ...)` (a WanDiT), computed by all processes together: the same result in
         every one of them. The model's self-attention must be `attention()`'s backend; a causal `cache` holds
-        this process's heads (models.kv_cache.KVCache.empty with num_heads // world)."""
+        this process's heads (models.kv_cache.KVCache.empty with num_heads // world). `stack` (step caching,
+        models.dit.StackCache) keeps this process's tokens' residual."""
         _, mine = self.tokens(model, x)
         model.begin_chunk(x, cache, cross, start_frame)
         h, kwargs, (e, grid) = model.prepare(x, t, context, y=y, clip=clip, camera=camera, start_frame=start_frame,
                                              cross=cross, tokens=mine)
-        h = model.run_blocks(h, kwargs, cache, cross)
+        if stack is not None and stack.reuse:
+            h = stack.reused(h)
+        else:
+            out = h
+            if stack is None:
+                h = None   # (out is then the only reference: the tokens go once the first block has run)
+            for block, block_kwargs in model.layers(kwargs, cache, cross):
+                out = block(out, **block_kwargs)
+            if stack is not None:
+                stack.keep(out, h)
+            h = out
         return model.unpatchify(self.gather_tokens(model.head(h, e)), grid)
 
     def kv_heads(self, heads: int) -> int:

@@ -15,6 +15,14 @@ schedule. From the schedule alone the runner
     the old one's pinned slabs;
   * frees everything once a finite schedule is done.
 
+Step caching (pipelines/step_cache.py): a forward whose inputs carry a `stack` marked `reuse` is a cached
+forward. It runs on the active expert without its block stack (embeddings and head only), so the engine copies
+nothing for it; the first forward of an expert is never cached (the step cache computes it). The blocks the
+engine prefetched at the end of the last computed forward stay queued for the next computed one, which the step
+cache makes a forward of the same expert (it never skips an expert's last step); a cached forward that did
+precede another expert would still be correct (the engine resyncs), only slower. `report["cached_forwards"]`
+counts them.
+
 Each expert is one `Expert` record whose `state` says where its weights are: "unloaded", "loaded" (held in host
 memory, not on the device), "placed" (on the device under the plan: resident blocks there, the rest streamed)
 or "staged" (placed fully streamed ahead of its first forward).
@@ -101,10 +109,10 @@ class Expert:
 
 class DiTRunner:
     def __init__(self, names: list[str], loader, device, dtype, plan_: Plan | None, keep_all: bool = True,
-                 ffn_chunk: int | None = None, attention: str = "sdpa", fuse: bool = True, trace: bool = False,
-                 block_chunk: int | None = None, parallel=None):
-        if parallel is not None and block_chunk is not None:
-            raise PlanError("whole-block token chunks (a clip too long for the VRAM budget) do not combine with "
+                 chunk: int | None = None, attention: str = "sdpa", fuse: bool = True, trace: bool = False,
+                 parallel=None):
+        if parallel is not None and chunk is not None:
+            raise PlanError("the low-memory block (a clip too long for the VRAM budget) does not combine with "
                             "sequence parallelism yet: raise --vram, or use fewer frames")
         self.parallel = parallel                 # runtime.parallel.SequenceParallel, or None (one process)
         self.memory: HostMemory = parallel.host_memory if parallel is not None else HostMemory()
@@ -114,8 +122,7 @@ class DiTRunner:
         self.device, self.dtype = torch.device(device), dtype
         self.plan = plan_
         self.keep_all = keep_all                 # RAM holds both experts (else one, the other read at the switch)
-        self.ffn_chunk, self.attention, self.fuse = ffn_chunk, attention, fuse
-        self.block_chunk = block_chunk             # whole-block token chunks (long clips on small GPUs)
+        self.chunk, self.attention, self.fuse = chunk, attention, fuse
         self.trace = trace                       # the engine records its copies and computes (tests)
         self.batched_guidance = plan_.batched_guidance if plan_ is not None else True
         self.engine: StreamEngine | None = None
@@ -123,7 +130,7 @@ class DiTRunner:
         self.schedule: Schedule | None = None
         self.active: str | None = None
         self.calls: list[str] = []
-        self.report: dict = {"switch_s": 0.0, "load_s": 0.0}
+        self.report: dict = {"switch_s": 0.0, "load_s": 0.0, "cached_forwards": 0}
 
     # ---- the schedule ------------------------------------------------------------------------------------------
     def start(self, schedule: Schedule | Iterable[Forward]) -> None:
@@ -139,7 +146,15 @@ class DiTRunner:
         if planned.expert != expert:
             raise RuntimeError(f"forward {self.schedule.done} runs {expert!r} but the schedule says "
                                f"{planned.expert!r}")
-        model = self._activate(expert)
+        stack = inputs.get("stack")
+        if stack is not None and stack.reuse:         # cached: no block runs, nothing is copied
+            if expert != self.active or self.experts[expert].state == "staged":
+                raise RuntimeError(f"forward {self.schedule.done}: a cached forward of {expert!r} before that "
+                                   "expert has computed one (the step cache computes each expert's first steps)")
+            self.report["cached_forwards"] += 1
+            model = self.experts[expert].model
+        else:
+            model = self._activate(expert)
         self._look_ahead(self.schedule.peek())
         self.calls.append(expert)
         out = model(**inputs) if self.parallel is None else self.parallel.forward(model, **inputs)
@@ -169,9 +184,7 @@ class DiTRunner:
         self.memory.end(error)
         if self.parallel is not None:
             self._check_same_slabs(e)
-        e.model.set_ffn_chunk(self.ffn_chunk)
-        if self.block_chunk is not None:
-            e.model.set_block_chunk(self.block_chunk)
+        e.model.set_chunk(self.chunk)
         e.model.set_attention(self.attention if self.parallel is None else self.parallel.attention(self.attention))
         e.model.set_fuse(self.fuse)
         self.report["load_s"] += time.perf_counter() - t0
@@ -277,15 +290,21 @@ def default_ram() -> float:
 
 
 def plan_run(cfg, workload: Workload, vram: float | None, ram: float | None, dtype: torch.dtype,
-             policy: QuantPolicy | None, hardware: Hardware | None = None, gpus: int = 1) -> Plan:
+             policy: QuantPolicy | None, hardware: Hardware | None = None, attention: str = "sdpa",
+             gpus: int = 1) -> Plan:
     """The plan `generate` runs under: block bytes of `dtype` or of the compression `policy` (whose whole
-    first / last blocks stay resident). `worldstream plan` calls this too, so it predicts what generate does."""
+    first / last blocks stay resident), priced as it runs: "fp8" blocks with bf16 compute take fp8 matmuls,
+    other compressed blocks are dequantized; `attention` "8bit" is taken where it is faster. `worldstream plan`
+    calls this too, so it predicts what generate does."""
     extra = {}
     if policy is not None:
+        blocks = tuple(policy.blocks(cfg.num_layers))
+        fp8 = policy.fmt == "fp8" and dtype == torch.bfloat16          # models/quant.py QLinear.uses_scaled_mm
         extra = dict(block_bytes=quantized_block_bytes(cfg, policy.fmt, dtype, tuple(policy.skip)),
-                     pinned_resident=policy.pinned(cfg.num_layers))
-    return plan(cfg, workload, vram, ram, hardware, bytes_per_param=torch.finfo(dtype).bits / 8, gpus=gpus,
-                **extra)
+                     pinned_resident=policy.pinned(cfg.num_layers),
+                     fp8_blocks=blocks if fp8 else (), dequantized_blocks=() if fp8 else blocks)
+    return plan(cfg, workload, vram, ram, hardware, bytes_per_param=torch.finfo(dtype).bits / 8,
+                attention=attention, gpus=gpus, **extra)
 
 
 def build_runner(ckpt, device, dtype, workload: Workload, vram: float | None = None, ram: float | None = None,
@@ -297,11 +316,12 @@ def build_runner(ckpt, device, dtype, workload: Workload, vram: float | None = N
     `quant` ("fp8" | "fp8-block" | "int8" | a QuantPolicy): compress the block linears while loading; the plan
     then streams compressed blocks and keeps the whole first/last blocks resident. A converted checkpoint
     (`ckpt.quant`) is planned the same way without asking. `attention` / `fuse`: the DiT's attention kernel and
-    compiled elementwise work (per model: models/dit.py). `loras`: LoRA files merged into the weights while
-    they load (checkpoints/lora.py); the blocks they touch cannot be left to the disk tier. `parallel`
-    (runtime.parallel.SequenceParallel): this process is one of several that share each forward; the plan is
-    made for one of `parallel.world` GPUs and the RAM budget is the machine's (the streamed weights are held
-    once, in shared memory)."""
+    compiled elementwise work (per model: models/dit.py); on a GPU "8bit" runs where the plan finds it faster
+    (`plan.attention`). `workload.step_cache`: the plan budgets the step cache's residuals. `loras`: LoRA
+    files merged into the weights while they load (checkpoints/lora.py); the blocks they touch cannot be left
+    to the disk tier. `parallel` (runtime.parallel.SequenceParallel): this process is one of several that
+    share each forward; the plan is made for one of `parallel.world` GPUs and the RAM budget is the machine's
+    (the streamed weights are held once, in shared memory)."""
     device = torch.device(device)
     cfg = ckpt.config
     names = list(ckpt.experts)
@@ -316,7 +336,7 @@ def build_runner(ckpt, device, dtype, workload: Workload, vram: float | None = N
     budget = vram if vram is not None else torch.cuda.mem_get_info(device)[0]
     ram = ram if ram is not None else default_ram()
     gpus = parallel.world if parallel is not None else 1
-    p = plan_run(cfg, workload, budget, ram, dtype, policy, gpus=gpus)
+    p = plan_run(cfg, workload, budget, ram, dtype, policy, attention=attention, gpus=gpus)
     if loras and p.disk_blocks:
         raise PlanError(f"--ram {ram / 1e9:.1f}GB holds {len(p.ram_blocks)} of the {len(p.streamed)} streamed "
                         f"blocks; the rest would stream from disk, but --lora merges into the weights while they "
@@ -336,5 +356,5 @@ def build_runner(ckpt, device, dtype, workload: Workload, vram: float | None = N
             raise PlanError(f"the {gpus} processes share one host copy of the streamed weights in {shm_dir()}, "
                             f"which needs {need / 1e9:.1f} GB; it has {free / 1e9:.1f} GB free (docker: "
                             f"--shm-size; or set WORLDSTREAM_SHM_DIR to a larger tmpfs, or raise --vram)")
-    return DiTRunner(names, loader, device, dtype, p, keep_all=keep_all, ffn_chunk=p.ffn_chunk,
-                     attention=attention, fuse=fuse, block_chunk=p.block_chunk, parallel=parallel)
+    return DiTRunner(names, loader, device, dtype, p, keep_all=keep_all, chunk=p.chunk,
+                     attention=p.attention, fuse=fuse, parallel=parallel)

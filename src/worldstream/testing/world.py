@@ -23,6 +23,7 @@ from ..models.vae import WanVAE
 from ..pipelines.conditioning import image_condition, initial_noise
 from ..pipelines.prompts import encode_prompts
 from ..pipelines.schedulers import FlowEuler, FlowUniPC
+from ..pipelines.step_cache import StepCache
 
 WORLD_CHECKPOINT = Path(__file__).resolve().parent.parent / "assets" / "tiny_world"
 
@@ -57,10 +58,13 @@ class WorldModel:
     @torch.no_grad()
     def generate(self, first_frames: torch.Tensor, poses: list, prompts: list[str], seeds: list[int],
                  steps: int | None = None, zero_camera: bool = False, solver: str = "unipc",
-                 intrinsics=cam.DEFAULT_INTRINSICS, frames: int = 33) -> torch.Tensor:
+                 intrinsics=cam.DEFAULT_INTRINSICS, frames: int = 33,
+                 step_cache: StepCache | None = None) -> torch.Tensor:
         """Videos [B, 3, frames, H, W] in [-1, 1] (float32, on the device) from first frames [B, 3, H, W]
         in [-1, 1], keyboard trajectories (`frames` + 1 camera-to-world poses each), prompts and noise
-        seeds. `zero_camera`: the camera input is all zeros (the ablation)."""
+        seeds. `zero_camera`: the camera input is all zeros (the ablation). `step_cache`: skip the blocks where
+        it decides to (pipelines/step_cache.py; one decision per step for the whole batch, so measure it one
+        scene at a time); its `skipped` list says where."""
         b, _, h, w = first_frames.shape
         cfg, sampling = self.config, self.config.sampling
         if sampling.guide_scale != (1.0, 1.0):
@@ -77,9 +81,19 @@ class WorldModel:
         x = torch.stack([initial_noise(s, shape) for s in seeds]).to(self.device)
         sampler = (FlowUniPC if solver == "unipc" else FlowEuler)(steps, sampling.shift)
         y, camera = y.to(self.device), camera.to(self.device, self.dtype)
-        for t in sampler.timesteps:
-            v = self.dit(x, t.to(self.device).reshape(1).expand(b), context, y=y, camera=camera)
+        if step_cache is not None:
+            step_cache.start(["main"] * len(sampler.timesteps))
+        for i, t in enumerate(sampler.timesteps):
+            stack, skip = None, False
+            if step_cache is not None:
+                stack = step_cache.stacks("main", 1)[0]
+                skip = step_cache.decide(i, x)
+            v = self.dit(x, t.to(self.device).reshape(1).expand(b), context, y=y, camera=camera, stack=stack)
+            if step_cache is not None:
+                step_cache.done(i, x, v, skip)
             x = sampler.step(v.float(), x)
+        if step_cache is not None:
+            step_cache.finish()
         return self.vae.decode(x)
 
 
