@@ -485,9 +485,9 @@ def _add_generate_parser(sub, common) -> None:
     a("--vae_cpu", action="store_true", help="run the VAE on the CPU: saves VRAM during encode/decode, costs "
                                              "minutes at 720p")
     a("--vae_tile", type=int, default=None, metavar="N",
-      help="decode the video in overlapping spatial tiles of N x N latent pixels (e.g. 32; 2 to 1024): the VAE's "
-           "working memory shrinks with the tile; tile borders are blended, so the result is close to, not equal "
-           "to, the untiled decode")
+      help="encode the first frame's clip and decode the video in overlapping spatial tiles of N x N latent "
+           "pixels (e.g. 32; 2 to 1024): the VAE's working memory shrinks with the tile; tile borders are blended, "
+           "so the result is close to, not equal to, the untiled encode / decode")
     a("--no_prompt_cache", action="store_true", help="do not read or store prompt embeddings in "
                                                      "~/.cache/worldstream/prompts")
     a("--offload_model", type=_str2bool, help="accepted for upstream compatibility and ignored: worldstream "

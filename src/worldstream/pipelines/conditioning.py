@@ -152,15 +152,16 @@ def first_frame_mask(lat_f: int, lat_h: int, lat_w: int, device=None) -> torch.T
 
 
 @torch.no_grad()
-def image_condition(vae, image: torch.Tensor, frames: int) -> torch.Tensor:
+def image_condition(vae, image: torch.Tensor, frames: int, tile: int | None = None) -> torch.Tensor:
     """y = cat(mask, VAE(image, 0, 0, ...)): [20, lat_f, H/8, W/8] float32 on the VAE's device.
 
     `image` [3, H, W] in [-1, 1] is already at the output size. The clip encoded is the image followed by
-    frames - 1 black (zero) frames, as upstream does."""
+    frames - 1 black (zero) frames, as upstream does. `tile` (latent pixels): encode in overlapping spatial
+    tiles (the VAE's working memory shrinks with the tile; approximate at tile borders, see models/vae.py)."""
     _, h, w = image.shape
     clip = torch.zeros(1, 3, frames, h, w, dtype=torch.float32)
     clip[0, :, 0] = image
-    latents = vae.encode(clip)[0].float()                     # [16, lat_f, h/8, w/8]
+    latents = vae.encode(clip, tile=None if tile is None else (tile, tile))[0].float()   # [16, lat_f, h/8, w/8]
     mask = first_frame_mask(latents.shape[1], latents.shape[2], latents.shape[3], device=latents.device)
     return torch.cat([mask, latents], dim=0)
 

@@ -153,8 +153,8 @@ def run(job: Job, *, device=None, dtype: torch.dtype | None = None, t5_cpu: bool
     """Compute a prepared job. dtype: DiT compute dtype (default bf16 on CUDA, float32 on the CPU).
 
     t5_cpu: run umt5 on the CPU (upstream --t5_cpu). clip_cpu: run Wan2.1 I2V's CLIP image encoder on the CPU
-    (else on the device, then freed). vae_cpu: keep the VAE on the CPU. vae_tile: decode in
-    spatial tiles of that many latent pixels (less VRAM, approximate at tile borders). vram / ram: byte
+    (else on the device, then freed). vae_cpu: keep the VAE on the CPU. vae_tile: encode and
+    decode in spatial tiles of that many latent pixels (less VRAM, approximate at tile borders). vram / ram: byte
     budgets for the DiT placement (None: what the device has). batched_guidance: CFG's cond and uncond as one
     batch-2 forward (None: the runner's plan decides). runner_factory: `build_runner`-compatible callable
     (default runtime.runner.build_runner). progress: show the denoising progress bar on stderr. quant: "fp8" |
@@ -242,7 +242,7 @@ def run(job: Job, *, device=None, dtype: torch.dtype | None = None, t5_cpu: bool
             def first_frame_latents():
                 vae.to(vae_device)
                 image = resize_image(job.image, job.height, job.width)
-                out = image_condition(vae, image, job.frames)
+                out = image_condition(vae, image, job.frames, vae_tile)
                 vae.to(vae_home)
                 return out
             y = once(first_frame_latents).to(device)

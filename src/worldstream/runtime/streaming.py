@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from .memory import pinned_empty, unpin
+from .memory import pinned_empty, release_file_pages, unpin
 from .slab import BlockLayout
 
 
@@ -229,15 +229,20 @@ def host_slabs_from_blocks(blocks: nn.ModuleList, indices, layout: BlockLayout) 
     """Pack blocks' parameters into pinned slabs and re-point the parameters at them (no second host copy).
 
     Parameters may currently be on any device (e.g. random weights built on the GPU for benchmarks): each is
-    copied into its slab and the original storage is released.
+    copied into its slab and the original storage is released; the pages of parameters memory-mapped from a
+    file (umt5's `.pth`) leave the process's resident set block by block (`release_file_pages`), so that the
+    host holds each block once, not in the file mapping and in its slab.
     """
     sources = {}
     for i in indices:
+        old = [p.data for p in blocks[i].parameters()]
         buf = pinned_empty(layout.nbytes)
         layout.pack(blocks[i], buf)
         views = layout.views(buf)
         for name, p in blocks[i].named_parameters():
             p.data = views[name]
+        release_file_pages(old)
+        del old
         sources[i] = RamSource(buf)
     return sources
 
