@@ -36,18 +36,19 @@ def _gb(n_bytes: float) -> str:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .models.configs import VARIANTS
+    from .models.configs import all_variants
     from .runtime.quant import converted_model_bytes
 
-    print(f"{'variant':18} {'params':>16} {'blocks':>6} {'block params':>13} {'bf16':>9} {'fp8':>9}  experts")
-    for name, cfg in VARIANTS.items():
+    print(f"{'variant':20} {'params':>16} {'blocks':>6} {'block params':>13} {'bf16':>9} {'fp8':>9}  experts")
+    for name, cfg in all_variants().items():
         nb, outside = cfg.param_counts()
         n = nb * cfg.num_layers + outside
+        bf16 = converted_model_bytes(cfg, None)
         fp8 = converted_model_bytes(cfg, "fp8")   # as `convert --quant fp8` writes it (first/last blocks whole)
-        print(f"{name:18} {n:>16,} {cfg.num_layers:>6} {nb:>13,} {_gb(2 * n):>9} {_gb(fp8):>9}  {cfg.experts}")
+        print(f"{name:20} {n:>16,} {cfg.num_layers:>6} {nb:>13,} {_gb(bf16):>9} {_gb(fp8):>9}  {cfg.experts}")
     print("bf16 / fp8: bytes of one expert's weights; fp8 as `worldstream convert --quant fp8` stores them (8-bit "
           "block linears with float32 scales; norms, embeddings, camera layers and the first and last blocks "
-          "stay bf16)")
+          "stay bf16; Kandinsky 5's modulation layers stay float32 in both)")
     return 0
 
 
@@ -290,11 +291,55 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return _run_parallel_command(args, _generate)
 
 
+def _generate_kandinsky(args: argparse.Namespace, parallel) -> int:
+    """A Kandinsky 5 checkpoint (detected from its model_index.json / transformer config): pipelines/kandinsky.py."""
+    import re
+    import time
+
+    import torch
+
+    from .pipelines.conditioning import GenerationError
+    from .pipelines.kandinsky import prepare_kandinsky, run_kandinsky, write_video
+
+    if parallel is not None:
+        raise GenerationError("--ulysses is not wired for Kandinsky 5 yet: run one process")
+    if args.prompt is None:
+        raise GenerationError("--prompt is required")
+    scale = args.sample_guide_scale
+    job = prepare_kandinsky(args.ckpt_dir, args.prompt, image=args.image, size=args.size, frame_num=args.frame_num,
+                            steps=args.sample_steps, guide_scale=scale[0] if isinstance(scale, tuple) else scale,
+                            seed=args.base_seed, negative_prompt=args.negative_prompt)
+    device = _device(args.device)
+    vram, ram = _budget("--vram", args.vram), _budget("--ram", args.ram)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(args.dtype) or (
+        torch.bfloat16 if device.type == "cuda" else torch.float32)
+    slug = re.sub(r"[^A-Za-z0-9]+", "_", job.prompt)[:40].strip("_") or "video"
+    path = _output_path(args.save_file, f"kandinsky5-{job.ckpt.task}_{job.width}x{job.height}_{slug}_"
+                                         f"{time.strftime('%Y%m%d_%H%M%S')}.mp4")
+    _check_room(path, job.frames, job.height, job.width)
+    print(job.describe())
+    frames = run_kandinsky(job, device=device, dtype=dtype, vram=vram, ram=ram, text_cpu=args.t5_cpu)
+    t0 = time.perf_counter()
+    write_video(frames, path)
+    job.report["phases"]["write"] = dict(seconds=time.perf_counter() - t0)
+    if "plan" in job.report:
+        print(job.report["plan"])
+    for name, ph in job.report["phases"].items():
+        peak = f", peak VRAM {_gb(ph['peak_vram'])}" if ph.get("peak_vram") else ""
+        print(f"phase {name}: {ph['seconds']:.1f} s{peak}")
+    print(f"saved {path} ({len(frames)} frames at 24 fps)")
+    return 0
+
+
 def _generate(args: argparse.Namespace, parallel) -> int:
     import re
     import time
 
     import torch
+
+    from .checkpoints.kandinsky import is_kandinsky
+    if args.ckpt_dir is not None and is_kandinsky(args.ckpt_dir):
+        return _generate_kandinsky(args, parallel)
 
     from .pipelines.conditioning import GenerationError
     from .pipelines.generate import run
@@ -797,7 +842,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
                               "from `worldstream info`)")
     student = None
     if args.ckpt_dir:
-        ckpt = find_checkpoint(args.ckpt_dir, dit=args.dit)
+        from .checkpoints.kandinsky import find_kandinsky, is_kandinsky
+        ckpt = find_kandinsky(args.ckpt_dir) if is_kandinsky(args.ckpt_dir) else \
+            find_checkpoint(args.ckpt_dir, dit=args.dit)
         cfg, experts = ckpt.config, len(ckpt.experts)
         student = ckpt.student
         try:
@@ -818,10 +865,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
         if student is None:
             raise GenerationError(f"--student: no step-distilled sampler is known for {cfg.name}")
     guided = not args.no_cfg and student is None
-    w, h = _plan_size(args.size)
-    frames = round_frames(args.frame_num, cfg.latents)
-    if frames != args.frame_num:
-        print(f"note: --frame_num {args.frame_num} is not 4n+1; planning for {frames}", file=sys.stderr)
+    own = getattr(cfg.sampling, "size", None)   # a family with its own default size (Kandinsky 5: 768x512, 121)
+    size = args.size or ("*".join(map(str, own)) if own else "832*480")
+    frame_num = args.frame_num or (cfg.sampling.frame_num if own else 81)
+    w, h = _plan_size(size)
+    frames = round_frames(frame_num, cfg.latents)
+    if frames != frame_num:
+        print(f"note: --frame_num {frame_num} is not 4n+1; planning for {frames}", file=sys.stderr)
     hw = Hardware(pcie_bw=_bandwidth("--pcie", args.pcie), disk_bw=_bandwidth("--disk", args.disk))
     if args.nvlink is not None:
         hw = dataclasses.replace(hw, p2p_bw=_bandwidth("--nvlink", args.nvlink))
@@ -865,6 +915,12 @@ def _companion_plan(cfg, vram) -> list[str]:
     from .models.text_encoder import T5Config
     from .runtime.memory import fmt_bytes
 
+    if getattr(cfg, "family", "wan") == "kandinsky5":   # Qwen2.5-VL-7B (~8.3 B) and CLIP-L's text tower
+        qwen, clip = 2 * 8.29e9, 2 * 123e6
+        where = ("on the CPU (too large for the VRAM budget beside nothing else)" if vram and qwen > 0.85 * vram
+                 else "on the GPU, then freed")
+        return [f"text encoders: Qwen2.5-VL {fmt_bytes(qwen)} bf16 {where}, and CLIP-L text {fmt_bytes(clip)}, "
+                "before the DiT loads (cached prompts skip them)"]
     t5 = 2 * sum(math.prod(s) for s in upstream_shapes(T5Config()).values())
     where = ("streamed through the GPU from pinned RAM (~3 GB of VRAM)" if vram and t5 > 0.85 * vram
              else "on the GPU, then freed")
@@ -885,9 +941,10 @@ def _add_plan_parser(sub, common) -> None:
     q.add_argument("--ckpt_dir", help="checkpoint folder (the variant and a converted checkpoint's weight format are "
                                       "read from it)")
     q.add_argument("--variant", help="a variant name from `worldstream info`, e.g. lingbot-cam")
-    q.add_argument("--size", default="832*480", help=f"WIDTH*HEIGHT, multiples of 16 up to {MAX_SIDE} "
-                                                     "(default 832*480)")
-    q.add_argument("--frame_num", type=int, default=81, help="frames, 4n+1, at most 1025 (default 81)")
+    q.add_argument("--size", default=None, help=f"WIDTH*HEIGHT, multiples of 16 up to {MAX_SIDE} "
+                                                "(default 832*480; Kandinsky 5: 768*512)")
+    q.add_argument("--frame_num", type=int, default=None, help="frames, 4n+1, at most 1025 (default 81; "
+                                                                "Kandinsky 5: 121)")
     q.add_argument("--vram", help="VRAM budget, e.g. 8GB (default: the free memory of cuda:0, as generate; "
                                   "unlimited on a machine without a GPU)")
     q.add_argument("--ram", help="host RAM budget, e.g. 32GB (default: 80%% of this machine's RAM, as generate)")

@@ -167,6 +167,16 @@ class DiTConfig:
         """(parameters of one block, parameters outside the blocks), from the module definitions."""
         return _param_counts(self)
 
+    def block_module(self, dtype):
+        """One block as it is stored in a `dtype` run (built on the current default device: use meta)."""
+        from .dit import Block
+        return Block(self).to(dtype)
+
+    def weight_bytes(self, bytes_per_param: float) -> tuple[int, int]:
+        """(bytes of one block, bytes outside the blocks): every parameter in the run's dtype."""
+        per_block, outside = self.param_counts()
+        return int(per_block * bytes_per_param), int(outside * bytes_per_param)
+
     def block_flops(self, tokens: int, batch: int, keys: int | None = None) -> tuple[float, float]:
         """(matmul FLOPs, attention FLOPs) of one block forward over `tokens` tokens for `batch` samples, whose
         self-attention sees `keys` tokens (default: the same tokens; a causal chunk: the KV cache's window)."""
@@ -342,10 +352,17 @@ VARIANTS: dict[str, DiTConfig] = {c.name: c for c in [
 ]}
 
 
+def all_variants() -> dict:
+    """Every model family's variants by name: the Wan family (VARIANTS) and Kandinsky 5 (models/kandinsky.py)."""
+    from .kandinsky import KANDINSKY_VARIANTS
+    return {**VARIANTS, **KANDINSKY_VARIANTS}
+
+
 def get_config(name: str) -> DiTConfig:
-    """`name` is a variant from VARIANTS, optionally with a '-tiny' suffix."""
+    """`name` is a variant of any family (`all_variants`), optionally with a '-tiny' suffix."""
     base = name[: -len("-tiny")] if name.endswith("-tiny") else name
-    if base not in VARIANTS:
-        raise KeyError(f"unknown variant {name!r}; known: {', '.join(VARIANTS)} (each also as <name>-tiny)")
-    cfg = VARIANTS[base]
+    known = all_variants()
+    if base not in known:
+        raise KeyError(f"unknown variant {name!r}; known: {', '.join(known)} (each also as <name>-tiny)")
+    cfg = known[base]
     return cfg.tiny() if name.endswith("-tiny") else cfg

@@ -49,6 +49,23 @@ class StackModel(Protocol):
     def activation_bytes(self, tokens: int, batch: int, chunk: int | None = None, attention: str = "sdpa",
                          fp8: bool = False, keep_tokens: bool = False) -> float: ...
     def step_cache_bytes(self, tokens: int, batch: int) -> float: ...
+    # Optional (defaults in `weights`, `capabilities`): weight_bytes(bytes_per_param) -> (block bytes, bytes
+    # outside the blocks) when some weights keep another dtype (Kandinsky's float32 modulation);
+    # `batched_guidance` False when cond and uncond cannot share one forward; `low_memory_block` False when the
+    # model has no chunked block (WanDiT.set_chunk).
+
+
+def weights(cfg: StackModel, bytes_per_param: float) -> tuple[int, int]:
+    """(bytes of one block, bytes outside the blocks) of `cfg` stored at `bytes_per_param`."""
+    if hasattr(cfg, "weight_bytes"):
+        return cfg.weight_bytes(bytes_per_param)
+    per_block, outside = cfg.param_counts()
+    return int(per_block * bytes_per_param), int(outside * bytes_per_param)
+
+
+def capabilities(cfg: StackModel) -> tuple[bool, bool]:
+    """(cond + uncond can run as one batch-2 forward, the low-memory block exists)."""
+    return getattr(cfg, "batched_guidance", True), getattr(cfg, "low_memory_block", True)
 
 
 class PlanError(ValueError):
@@ -291,7 +308,9 @@ def plan(cfg: StackModel, workload: Workload, vram_budget: float | None, ram_bud
     machine's)."""
     hw = hardware or Hardware()
     per_block, non_block = cfg.param_counts()
-    block_bytes = block_bytes or int(per_block * bytes_per_param)
+    block_bytes = block_bytes or weights(cfg, bytes_per_param)[0]
+    outside_bytes = weights(cfg, 2.0)[1]
+    can_batch, can_chunk = capabilities(cfg)
     n = cfg.num_layers
     gpus = max(1, int(gpus))
     L_all = cfg.tokens(workload.frames, workload.height, workload.width)
@@ -299,13 +318,13 @@ def plan(cfg: StackModel, workload: Workload, vram_budget: float | None, ram_bud
     keys = workload.keys if workload.keys is not None else (L_all if gpus > 1 else None)
     fp8_set = set(fp8_blocks) if hw.fp8 else set()
     deq_set = set(dequantized_blocks) | (set(fp8_blocks) - fp8_set)
-    fixed = non_block * 2 + hw.vram_reserve + workload.cache_bytes / gpus    # the cache is split by heads
+    fixed = outside_bytes + hw.vram_reserve + workload.cache_bytes / gpus    # the cache is split by heads
     budget = float("inf") if vram_budget is None else vram_budget * (1 - HEADROOM)
 
-    options = [True, False] if workload.guidance else [False]
+    options = ([True, False] if can_batch else [False]) if workload.guidance else [False]
     best: Plan | None = None
     needs = []
-    chunks = (None,) if gpus > 1 else (None, *SEQ_CHUNKS)   # (the low-memory block runs on one GPU only)
+    chunks = (None,) if gpus > 1 or not can_chunk else (None, *SEQ_CHUNKS)   # (the low-memory block runs on one GPU only)
     for batched, chunk in [(b, c) for b in options for c in chunks]:
         batch = 2 if batched else 1
         forwards = 2 if (workload.guidance and not batched) else 1
@@ -357,13 +376,13 @@ def plan(cfg: StackModel, workload: Workload, vram_budget: float | None, ram_bud
                 break
     if best is None:
         kernel = attention_for(cfg, L, 1, hw, keys, attention)
-        act = cfg.activation_bytes(L, 1, SEQ_CHUNK if gpus == 1 else None, kernel, bool(fp8_set),
+        act = cfg.activation_bytes(L, 1, SEQ_CHUNK if gpus == 1 and can_chunk else None, kernel, bool(fp8_set),
                                    workload.step_cache)
         pinned = (f", {len(pinned_resident)} whole (uncompressed) blocks that must stay resident "
                   f"{fmt_bytes(len(pinned_resident) * per_block * 2)}" if pinned_resident else "")
         raise PlanError(
             f"{cfg.name} at {workload.frames} frames {workload.width}x{workload.height} needs at least "
-            f"{fmt_bytes(min(needs) / (1 - HEADROOM))} of VRAM (non-block weights {fmt_bytes(non_block * 2)}, "
+            f"{fmt_bytes(min(needs) / (1 - HEADROOM))} of VRAM (non-block weights {fmt_bytes(outside_bytes)}, "
             f"activations {fmt_bytes(act)}, two block slots {fmt_bytes(2 * block_bytes)}{pinned}"
             + (f", the step cache {fmt_bytes(cfg.step_cache_bytes(L, 2 if workload.guidance else 1))}"
                if workload.step_cache else "")

@@ -60,9 +60,9 @@ def quantized_block_bytes(cfg, fmt: str | None, dtype: torch.dtype = torch.bfloa
     """Slab bytes (BlockLayout.of, with its alignment) of one block of `cfg` stored in `dtype` with its linears
     in `fmt` (None: not quantized). Built on the meta device: nothing is allocated, so full-size configs are fine."""
     with torch.device("meta"):
-        block = Block(cfg).to(dtype)
+        block = _block(cfg, dtype)
     if fmt is not None:
-        quantize_block_(block, fmt, skip)
+        quantize_block_(block, fmt, tuple(getattr(cfg, "quant_skip", ())) + tuple(skip))
     return BlockLayout.of(block).nbytes
 
 
@@ -73,14 +73,20 @@ def converted_model_bytes(cfg, fmt: str | None, dtype: torch.dtype = torch.bfloa
     last with `skip_first_last`), everything else in `dtype`. One block is built on the meta device."""
     from ..checkpoints.compressed import QuantPolicy
 
-    _, outside = cfg.param_counts()
+    _, outside = cfg.weight_bytes(dtype.itemsize) if hasattr(cfg, "weight_bytes") else \
+        (None, cfg.param_counts()[1] * dtype.itemsize)
     with torch.device("meta"):
-        block = Block(cfg).to(dtype)
+        block = _block(cfg, dtype)
     whole = _state_bytes(block)
     compressed = len(QuantPolicy(fmt, skip_first_last).blocks(cfg.num_layers)) if fmt is not None else 0
     if compressed:
-        quantize_block_(block, fmt, DEFAULT_SKIP)
-    return outside * dtype.itemsize + compressed * _state_bytes(block) + (cfg.num_layers - compressed) * whole
+        quantize_block_(block, fmt, tuple(getattr(cfg, "quant_skip", ())) + DEFAULT_SKIP)
+    return outside + compressed * _state_bytes(block) + (cfg.num_layers - compressed) * whole
+
+
+def _block(cfg, dtype: torch.dtype) -> nn.Module:
+    """One block of `cfg` in its stored dtypes (any family: the config builds it)."""
+    return cfg.block_module(dtype) if hasattr(cfg, "block_module") else Block(cfg).to(dtype)
 
 
 def _state_bytes(module: nn.Module) -> int:

@@ -1,0 +1,241 @@
+"""Kandinsky 5 (models/kandinsky.py): the family's cost model matches diffusers' real module, and the planner
+and the CLI handle it through the same protocol as Wan."""
+import pytest
+import torch
+
+from worldstream.cli import main
+from worldstream.models.configs import get_config
+from worldstream.models.kandinsky import KANDINSKY_VARIANTS
+from worldstream.runtime.planner import Workload, plan
+
+diffusers = pytest.importorskip("diffusers")
+from diffusers.models.transformers.transformer_kandinsky import Kandinsky5Transformer3DModel  # noqa: E402
+
+PRO = KANDINSKY_VARIANTS["kandinsky5-i2v-pro"]
+
+
+@pytest.mark.parametrize("name", list(KANDINSKY_VARIANTS) + ["kandinsky5-i2v-pro-tiny"])
+def test_param_counts_match_the_diffusers_module(name):
+    cfg = get_config(name)
+    with torch.device("meta"):
+        m = Kandinsky5Transformer3DModel(**cfg.diffusers_config())
+    per = sum(p.numel() for p in m.visual_transformer_blocks[0].parameters())
+    total = sum(p.numel() for p in m.parameters())
+    assert cfg.param_counts() == (per, total - cfg.num_layers * per)
+    if name == "kandinsky5-i2v-pro":   # shared/spec/more-models.md
+        assert per == 306_254_336 and total == 19_311_325_248
+
+
+def test_block_bytes_match_the_slab_of_the_real_block():
+    from worldstream.runtime.slab import BlockLayout
+    with torch.device("meta"):
+        block = PRO.block_module(torch.bfloat16)
+    assert {p.dtype for n, p in block.named_parameters() if "modulation" in n} == {torch.float32}
+    layout = BlockLayout.of(block)
+    assert abs(layout.nbytes - PRO.weight_bytes(2)[0]) < 64 * 512     # alignment padding only
+    assert PRO.weight_bytes(2)[0] == 688_079_872
+
+
+@pytest.mark.parametrize("tokens,batch,text", [(3072, 1, 512), (1536, 2, 512)])
+def test_block_flops_match_a_flop_count_of_the_real_block(tokens, batch, text):
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.device("meta"):
+        block = PRO.block_module(torch.bfloat16)
+        x = torch.empty(batch, tokens, PRO.dim, dtype=torch.bfloat16)
+        txt = torch.empty(batch, text, PRO.dim, dtype=torch.bfloat16)
+        te = torch.empty(batch, PRO.time_dim, dtype=torch.bfloat16)
+        rope = torch.empty(batch, tokens, 1, PRO.head_dim // 2, 2, 2)
+        with FlopCounterMode(display=False) as fc:
+            block(x, txt, te, rope, None)
+    w = PRO.block_work(tokens, batch)
+    assert w.linear_flops + w.self_attn_flops + w.cross_attn_flops == fc.get_total_flops()
+
+
+@pytest.mark.parametrize("frames,vram", [(121, 24e9), (121, 12e9), (25, 12e9), (25, 8e9)])
+def test_plans_fit_the_budget_and_never_batch_cfg(frames, vram):
+    p = plan(PRO, Workload(frames=frames, height=512, width=768), vram)
+    assert p.vram_peak <= vram and not p.batched_guidance and p.chunk is None
+    assert p.block_bytes == PRO.weight_bytes(2)[0]
+    assert p.step_seconds <= 1.05 * p.resident_step_seconds     # long clips stream at resident speed
+
+
+def test_plan_and_info_commands(capsys):
+    assert main(["plan", "--variant", "kandinsky5-i2v-pro", "--vram", "24GB", "--ram", "100GB"]) == 0
+    out = capsys.readouterr().out
+    assert "121 frames at 768x512" in out and "blocks: 60 of" in out and "Qwen2.5-VL" in out
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "kandinsky5-i2v-pro" in out and "19,311,325,248" in out
+
+
+# ---- the checkpoint, the engine and the pipeline on a tiny random config (CPU, float32) ------------------------
+
+import json  # noqa: E402
+import shutil  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from worldstream.checkpoints.kandinsky import find_kandinsky, is_kandinsky  # noqa: E402
+from worldstream.checkpoints.tensors import CheckpointError  # noqa: E402
+from worldstream.runtime.kandinsky import place_transformer  # noqa: E402
+from worldstream.runtime.planner import Workload as _W  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from worldstream.testing.kandinsky import write_tiny_kandinsky
+    return write_tiny_kandinsky(tmp_path_factory.mktemp("k5") / "Kandinsky-5.0-I2V-Pro-tiny-Diffusers")
+
+
+def _copy(tiny, tmp_path) -> Path:
+    dst = tmp_path / "ckpt"
+    shutil.copytree(tiny, dst)
+    return dst
+
+
+def _inputs(cfg, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return dict(hidden_states=torch.randn(1, 3, 4, 4, 2 * cfg.in_visual_dim + 1, generator=g),
+                encoder_hidden_states=torch.randn(1, 7, cfg.in_text_dim, generator=g),
+                timestep=torch.tensor([700.0]), pooled_projections=torch.randn(1, cfg.in_text_dim2, generator=g),
+                visual_rope_pos=[torch.arange(3), torch.arange(2), torch.arange(2)], text_rope_pos=torch.arange(7),
+                scale_factor=(1, 2, 2), return_dict=False)
+
+
+def _diffusers_transformer(root: Path):
+    import glob
+
+    from safetensors.torch import load_file
+    tr = Kandinsky5Transformer3DModel.from_config(Kandinsky5Transformer3DModel.load_config(str(root / "transformer")))
+    state = {}
+    for f in glob.glob(str(root / "transformer" / "*.safetensors")):
+        state.update(load_file(f))
+    tr.load_state_dict(state, strict=True)
+    return tr.eval()
+
+
+def test_detected_from_the_checkpoint(tiny):
+    assert is_kandinsky(tiny)
+    ck = find_kandinsky(tiny)
+    assert ck.config.name == "kandinsky5-i2v-pro-tiny" and ck.task == "i2v"
+    assert len(list((tiny / "transformer").glob("*-of-*.safetensors"))) > 1     # sharded, with an index
+
+
+@pytest.mark.parametrize("resident,prefetch", [([], 1), ([1], 1), ([], 2)])
+def test_streamed_equals_resident_equals_diffusers(tiny, resident, prefetch):
+    ck = find_kandinsky(tiny)
+    whole = place_transformer(ck, "cpu", torch.float32, _W())
+    streamed = place_transformer(ck, "cpu", torch.float32, _W(), resident=resident, prefetch=prefetch)
+    with torch.no_grad():
+        a = whole.model(**_inputs(ck.config))[0]
+        b = streamed.model(**_inputs(ck.config))[0]
+        b2 = streamed.model(**_inputs(ck.config, seed=1))[0]
+        c = _diffusers_transformer(tiny)(**_inputs(ck.config))[0]
+        c2 = _diffusers_transformer(tiny)(**_inputs(ck.config, seed=1))[0]
+    assert streamed.engine.stats["copies"] >= 2 * (ck.config.num_layers - len(resident))
+    assert torch.equal(a, b) and torch.equal(a, c) and torch.equal(b2, c2)
+
+
+def test_fp32_modules_stay_float32_in_a_bf16_load(tiny):
+    ck = find_kandinsky(tiny)
+    m = place_transformer(ck, "cpu", torch.bfloat16, _W(), resident=[], prefetch=1).model
+    dtypes = {n: p.dtype for n, p in m.named_parameters()}
+    assert dtypes["visual_transformer_blocks.0.visual_modulation.out_layer.weight"] == torch.float32
+    assert dtypes["time_embeddings.in_layer.weight"] == torch.float32
+    assert dtypes["visual_transformer_blocks.0.feed_forward.in_layer.weight"] == torch.bfloat16
+
+
+def _shard_with(root: Path, key: str) -> Path:
+    index = json.loads((root / "transformer" / "diffusion_pytorch_model.safetensors.index.json").read_text())
+    return root / "transformer" / index["weight_map"][key]
+
+
+def _rewrite(path: Path, edit) -> None:
+    from safetensors.torch import load_file, save_file
+    state = load_file(str(path))
+    edit(state)
+    save_file(state, str(path))
+
+
+KEY = "visual_transformer_blocks.1.feed_forward.in_layer.weight"
+
+
+@pytest.mark.parametrize("damage,culprit", [
+    ("missing_shard", "does not exist"), ("nan", "NaN"), ("shape", "expected shape"), ("unknown", "unexpected key"),
+    ("missing_key", "missing key"), ("missing_folder", "vae/ is missing")])
+def test_bad_checkpoints_are_refused_naming_the_culprit(tiny, tmp_path, damage, culprit):
+    root = _copy(tiny, tmp_path)
+    shard = _shard_with(root, KEY)
+    if damage == "missing_shard":
+        shard.unlink()
+    elif damage == "nan":
+        _rewrite(shard, lambda s: s[KEY].view(-1)[3].fill_(float("nan")))
+    elif damage == "shape":
+        _rewrite(shard, lambda s: s.__setitem__(KEY, s[KEY][:-1].clone()))
+    elif damage == "unknown":
+        _rewrite(shard, lambda s: s.__setitem__("visual_transformer_blocks.1.extra.weight", torch.zeros(2)))
+        index = root / "transformer" / "diffusion_pytorch_model.safetensors.index.json"
+        js = json.loads(index.read_text())
+        js["weight_map"]["visual_transformer_blocks.1.extra.weight"] = shard.name
+        index.write_text(json.dumps(js))
+    elif damage == "missing_key":
+        _rewrite(shard, lambda s: s.pop(KEY))
+        index = root / "transformer" / "diffusion_pytorch_model.safetensors.index.json"
+        js = json.loads(index.read_text())
+        del js["weight_map"][KEY]
+        index.write_text(json.dumps(js))
+    elif damage == "missing_folder":
+        shutil.rmtree(root / "vae")
+    with pytest.raises(CheckpointError) as e:
+        ck = find_kandinsky(root)
+        place_transformer(ck, "cpu", torch.float32, _W(), resident=[], prefetch=1)
+    msg = str(e.value)
+    assert culprit in msg
+    if damage in ("missing_shard", "nan", "shape"):
+        assert shard.name in msg
+    if damage in ("nan", "shape", "missing_key"):
+        assert KEY in msg
+
+
+def _image():
+    from PIL import Image
+    return Image.fromarray((np.random.RandomState(0).rand(32, 32, 3) * 255).astype(np.uint8))
+
+
+def test_pipeline_matches_diffusers_kandinsky5_i2v(tiny):
+    from diffusers import Kandinsky5I2VPipeline
+
+    from worldstream.pipelines.kandinsky import KandinskyJob, run_kandinsky
+
+    ck = find_kandinsky(tiny)
+    job = KandinskyJob(ck, "a cat walks across the garden", _image(), frames=25, width=32, height=32, steps=3,
+                       guide_scale=5.0, seed=7)
+    ours = run_kandinsky(job, "cpu", torch.float32, progress=False, resident=[0], prefetch=1)
+    ref = Kandinsky5I2VPipeline.from_pretrained(str(tiny), transformer=_diffusers_transformer(tiny))
+    theirs = ref(image=_image(), prompt=job.prompt, negative_prompt=job.negative_prompt, height=32, width=32,
+                 num_frames=25, num_inference_steps=3, guidance_scale=5.0,
+                 generator=torch.Generator().manual_seed(7), output_type="np").frames[0]
+    assert ours.shape == theirs.shape == (25, 32, 32, 3)
+    rel = np.abs(ours - theirs).max() / np.abs(theirs).max()
+    assert rel <= 1e-4, rel
+    assert set(job.report["phases"]) >= {"text", "load", "denoise", "decode"}
+
+
+def test_generate_command_writes_an_mp4_at_24_fps(tiny, tmp_path):
+    from worldstream.pipelines.video import mp4_info
+
+    img = tmp_path / "first.png"
+    _image().save(img)
+    out = tmp_path / "out.mp4"
+    assert main(["generate", "--ckpt_dir", str(tiny), "--image", str(img), "--prompt", "a dog runs",
+                 "--size", "32*32", "--frame_num", "25", "--sample_steps", "2", "--base_seed", "1",
+                 "--device", "cpu", "--save_file", str(out)]) == 0
+    info = mp4_info(out)
+    assert out.is_file() and info["frames"] == 25 and round(info["fps"]) == 24
+
+
+def test_plan_command_on_a_kandinsky_checkpoint(tiny, capsys):
+    assert main(["plan", "--ckpt_dir", str(tiny), "--vram", "8GB", "--ram", "16GB", "--size", "32*32",
+                 "--frame_num", "25"]) == 0
+    assert "kandinsky5-i2v-pro-tiny" in capsys.readouterr().out
