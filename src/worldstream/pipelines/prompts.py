@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from ..checkpoints.t5 import T5_CHECKPOINT, T5_TOKENIZER, check_files, load_text_encoder
 from ..files import atomic_write
 from ..models.text_encoder import TEXT_LEN, TextEncoder, clean_prompt
+from ..runtime.memory import empty_host_cache
 from ..runtime.slab import BlockLayout
 from ..runtime.streaming import host_slabs_from_blocks, place, unplace
 
@@ -224,4 +225,6 @@ def encode_prompts(prompts: Sequence[str], ckpt_dir: str | os.PathLike, cache: P
             if streaming is not None:
                 unplace(encoder.blocks, *streaming)
             encoder.close()
+            del encoder, streaming
+            empty_host_cache()   # (its slabs' host RAM goes back to the system before the DiT loads)
     return [found[t].to(device=device, dtype=dtype) for t in cleaned]

@@ -32,8 +32,11 @@ def to_uint8_frames(video: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"expected a video [3, F, H, W], got shape {tuple(video.shape)}")
     if not torch.isfinite(video).all():
         raise ValueError("the video has non-finite values (NaN/inf); refusing to write it")
-    x = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(1, 2, 3, 0).contiguous().cpu()
+    out = torch.empty(video.shape[1:] + (3,), dtype=torch.uint8)
+    for f in range(0, video.shape[1], 8):   # 8 frames at a time: float temporaries of 8 frames, not of the clip
+        x = ((video[:, f:f + 8].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        out[f:f + 8] = x.permute(1, 2, 3, 0).cpu()
+    return out
 
 
 def _even(frames: np.ndarray) -> np.ndarray:

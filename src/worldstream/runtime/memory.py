@@ -79,6 +79,18 @@ def unpin(buf: torch.Tensor) -> None:
 _REGISTERED: set[int] = set()
 
 
+def empty_host_cache() -> None:
+    """Give back to the system what PyTorch's caching host allocator keeps of freed pinned tensors. It keeps
+    them for reuse otherwise: slabs made with `pin_memory=True` (`pinned_empty`'s fallback where page-locking
+    in place fails) would stay in the process's RSS after their owner is gone. A no-op before CUDA is used."""
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return
+    fn = (getattr(getattr(torch, "accelerator", None), "empty_host_cache", None)
+          or getattr(torch._C, "_accelerator_emptyHostCache", None) or getattr(torch._C, "_host_emptyCache", None))
+    if fn is not None:
+        fn()
+
+
 def release_file_pages(tensors) -> int:
     """Drop from this process's resident set the pages of those CPU `tensors` that are memory-mapped from a file
     (a `.pth` read with mmap: `checkpoints.tensors.read_pth`). Their data stays: `madvise(MADV_DONTNEED)` on a

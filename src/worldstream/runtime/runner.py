@@ -46,7 +46,7 @@ from ..models.dit import WanDiT
 from . import attention8  # noqa: F401  (registers the "8bit" attention backend)
 from .disk import DiskTier
 from .loading import CheckpointLoader, resolve_quant, stream_layout
-from .memory import HostMemory, host_ram_bytes, peak_rss_bytes, pss_bytes, shm_dir, shm_free_bytes, unpin
+from .memory import HostMemory, empty_host_cache, host_ram_bytes, peak_rss_bytes, pss_bytes, shm_dir, shm_free_bytes, unpin
 from ..checkpoints.compressed import QuantPolicy
 from .planner import Hardware, Plan, PlanError, Workload, plan
 from .quant import quantized_block_bytes
@@ -279,6 +279,7 @@ class DiTRunner:
         for e in self.experts.values():
             e.model, e.sources, e.handle, e.state = None, {}, None, "unloaded"   # (weights freed with them)
         self.engine, self.active = None, None
+        empty_host_cache()   # (the host RAM of the slabs goes back to the system before the VAE decode)
 
 
 RAM_SHARE = 0.8    # without --ram: this share of the machine's RAM (room for the OS and the rest of the run)
