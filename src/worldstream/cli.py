@@ -318,7 +318,8 @@ def _generate_kandinsky(args: argparse.Namespace, parallel) -> int:
                                          f"{time.strftime('%Y%m%d_%H%M%S')}.mp4")
     _check_room(path, job.frames, job.height, job.width)
     print(job.describe())
-    frames = run_kandinsky(job, device=device, dtype=dtype, vram=vram, ram=ram, text_cpu=args.t5_cpu)
+    frames = run_kandinsky(job, device=device, dtype=dtype, vram=vram, ram=ram, text_cpu=args.t5_cpu,
+                           quant=args.quant)
     t0 = time.perf_counter()
     write_video(frames, path)
     job.report["phases"]["write"] = dict(seconds=time.perf_counter() - t0)

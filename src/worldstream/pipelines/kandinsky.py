@@ -84,8 +84,9 @@ def _peak(device) -> float:
 
 def run_kandinsky(job: KandinskyJob, device="cpu", dtype: torch.dtype = torch.bfloat16, vram: float | None = None,
                   ram: float | None = None, text_cpu: bool = False, progress: bool = True,
-                  resident: list[int] | None = None, prefetch: int = 1):
-    """Frames as float [F, H, W, 3] in [0, 1] (numpy); `job.report` gets phases, peaks and the plan."""
+                  resident: list[int] | None = None, prefetch: int = 1, quant=None):
+    """Frames as float [F, H, W, 3] in [0, 1] (numpy); `job.report` gets phases, peaks and the plan. `quant`
+    ("fp8" | "fp8-block" | "int8" | a QuantPolicy): the visual blocks' linears compressed while loading."""
     device = torch.device(device)
     root, cfg, rep = job.ckpt.root, job.ckpt.config, job.report
     phases = rep.setdefault("phases", {})
@@ -109,7 +110,8 @@ def run_kandinsky(job: KandinskyJob, device="cpu", dtype: torch.dtype = torch.bf
 
     t0 = time.perf_counter()
     workload = Workload(frames=job.frames, height=job.height, width=job.width, guidance=guided)
-    placed = place_transformer(job.ckpt, device, dtype, workload, vram, ram, resident=resident, prefetch=prefetch)
+    placed = place_transformer(job.ckpt, device, dtype, workload, vram, ram, resident=resident, prefetch=prefetch,
+                               quant=quant)
     if placed.plan is not None:
         rep["plan"] = placed.plan.describe()
     pipe.transformer = placed.model
