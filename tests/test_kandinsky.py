@@ -256,7 +256,7 @@ QUANT_ERROR = {"fp8": 4e-2, "int8": 7e-3}
 def test_quantized_streamed_equals_resident_and_stays_close_to_float32(tiny, fmt):
     from worldstream.models.quant import QLinear
     ck = find_kandinsky(tiny)
-    policy = QuantPolicy(fmt, skip_first_last=False)     # the tiny stack has 2 blocks: compress both
+    policy = QuantPolicy(fmt, skip_first_last=False)     # every block compressed: all of them can stream
     whole = place_transformer(ck, "cpu", torch.float32, _W(), quant=policy)
     streamed = place_transformer(ck, "cpu", torch.float32, _W(), resident=[], prefetch=1, quant=policy)
     ref = place_transformer(ck, "cpu", torch.float32, _W())
@@ -276,10 +276,18 @@ def test_quantized_streamed_equals_resident_and_stays_close_to_float32(tiny, fmt
 
 
 def test_default_policy_keeps_the_whole_first_and_last_blocks_resident(tiny):
+    from worldstream.models.quant import QLinear
     from worldstream.runtime.planner import PlanError
     ck = find_kandinsky(tiny)
+    last = ck.config.num_layers - 1
     with pytest.raises(PlanError, match="must be resident"):
         place_transformer(ck, "cpu", torch.float32, _W(), resident=[], prefetch=1, quant="fp8")
+    whole = place_transformer(ck, "cpu", torch.float32, _W(), quant="fp8")
+    streamed = place_transformer(ck, "cpu", torch.float32, _W(), resident=[0, last], prefetch=1, quant="fp8")
+    blocks = whole.model.visual_transformer_blocks
+    assert [isinstance(b.feed_forward.in_layer, QLinear) for b in blocks] == [False] + [True] * (last - 1) + [False]
+    with torch.no_grad():
+        assert torch.equal(whole.model(**_inputs(ck.config))[0], streamed.model(**_inputs(ck.config))[0])
 
 
 @pytest.mark.parametrize("fmt", ["fp8", "int8"])
@@ -305,3 +313,55 @@ def test_the_planner_prices_the_compressed_block_bytes(fmt):
     assert p.block_bytes == BlockLayout.of(block).nbytes < 0.62 * whole.block_bytes   # the float32 modulation: 151 MB
     assert {0, PRO.num_layers - 1} <= set(p.resident) and p.vram_peak <= 12e9
     assert len(p.resident) > len(whole.resident)           # half the bytes: more blocks fit beside the activations
+
+
+# ---- the disk tier ------------------------------------------------------------------------------------------------
+
+def test_a_plan_with_disk_blocks_gives_the_resident_output(tiny):
+    from worldstream.runtime.planner import Hardware
+    from worldstream.runtime.runner import plan_run
+    from worldstream.runtime.slab import BlockLayout
+
+    ck = find_kandinsky(tiny)
+    cfg = ck.config
+    with torch.device("meta"):
+        block = BlockLayout.of(cfg.block_module(torch.float32)).nbytes
+    hw = Hardware(vram_reserve=0, host_overhead=0)
+    # VRAM for two slots and no resident block; RAM for less than the 4 blocks: only the disk tier's read ring
+    p = plan_run(cfg, _W(frames=25, height=32, width=32), 1.0e6, 3.5 * block, torch.float32, None, hw)
+    assert p.resident == [] and p.ram_blocks == [] and p.disk_blocks == list(range(cfg.num_layers))
+    whole = place_transformer(ck, "cpu", torch.float32, _W())
+    planned = place_transformer(ck, "cpu", torch.float32, _W(), plan_=p)
+    mixed = place_transformer(ck, "cpu", torch.float32, _W(), resident=[0], disk=[2], prefetch=2)  # RAM: 1, 3
+    try:
+        with torch.no_grad():
+            for seed in (0, 1):       # twice: the second forward reads the disk blocks again
+                ref = whole.model(**_inputs(cfg, seed))[0]
+                assert torch.equal(ref, planned.model(**_inputs(cfg, seed))[0])
+                assert torch.equal(ref, mixed.model(**_inputs(cfg, seed))[0])
+        assert planned.tier.stats["reads"] >= 2 * cfg.num_layers and mixed.tier.stats["reads"] >= 2
+        assert sorted(type(s).__name__ for s in mixed.sources.values()) == ["DiskSource", "RamSource", "RamSource"]
+    finally:
+        planned.close()
+        mixed.close()
+
+
+def test_disk_blocks_are_refused_with_quant_compressed_while_loading(tiny):
+    from worldstream.runtime.planner import PlanError
+    ck = find_kandinsky(tiny)
+    with pytest.raises(PlanError, match="raise --ram"):
+        place_transformer(ck, "cpu", torch.float32, _W(), resident=[], disk=[1],
+                          quant=QuantPolicy("int8", skip_first_last=False))
+
+
+def test_disk_blocks_with_nan_are_refused_naming_the_culprit(tiny, tmp_path):
+    root = _copy(tiny, tmp_path)
+    shard = _shard_with(root, KEY)
+    _rewrite(shard, lambda s: s[KEY].view(-1)[3].fill_(float("nan")))
+    placed = place_transformer(find_kandinsky(root), "cpu", torch.float32, _W(), resident=[0], disk=[1])
+    try:
+        with pytest.raises(CheckpointError) as e, torch.no_grad():
+            placed.model(**_inputs(find_kandinsky(root).config))
+        assert KEY in str(e.value) and shard.name in str(e.value)
+    finally:
+        placed.close()
