@@ -222,9 +222,10 @@ def test_pipeline_matches_diffusers_kandinsky5_i2v(tiny):
     assert set(job.report["phases"]) >= {"text", "load", "denoise", "decode"}
 
 
-def test_generate_command_writes_an_mp4_at_24_fps(tiny, tmp_path):
+def test_generate_command_writes_an_mp4_at_24_fps(tiny, tmp_path, monkeypatch):
     from worldstream.pipelines.video import mp4_info
 
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     img = tmp_path / "first.png"
     _image().save(img)
     out = tmp_path / "out.mp4"
@@ -233,6 +234,8 @@ def test_generate_command_writes_an_mp4_at_24_fps(tiny, tmp_path):
                  "--device", "cpu", "--save_file", str(out)]) == 0
     info = mp4_info(out)
     assert out.is_file() and info["frames"] == 25 and round(info["fps"]) == 24
+    # the prompt and the negative prompt are in the prompt cache for the next run
+    assert len(list((tmp_path / "cache" / "worldstream" / "prompts" / "kandinsky5").glob("*.safetensors"))) == 2
 
 
 def test_plan_command_on_a_kandinsky_checkpoint(tiny, capsys):
@@ -365,3 +368,66 @@ def test_disk_blocks_with_nan_are_refused_naming_the_culprit(tiny, tmp_path):
         assert KEY in str(e.value) and shard.name in str(e.value)
     finally:
         placed.close()
+
+
+# ---- the text encoders: Qwen2.5-VL placed like umT5, and the prompt cache -----------------------------------------
+
+def _loader(root: Path, calls: list):
+    from worldstream.pipelines.kandinsky import _component
+
+    def load(name, dtype):
+        calls.append(name)
+        return _component(root, name, dtype)
+    return load
+
+
+PROMPTS = ["a red fox runs through the snow", "Static, 2D cartoon, worst quality"]
+
+
+def test_streamed_qwen_equals_resident_and_diffusers_bit_for_bit(tiny):
+    from diffusers import Kandinsky5I2VPipeline
+
+    from worldstream.pipelines.kandinsky_text import encode_kandinsky_prompts
+
+    ref = Kandinsky5I2VPipeline.from_pretrained(str(tiny), transformer=None, vae=None)   # the whole Qwen model
+    out, report = {}, {}
+    for placement in ("gpu", "cpu", "stream"):
+        out[placement] = encode_kandinsky_prompts(PROMPTS, tiny, Kandinsky5I2VPipeline, _loader(tiny, []), "cpu",
+                                                  torch.float32, placement, report=report)
+    assert report["qwen_layer_copies"] >= 2 * len(PROMPTS)      # the stream run: 2 layers per forward
+    for k, prompt in enumerate(PROMPTS):
+        with torch.no_grad():
+            theirs = ref.encode_prompt([prompt], device="cpu", dtype=torch.float32)
+        for placement in out:
+            ours = out[placement][k]
+            assert ours[0].shape[1] > 1 and ours[2].tolist() == [0, ours[0].shape[1]]
+            assert all(torch.equal(a, b) for a, b in zip(ours, theirs)), placement
+
+
+def test_a_cached_prompt_loads_no_encoder(tiny, tmp_path):
+    from diffusers import Kandinsky5I2VPipeline
+
+    from worldstream.pipelines.kandinsky_text import KandinskyPromptCache, encode_kandinsky_prompts
+
+    cache = KandinskyPromptCache(tmp_path / "cache")
+    first_calls, again_calls, first, again = [], [], {}, {}
+    fresh = encode_kandinsky_prompts(PROMPTS, tiny, Kandinsky5I2VPipeline, _loader(tiny, first_calls), "cpu",
+                                     torch.float32, "stream", cache, report=first)
+    cached = encode_kandinsky_prompts(PROMPTS, tiny, Kandinsky5I2VPipeline, _loader(tiny, again_calls), "cpu",
+                                      torch.float32, "stream", cache, report=again)
+    assert "text_encoder" in first_calls and first["encoders_loaded"] and len(list(cache.root.glob("*.safetensors"))) == 2
+    assert again_calls == [] and not again["encoders_loaded"] and again["cached_prompts"] == 2
+    for a, b in zip(fresh, cached):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    # another dtype, or another pipeline's prompt template, is another identity: a miss
+    other = []
+    encode_kandinsky_prompts(PROMPTS[:1], tiny, Kandinsky5I2VPipeline, _loader(tiny, other), "cpu", torch.bfloat16,
+                             "gpu", cache)
+    assert "text_encoder" in other
+    # a corrupt entry is a miss (re-encoded and rewritten), never an error
+    for f in cache.root.glob("*.safetensors"):
+        f.write_bytes(b"garbage")
+    calls = []
+    redo = encode_kandinsky_prompts(PROMPTS, tiny, Kandinsky5I2VPipeline, _loader(tiny, calls), "cpu", torch.float32,
+                                    "gpu", cache)
+    assert "text_encoder" in calls and all(torch.equal(x, y) for x, y in zip(redo[0], fresh[0]))

@@ -299,7 +299,8 @@ def _generate_kandinsky(args: argparse.Namespace, parallel) -> int:
     import torch
 
     from .pipelines.conditioning import GenerationError
-    from .pipelines.kandinsky import prepare_kandinsky, run_kandinsky, write_video
+    from .pipelines.kandinsky import prepare_kandinsky, run_kandinsky, text_encoder_placement, write_video
+    from .pipelines.kandinsky_text import KandinskyPromptCache
 
     if parallel is not None:
         raise GenerationError("--ulysses is not wired for Kandinsky 5 yet: run one process")
@@ -318,8 +319,13 @@ def _generate_kandinsky(args: argparse.Namespace, parallel) -> int:
                                          f"{time.strftime('%Y%m%d_%H%M%S')}.mp4")
     _check_room(path, job.frames, job.height, job.width)
     print(job.describe())
+    placement = text_encoder_placement(job.ckpt.root, device, vram, args.t5_cpu)
+    if placement == "stream":
+        print(f"note: Qwen2.5-VL does not fit --vram {vram / 1e9:.0f}GB with headroom: streaming its layers "
+              "through the GPU", file=sys.stderr)
     frames = run_kandinsky(job, device=device, dtype=dtype, vram=vram, ram=ram, text_cpu=args.t5_cpu,
-                           quant=args.quant)
+                           quant=args.quant, text_placement=placement,
+                           prompt_cache=None if args.no_prompt_cache else KandinskyPromptCache())
     t0 = time.perf_counter()
     write_video(frames, path)
     job.report["phases"]["write"] = dict(seconds=time.perf_counter() - t0)
@@ -918,10 +924,10 @@ def _companion_plan(cfg, vram) -> list[str]:
 
     if getattr(cfg, "family", "wan") == "kandinsky5":   # Qwen2.5-VL-7B (~8.3 B) and CLIP-L's text tower
         qwen, clip = 2 * 8.29e9, 2 * 123e6
-        where = ("on the CPU (too large for the VRAM budget beside nothing else)" if vram and qwen > 0.85 * vram
+        where = ("its 28 layers streamed through the GPU from pinned RAM (~2 GB of VRAM)" if vram and qwen > 0.85 * vram
                  else "on the GPU, then freed")
-        return [f"text encoders: Qwen2.5-VL {fmt_bytes(qwen)} bf16 {where}, and CLIP-L text {fmt_bytes(clip)}, "
-                "before the DiT loads (cached prompts skip them)"]
+        return [f"text encoders: Qwen2.5-VL {fmt_bytes(qwen)} bf16, {where}, and CLIP-L text {fmt_bytes(clip)}, "
+                "before the DiT loads (--t5_cpu: on the CPU; cached prompts skip them)"]
     t5 = 2 * sum(math.prod(s) for s in upstream_shapes(T5Config()).values())
     where = ("streamed through the GPU from pinned RAM (~3 GB of VRAM)" if vram and t5 > 0.85 * vram
              else "on the GPU, then freed")
