@@ -431,3 +431,49 @@ def test_a_cached_prompt_loads_no_encoder(tiny, tmp_path):
     redo = encode_kandinsky_prompts(PROMPTS, tiny, Kandinsky5I2VPipeline, _loader(tiny, calls), "cpu", torch.float32,
                                     "gpu", cache)
     assert "text_encoder" in calls and all(torch.equal(x, y) for x, y in zip(redo[0], fresh[0]))
+
+
+# ---- the original single-file transformer (kandinsky5pro_i2v_sft_5s.safetensors) ----------------------------------
+
+def _single_file(tiny: Path, tmp_path: Path, edit=None) -> tuple[Path, Path]:
+    """A copy of the checkpoint whose transformer/ keeps only its config.json, and the transformer as one file
+    with upstream's key names (upstream's DiffusionTransformer3D names its modules as diffusers does)."""
+    import glob
+
+    from safetensors.torch import load_file, save_file
+    root = _copy(tiny, tmp_path)
+    state = {}
+    for f in glob.glob(str(root / "transformer" / "*.safetensors")):
+        state.update(load_file(f))
+    for f in (root / "transformer").iterdir():
+        if f.name != "config.json":
+            f.unlink()
+    if edit:
+        edit(state)
+    single = tmp_path / "kandinsky5pro_i2v_sft_5s.safetensors"
+    save_file({k: v.to(torch.bfloat16) for k, v in state.items()}, str(single))   # released in bf16
+    return root, single
+
+
+def test_the_original_single_file_runs_as_the_diffusers_transformer(tiny, tmp_path, capsys):
+    root, single = _single_file(tiny, tmp_path)
+    ck = find_kandinsky(root, dit=[str(single)])
+    assert ck.config.name == "kandinsky5-i2v-pro-tiny" and ck.experts["main"] == single
+    ours = place_transformer(ck, "cpu", torch.float32, _W(), resident=[1], prefetch=1)
+    ref = place_transformer(find_kandinsky(tiny), "cpu", torch.float32, _W())
+    with torch.no_grad():                      # the reference rounded to bf16 as the file stores it
+        for p in ref.model.parameters():
+            p.copy_(p.to(torch.bfloat16))
+        assert torch.equal(ours.model(**_inputs(ck.config))[0], ref.model(**_inputs(ck.config))[0])
+    assert main(["plan", "--ckpt_dir", str(root), "--dit", str(single), "--vram", "8GB", "--size", "32*32",
+                 "--frame_num", "25"]) == 0
+    assert "kandinsky5-i2v-pro-tiny" in capsys.readouterr().out
+
+
+def test_a_single_file_with_other_names_is_refused_naming_the_key(tiny, tmp_path):
+    root, single = _single_file(tiny, tmp_path, lambda s: s.__setitem__("model." + KEY, s.pop(KEY)))
+    with pytest.raises(CheckpointError) as e:
+        place_transformer(find_kandinsky(root, dit=single), "cpu", torch.float32, _W())
+    assert "missing key" in str(e.value) and KEY in str(e.value) and "unexpected key 'model." in str(e.value)
+    with pytest.raises(CheckpointError, match="one .safetensors file"):
+        find_kandinsky(root, dit=root / "vae")

@@ -309,7 +309,7 @@ def _generate_kandinsky(args: argparse.Namespace, parallel) -> int:
     scale = args.sample_guide_scale
     job = prepare_kandinsky(args.ckpt_dir, args.prompt, image=args.image, size=args.size, frame_num=args.frame_num,
                             steps=args.sample_steps, guide_scale=scale[0] if isinstance(scale, tuple) else scale,
-                            seed=args.base_seed, negative_prompt=args.negative_prompt)
+                            seed=args.base_seed, negative_prompt=args.negative_prompt, dit=args.dit)
     device = _device(args.device)
     vram, ram = _budget("--vram", args.vram), _budget("--ram", args.ram)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(args.dtype) or (
@@ -483,7 +483,9 @@ def _add_generate_parser(sub, common) -> None:
     a("--dit", action="append", metavar="PATH",
       help="use this DiT (a .safetensors file, e.g. LightX2V's wan2.1_i2v_480p_scaled_fp8_e4m3_lightx2v_4step"
            ".safetensors, or a folder) instead of the checkpoint's; VAE, text encoder and CLIP still come from "
-           "--ckpt_dir. Give it twice for the two experts of Wan2.2 / LingBot ('high' / 'low' in the names)")
+           "--ckpt_dir. Give it twice for the two experts of Wan2.2 / LingBot ('high' / 'low' in the names). "
+           "Kandinsky 5: the original single-file transformer (kandinsky5pro_i2v_sft_5s.safetensors) instead of "
+           "the diffusers folder's transformer/ weights")
     a("--lora", action="append", metavar="[high=|low=]FILE[:SCALE]",
       help="merge a LoRA (kohya or diffusers naming: lora_down/up or lora_A/B, alpha; .diff / .diff_b) into the "
            "DiT while it loads, before any compression; repeatable; SCALE defaults to 1. A step-distill LoRA "
@@ -850,7 +852,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     student = None
     if args.ckpt_dir:
         from .checkpoints.kandinsky import find_kandinsky, is_kandinsky
-        ckpt = find_kandinsky(args.ckpt_dir) if is_kandinsky(args.ckpt_dir) else \
+        ckpt = find_kandinsky(args.ckpt_dir, args.dit) if is_kandinsky(args.ckpt_dir) else \
             find_checkpoint(args.ckpt_dir, dit=args.dit)
         cfg, experts = ckpt.config, len(ckpt.experts)
         student = ckpt.student

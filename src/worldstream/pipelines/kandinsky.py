@@ -173,11 +173,12 @@ def write_video(frames, path) -> Path:
 
 def prepare_kandinsky(ckpt_dir, prompt: str, image=None, size: str | None = None, frame_num: int | None = None,
                       steps: int | None = None, guide_scale: float | None = None, seed: int | None = None,
-                      negative_prompt: str | None = None) -> KandinskyJob:
-    """Check the inputs against the checkpoint before anything large is loaded."""
+                      negative_prompt: str | None = None, dit=None) -> KandinskyJob:
+    """Check the inputs against the checkpoint before anything large is loaded. `dit`: the original single-file
+    transformer to use instead of transformer/'s weights."""
     from .conditioning import GenerationError
 
-    ckpt = find_kandinsky(ckpt_dir)
+    ckpt = find_kandinsky(ckpt_dir, dit)
     cfg, s = ckpt.config, ckpt.config.sampling
     w, h = s.size
     if size:
