@@ -169,7 +169,7 @@ def _encode(prompts: list[str], pipeline_cls, load, device, dtype, placement: st
     model = qwen.model                                   # Qwen2_5_VLModel: hidden states, no lm_head
     lm = model.language_model
     clip = load("text_encoder_2", dtype).to(home)
-    streaming = None
+    streaming = pipe = None
     try:
         if placement == "stream":
             streaming = stream_language_model(lm, device)
@@ -188,7 +188,7 @@ def _encode(prompts: list[str], pipeline_cls, load, device, dtype, placement: st
     finally:
         if streaming is not None:
             unplace(lm.layers, *streaming)
-        del qwen, model, lm, clip, streaming
+        del qwen, model, lm, clip, streaming, pipe
         empty_host_cache()         # (the slabs' host RAM goes back before the transformer loads)
         if device.type == "cuda":
             torch.cuda.empty_cache()
