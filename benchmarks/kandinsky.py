@@ -10,8 +10,16 @@ Cases (`--cases`, default all; `name@frames@capGB`, cap 0 = none):
                `blocks_in_memory` of them on the GPU, FIFO eviction (`block.to("cpu")`), the next block
                prefetched with non-blocking copies
   group        diffusers' group offloading (block_level, one block per group, use_stream=True)
+  fp8 / int8 / fp8-block  worldstream with the visual blocks' linears compressed while loading (--quant), under
+               the plan for the cap (which prices the compressed bytes; first / last blocks whole and resident)
+  err-fp8 / err-int8  no timing: the relative error (max |q - bf16| / max |bf16|) of one forward of the resident
+               compressed model against the resident bf16 one, same random weights and inputs
+  qwen-resident / qwen-stream  Qwen2.5-VL-7B's language model (random weights, 28 layers, bf16), one forward of
+               `frames` tokens (the prompt template and prompt): on the GPU, or its layers streamed from pinned
+               RAM through the engine (pipelines/kandinsky_text.py's "stream" placement) under the cap
 The cap is torch.cuda.set_per_process_memory_fraction(cap / total), as benchmarks/offload.py does.
 Usage: python benchmarks/kandinsky.py --out $OUT/kandinsky.json [--cases ...]
+   (the transformer cases need diffusers; the qwen cases only transformers)
 """
 from __future__ import annotations
 
@@ -103,9 +111,84 @@ def fifo_swap(model, blocks_in_memory: int):
     return model
 
 
+QUANT = ("fp8", "int8", "fp8-block")
+
+
+def qwen_case(name: str, tokens: int, cap: float, size: dict | None = None, device: str = "cuda") -> dict:
+    """Qwen2.5-VL-7B's language model with random bf16 weights made on the GPU; "qwen-stream" then hands it to
+    pipelines/kandinsky_text.py's `stream_language_model` (its layers packed into pinned slabs, the GPU copies
+    freed) before the cap is set. `size` / `device`: a smaller model on the CPU (a smoke test of this code)."""
+    from transformers import Qwen2_5_VLConfig
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLTextModel
+
+    from worldstream.pipelines.kandinsky_text import stream_language_model
+    cuda = device == "cuda"
+    size = size or dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                        num_key_value_heads=4, vocab_size=152064)
+    half = size["hidden_size"] // size["num_attention_heads"] // 2     # 7B: 64 = 16 + 24 + 24 (t, h, w)
+    section = [half // 4, 3 * half // 8, half - half // 4 - 3 * half // 8]
+    cfg = Qwen2_5_VLConfig(text_config=dict(size, rope_scaling={"type": "mrope", "mrope_section": section})
+                           ).text_config
+    out = dict(case=f"{name}@{tokens}@{cap / GB:g}", method=name, tokens=tokens, cap_gb=cap / GB)
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    with torch.device(device):
+        lm = Qwen2_5_VLTextModel(cfg).to(torch.bfloat16).eval().requires_grad_(False)
+    layer_bytes = sum(p.numel() * p.element_size() for p in lm.layers[0].parameters())
+    streaming = stream_language_model(lm, device) if name == "qwen-stream" else None
+    out["load_s"] = time.perf_counter() - t0
+    out.update(layer_mb=layer_bytes / 1e6, transfer_floor_s=2 * len(lm.layers) * layer_bytes / 53e9)
+    if cuda:
+        torch.cuda.empty_cache()
+        if cap:
+            torch.cuda.set_per_process_memory_fraction(min(1.0, cap / torch.cuda.get_device_properties(0).total_memory))
+    ids = torch.randint(0, cfg.vocab_size, (1, tokens), device=device)
+    with torch.no_grad():
+        lm(input_ids=ids)                         # warm-up
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        for _ in range(2):                        # the prompt and the negative prompt
+            lm(input_ids=ids)
+        if cuda:
+            torch.cuda.synchronize()
+    out.update(encode_2_prompts_s=time.perf_counter() - t0, peak_rss_gb=peak_rss_bytes() / GB,
+               peak_vram_gb=torch.cuda.max_memory_allocated() / GB if cuda else 0.0)
+    if streaming is not None:
+        out["layer_copies"] = streaming[1].stats["copies"]
+    return out
+
+
+def error_case(fmt: str, frames: int) -> dict:
+    """Relative error of the resident compressed transformer's output against the resident bf16 one."""
+    from worldstream.checkpoints.compressed import QuantPolicy
+    from worldstream.checkpoints.kandinsky import KandinskyCheckpoint
+    from worldstream.runtime.kandinsky import place_transformer
+    from worldstream.runtime.planner import Workload
+    ck, work, x = KandinskyCheckpoint(Path("."), CFG, "i2v"), Workload(frames=frames, height=H, width=W), inputs(frames)
+    outs = []
+    for quant in (None, QuantPolicy(fmt)):
+        placed = place_transformer(ck, "cuda", torch.bfloat16, work, resident=list(range(CFG.num_layers)),
+                                   tensors=random_tensors(), quant=quant)
+        with torch.no_grad():
+            outs.append(placed.model(**x)[0].float().cpu())
+        placed.close()
+        del placed
+        torch.cuda.empty_cache()
+    ref, q = outs
+    return dict(case=f"err-{fmt}@{frames}@0", method=f"err-{fmt}", frames=frames,
+                rel_max=((q - ref).abs().max() / ref.abs().max()).item(),
+                rel_rms=((q - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()).item())
+
+
 def one_case(case: str) -> dict:
     name, frames, cap = case.split("@")
     frames, cap = int(frames), float(cap) * GB
+    if name.startswith("qwen-"):
+        return qwen_case(name, frames, cap)
+    if name.startswith("err-"):
+        return error_case(name[4:], frames)
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(1.0 if not cap else min(1.0, cap / total))
     from worldstream.checkpoints.kandinsky import KandinskyCheckpoint
@@ -114,16 +197,19 @@ def one_case(case: str) -> dict:
     from worldstream.runtime.runner import plan_run
     out = dict(case=case, method=name, frames=frames, cap_gb=cap / GB, tokens=CFG.tokens(frames, H, W))
     workload = Workload(frames=frames, height=H, width=W, guidance=True)
-    p = plan_run(CFG, workload, cap or None, 100 * GB, torch.bfloat16, None)
+    from worldstream.checkpoints.compressed import QuantPolicy
+    policy = QuantPolicy(name) if name in QUANT else None
+    p = plan_run(CFG, workload, cap or None, 100 * GB, torch.bfloat16, policy)
     out.update(predicted_step_s=p.step_seconds, predicted_resident_s=p.resident_step_seconds,
                predicted_vram_gb=p.vram_peak / GB, resident_blocks=len(p.resident),
                transfer_floor_s=2 * CFG.num_layers * p.block_bytes / 53e9)
     t0 = time.perf_counter()
     ck = KandinskyCheckpoint(Path("."), CFG, "i2v")
-    if name in ("resident", "worldstream"):
-        placed = place_transformer(ck, "cuda", torch.bfloat16, workload, plan_=p if name == "worldstream" else None,
-                                   resident=None if name == "worldstream" else list(range(CFG.num_layers)),
-                                   tensors=random_tensors())
+    if name in ("resident", "worldstream") + QUANT:
+        planned = name != "resident"
+        placed = place_transformer(ck, "cuda", torch.bfloat16, workload, plan_=p if planned else None,
+                                   resident=None if planned else list(range(CFG.num_layers)),
+                                   tensors=random_tensors(), quant=policy)
         model = placed.model
     else:
         model = diffusers_model("cuda" if name == "diffusers" else "cpu")
@@ -145,7 +231,8 @@ def one_case(case: str) -> dict:
         model(**x)                       # cond + uncond: one CFG step
         torch.cuda.synchronize()
     out.update(step_s=time.perf_counter() - t0, peak_vram_gb=torch.cuda.max_memory_allocated() / GB,
-               peak_rss_gb=peak_rss_bytes() / GB, weights_gb=(CFG.num_layers * p.block_bytes) / GB)
+               peak_rss_gb=peak_rss_bytes() / GB, weights_gb=(CFG.num_layers * p.block_bytes) / GB,
+               block_mb=p.block_bytes / 1e6)
     return out
 
 

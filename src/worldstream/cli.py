@@ -299,7 +299,8 @@ def _generate_kandinsky(args: argparse.Namespace, parallel) -> int:
     import torch
 
     from .pipelines.conditioning import GenerationError
-    from .pipelines.kandinsky import prepare_kandinsky, run_kandinsky, write_video
+    from .pipelines.kandinsky import prepare_kandinsky, run_kandinsky, text_encoder_placement, write_video
+    from .pipelines.kandinsky_text import KandinskyPromptCache
 
     if parallel is not None:
         raise GenerationError("--ulysses is not wired for Kandinsky 5 yet: run one process")
@@ -308,7 +309,7 @@ def _generate_kandinsky(args: argparse.Namespace, parallel) -> int:
     scale = args.sample_guide_scale
     job = prepare_kandinsky(args.ckpt_dir, args.prompt, image=args.image, size=args.size, frame_num=args.frame_num,
                             steps=args.sample_steps, guide_scale=scale[0] if isinstance(scale, tuple) else scale,
-                            seed=args.base_seed, negative_prompt=args.negative_prompt)
+                            seed=args.base_seed, negative_prompt=args.negative_prompt, dit=args.dit)
     device = _device(args.device)
     vram, ram = _budget("--vram", args.vram), _budget("--ram", args.ram)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(args.dtype) or (
@@ -318,7 +319,13 @@ def _generate_kandinsky(args: argparse.Namespace, parallel) -> int:
                                          f"{time.strftime('%Y%m%d_%H%M%S')}.mp4")
     _check_room(path, job.frames, job.height, job.width)
     print(job.describe())
-    frames = run_kandinsky(job, device=device, dtype=dtype, vram=vram, ram=ram, text_cpu=args.t5_cpu)
+    placement = text_encoder_placement(job.ckpt.root, device, vram, args.t5_cpu)
+    if placement == "stream":
+        print(f"note: Qwen2.5-VL does not fit --vram {vram / 1e9:.0f}GB with headroom: streaming its layers "
+              "through the GPU", file=sys.stderr)
+    frames = run_kandinsky(job, device=device, dtype=dtype, vram=vram, ram=ram, text_cpu=args.t5_cpu,
+                           quant=args.quant, text_placement=placement,
+                           prompt_cache=None if args.no_prompt_cache else KandinskyPromptCache())
     t0 = time.perf_counter()
     write_video(frames, path)
     job.report["phases"]["write"] = dict(seconds=time.perf_counter() - t0)
@@ -476,7 +483,9 @@ def _add_generate_parser(sub, common) -> None:
     a("--dit", action="append", metavar="PATH",
       help="use this DiT (a .safetensors file, e.g. LightX2V's wan2.1_i2v_480p_scaled_fp8_e4m3_lightx2v_4step"
            ".safetensors, or a folder) instead of the checkpoint's; VAE, text encoder and CLIP still come from "
-           "--ckpt_dir. Give it twice for the two experts of Wan2.2 / LingBot ('high' / 'low' in the names)")
+           "--ckpt_dir. Give it twice for the two experts of Wan2.2 / LingBot ('high' / 'low' in the names). "
+           "Kandinsky 5: the original single-file transformer (kandinsky5pro_i2v_sft_5s.safetensors) instead of "
+           "the diffusers folder's transformer/ weights")
     a("--lora", action="append", metavar="[high=|low=]FILE[:SCALE]",
       help="merge a LoRA (kohya or diffusers naming: lora_down/up or lora_A/B, alpha; .diff / .diff_b) into the "
            "DiT while it loads, before any compression; repeatable; SCALE defaults to 1. A step-distill LoRA "
@@ -843,7 +852,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     student = None
     if args.ckpt_dir:
         from .checkpoints.kandinsky import find_kandinsky, is_kandinsky
-        ckpt = find_kandinsky(args.ckpt_dir) if is_kandinsky(args.ckpt_dir) else \
+        ckpt = find_kandinsky(args.ckpt_dir, args.dit) if is_kandinsky(args.ckpt_dir) else \
             find_checkpoint(args.ckpt_dir, dit=args.dit)
         cfg, experts = ckpt.config, len(ckpt.experts)
         student = ckpt.student
@@ -917,10 +926,10 @@ def _companion_plan(cfg, vram) -> list[str]:
 
     if getattr(cfg, "family", "wan") == "kandinsky5":   # Qwen2.5-VL-7B (~8.3 B) and CLIP-L's text tower
         qwen, clip = 2 * 8.29e9, 2 * 123e6
-        where = ("on the CPU (too large for the VRAM budget beside nothing else)" if vram and qwen > 0.85 * vram
+        where = ("its 28 layers streamed through the GPU from pinned RAM (~2 GB of VRAM)" if vram and qwen > 0.85 * vram
                  else "on the GPU, then freed")
-        return [f"text encoders: Qwen2.5-VL {fmt_bytes(qwen)} bf16 {where}, and CLIP-L text {fmt_bytes(clip)}, "
-                "before the DiT loads (cached prompts skip them)"]
+        return [f"text encoders: Qwen2.5-VL {fmt_bytes(qwen)} bf16, {where}, and CLIP-L text {fmt_bytes(clip)}, "
+                "before the DiT loads (--t5_cpu: on the CPU; cached prompts skip them)"]
     t5 = 2 * sum(math.prod(s) for s in upstream_shapes(T5Config()).values())
     where = ("streamed through the GPU from pinned RAM (~3 GB of VRAM)" if vram and t5 > 0.85 * vram
              else "on the GPU, then freed")

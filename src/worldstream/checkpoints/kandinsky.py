@@ -8,6 +8,15 @@ folder name. The transformer's tensors are indexed by their safetensors headers 
 and malformed headers are refused by name: checkpoints/dit.py `_raw_index`), compared key by key and shape by
 shape with diffusers' module built on `meta`, and read one at a time (NaN / inf refused, naming file and key).
 The other components are checked the same way against their classes before transformers / diffusers load them.
+
+The original single-file release (`kandinsky5pro_i2v_sft_5s.safetensors`, ai-forever/Kandinsky-5) can stand in for
+transformer/'s weights (`dit`): upstream loads that file strictly (`load_state_dict`) into its own
+`DiffusionTransformer3D`, whose modules carry the same names as diffusers' `Kandinsky5Transformer3DModel`
+(time_embeddings, text_embeddings, pooled_text_embeddings, visual_embeddings, text_ / visual_transformer_blocks
+with visual_modulation, self_attention.to_query / to_key / to_value / query_norm / key_norm / out_layer,
+cross_attention, feed_forward.in_layer / out_layer, out_layer), and neither keeps a persistent buffer: its keys
+are diffusers' keys, one to one. It carries no config, so the variant comes from the folder's
+transformer/config.json, and every key and shape of the file is validated against it like a shard's.
 """
 from __future__ import annotations
 
@@ -35,12 +44,13 @@ class KandinskyCheckpoint:
     config: KandinskyConfig
     task: str                                  # "i2v" | "t2v"
     layout: str = "diffusers"
+    dit: Path | None = None                    # the original single-file transformer, instead of transformer/'s
     quant = None
     student = None
 
     @property
     def experts(self) -> dict[str, Path]:      # the runner's view: one DiT
-        return {"main": self.root / "transformer"}
+        return {"main": self.dit if self.dit is not None else self.root / "transformer"}
 
     def folder(self, component: str) -> Path:
         return self.root / component
@@ -56,8 +66,19 @@ def is_kandinsky(root: str | Path) -> bool:
     return False
 
 
-def find_kandinsky(root: str | Path) -> KandinskyCheckpoint:
+def find_kandinsky(root: str | Path, dit: str | Path | list | None = None) -> KandinskyCheckpoint:
+    """`dit`: the original single-file transformer (`kandinsky5pro_i2v_sft_5s.safetensors`) to use instead of
+    transformer/'s weights (its config.json still names the variant)."""
     root = Path(root)
+    if isinstance(dit, (list, tuple)):
+        if len(dit) > 1:
+            raise CheckpointError(f"--dit given {len(dit)} times: a Kandinsky 5 checkpoint has one transformer")
+        dit = dit[0] if dit else None
+    if dit is not None:
+        dit = Path(dit)
+        if not dit.is_file() or dit.suffix != ".safetensors":
+            raise CheckpointError(f"--dit {dit}: expected the transformer as one .safetensors file "
+                                  "(e.g. kandinsky5pro_i2v_sft_5s.safetensors)")
     if not root.is_dir():
         raise CheckpointError(f"{root}: checkpoint folder does not exist")
     for name, role in COMPONENTS.items():
@@ -67,7 +88,7 @@ def find_kandinsky(root: str | Path) -> KandinskyCheckpoint:
     pipeline = str(index.get("_class_name", "")) if isinstance(index, dict) else ""
     task = "t2v" if "T2V" in pipeline else "i2v"
     cfg = detect_config(root / "transformer", task)
-    return KandinskyCheckpoint(root, cfg, task)
+    return KandinskyCheckpoint(root, cfg, task, dit=dit)
 
 
 def detect_config(model_dir: Path, task: str = "i2v") -> KandinskyConfig:
@@ -98,7 +119,7 @@ def expected_state(cfg: KandinskyConfig) -> dict[str, tuple[int, ...]]:
 
 
 def transformer_locations(ckpt: KandinskyCheckpoint) -> dict[str, TensorLocation]:
-    d = ckpt.folder("transformer")
+    d = ckpt.experts["main"]                   # transformer/, or the single file given as `dit`
     locations = _raw_index(d)
     validate(ckpt.config, locations, d)
     return locations

@@ -208,8 +208,9 @@ class KandinskyConfig:
 
     # ---- variants ---------------------------------------------------------------------------------------------
     def tiny(self) -> "KandinskyConfig":
-        """Same structure, toy sizes: 2 visual and 1 text block of width 64 (head_dim 16), small text dims."""
-        return replace(self, name=self.name + "-tiny", model_dim=64, ff_dim=128, time_dim=32, num_layers=2,
+        """Same structure, toy sizes: 4 visual and 1 text block of width 64 (head_dim 16), small text dims (4 visual
+        blocks: the planner can then leave some on disk beside its read ring of 3)."""
+        return replace(self, name=self.name + "-tiny", model_dim=64, ff_dim=128, time_dim=32, num_layers=4,
                        num_text_blocks=1, axes_dims=(4, 6, 6), in_text_dim=32, in_text_dim2=16, text_len=16)
 
     @property

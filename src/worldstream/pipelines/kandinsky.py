@@ -2,7 +2,9 @@
 one tensor at a time), the placement (the transformer's visual blocks streamed under the planner's budget), the
 phases (text encoders on the device then freed, before the transformer loads), progress and an atomic MP4.
 
-Phases: "text" (Qwen2.5-VL + CLIP encode the prompt and the negative prompt, then are freed), "load" (the
+Phases: "text" (Qwen2.5-VL + CLIP encode the prompt and the negative prompt, then are freed; Qwen on the GPU,
+the CPU or its layers streamed through the GPU when it does not fit `vram`, and prompts seen before read from the
+prompt cache without loading either encoder: pipelines/kandinsky_text.py), "load" (the
 transformer into its homes, the VAE to the device), "denoise" (diffusers' `Kandinsky5I2VPipeline` /
 `Kandinsky5T2VPipeline.__call__` with the embeddings given, so its loop, scheduler, first-frame conditioning
 and CFG are the reference's: cond and uncond as two forwards), "decode" (the HunyuanVideo VAE, tiled when a
@@ -21,6 +23,7 @@ from ..checkpoints.kandinsky import KandinskyCheckpoint, find_kandinsky, validat
 from ..checkpoints.tensors import CheckpointError, read_json
 from ..runtime.kandinsky import place_transformer
 from ..runtime.planner import Workload
+from .kandinsky_text import KandinskyPromptCache, encode_kandinsky_prompts
 from .progress import Progress
 
 NEGATIVE = ("Static, 2D cartoon, cartoon, 2d animation, paintings, images, worst quality, low quality, ugly, "
@@ -69,6 +72,17 @@ def _component(root: Path, name: str, dtype: torch.dtype | None = None):
     return model.eval().requires_grad_(False)
 
 
+def text_encoder_placement(root: Path, device, vram: float | None, text_cpu: bool = False) -> str:
+    """"cpu" with `text_cpu`; on a GPU with a `vram` budget that Qwen2.5-VL's stored weights exceed 85% of,
+    "stream" (the budget holds for every phase, as for umT5); else "gpu"."""
+    if text_cpu:
+        return "cpu"
+    size = sum(f.stat().st_size for f in (Path(root) / "text_encoder").glob("*.safetensors"))
+    if torch.device(device).type == "cuda" and vram is not None and size > 0.85 * vram:
+        return "stream"
+    return "gpu"
+
+
 def _pipeline_class(task: str):
     from diffusers import Kandinsky5I2VPipeline, Kandinsky5T2VPipeline
     return Kandinsky5I2VPipeline if task == "i2v" else Kandinsky5T2VPipeline
@@ -84,8 +98,12 @@ def _peak(device) -> float:
 
 def run_kandinsky(job: KandinskyJob, device="cpu", dtype: torch.dtype = torch.bfloat16, vram: float | None = None,
                   ram: float | None = None, text_cpu: bool = False, progress: bool = True,
-                  resident: list[int] | None = None, prefetch: int = 1):
-    """Frames as float [F, H, W, 3] in [0, 1] (numpy); `job.report` gets phases, peaks and the plan."""
+                  resident: list[int] | None = None, prefetch: int = 1, quant=None,
+                  prompt_cache: KandinskyPromptCache | None = None, text_placement: str | None = None):
+    """Frames as float [F, H, W, 3] in [0, 1] (numpy); `job.report` gets phases, peaks and the plan. `quant`
+    ("fp8" | "fp8-block" | "int8" | a QuantPolicy): the visual blocks' linears compressed while loading.
+    `text_placement` ("gpu" | "cpu" | "stream"): where Qwen2.5-VL runs; by default "cpu" with `text_cpu`,
+    "stream" on a GPU when its weights exceed 85% of `vram`, else "gpu"."""
     device = torch.device(device)
     root, cfg, rep = job.ckpt.root, job.ckpt.config, job.report
     phases = rep.setdefault("phases", {})
@@ -93,23 +111,22 @@ def run_kandinsky(job: KandinskyJob, device="cpu", dtype: torch.dtype = torch.bf
     guided = job.guide_scale > 1.0
 
     t0 = time.perf_counter()
-    text_device = torch.device("cpu") if text_cpu else device
-    vae = _component(root, "vae", dtype)
-    pipe = cls(transformer=None, vae=vae, text_encoder=_component(root, "text_encoder", dtype).to(text_device),
-               tokenizer=_component(root, "tokenizer"),
-               text_encoder_2=_component(root, "text_encoder_2", dtype).to(text_device),
-               tokenizer_2=_component(root, "tokenizer_2"), scheduler=_component(root, "scheduler"))
-    emb = pipe.encode_prompt([job.prompt], device=text_device, dtype=dtype)
-    neg = pipe.encode_prompt([job.negative_prompt], device=text_device, dtype=dtype) if guided else (None,) * 3
-    emb, neg = [(t.to(device) if t is not None else None) for t in emb], \
-        [(t.to(device) if t is not None else None) for t in neg]
-    pipe.text_encoder = pipe.text_encoder_2 = None
+    placement = text_placement or text_encoder_placement(root, device, vram, text_cpu)
+    text = {}
+    encoded = encode_kandinsky_prompts([job.prompt] + ([job.negative_prompt] if guided else []), root, cls,
+                                       lambda name, dt: _component(root, name, dt), device, dtype, placement,
+                                       prompt_cache, report=text)
+    emb, neg = encoded[0], (encoded[1] if guided else (None,) * 3)
     gc.collect()
-    phases["text"] = dict(seconds=time.perf_counter() - t0, peak_vram=_peak(device))
+    phases["text"] = dict(seconds=time.perf_counter() - t0, peak_vram=_peak(device), **text)
+    vae = _component(root, "vae", dtype)
+    pipe = cls(transformer=None, vae=vae, text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+               scheduler=_component(root, "scheduler"))
 
     t0 = time.perf_counter()
     workload = Workload(frames=job.frames, height=job.height, width=job.width, guidance=guided)
-    placed = place_transformer(job.ckpt, device, dtype, workload, vram, ram, resident=resident, prefetch=prefetch)
+    placed = place_transformer(job.ckpt, device, dtype, workload, vram, ram, resident=resident, prefetch=prefetch,
+                               quant=quant)
     if placed.plan is not None:
         rep["plan"] = placed.plan.describe()
     pipe.transformer = placed.model
@@ -156,11 +173,12 @@ def write_video(frames, path) -> Path:
 
 def prepare_kandinsky(ckpt_dir, prompt: str, image=None, size: str | None = None, frame_num: int | None = None,
                       steps: int | None = None, guide_scale: float | None = None, seed: int | None = None,
-                      negative_prompt: str | None = None) -> KandinskyJob:
-    """Check the inputs against the checkpoint before anything large is loaded."""
+                      negative_prompt: str | None = None, dit=None) -> KandinskyJob:
+    """Check the inputs against the checkpoint before anything large is loaded. `dit`: the original single-file
+    transformer to use instead of transformer/'s weights."""
     from .conditioning import GenerationError
 
-    ckpt = find_kandinsky(ckpt_dir)
+    ckpt = find_kandinsky(ckpt_dir, dit)
     cfg, s = ckpt.config, ckpt.config.sampling
     w, h = s.size
     if size:
