@@ -374,21 +374,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import world
-
-    if args.what != "world":
-        raise CommandError(f"unknown training job {args.what!r}; known: world")
-    return world.main(args.args)
+    if args.what == "world":
+        from .train import world
+        return world.main(args.args)
+    if args.what == "distill":
+        from .train import distill
+        return distill.main(args.args)
+    raise CommandError(f"unknown training job {args.what!r}; known: world, distill")
 
 
 def _add_train_parser(sub, common) -> None:
     t = sub.add_parser("train", parents=[common],
                        help="train a model: `worldstream train world --help` (the small LingBot-World "
-                            "Cam model and its VAE on procedural worlds, resumable)",
+                            "Cam model and its VAE on procedural worlds, resumable), `worldstream train distill "
+                            "--help` (its causal 4-step student: ODE initialisation + DMD self forcing)",
                        description="Training jobs. world: lingbot-cam-world and its VAE on rendered clips "
-                                   "(the flags are those of python -m worldstream.train.world).")
-    t.add_argument("what", choices=["world"], help="what to train")
-    t.add_argument("args", nargs=argparse.REMAINDER, help="the job's flags (see `worldstream train world --help`)")
+                                   "(the flags are those of python -m worldstream.train.world). distill: the "
+                                   "causal student lingbot-fast-world from it (python -m worldstream.train.distill).")
+    t.add_argument("what", choices=["world", "distill"], help="what to train")
+    t.add_argument("args", nargs=argparse.REMAINDER, help="the job's flags (see `worldstream train <what> --help`)")
     t.set_defaults(fn=cmd_train)
 
 
