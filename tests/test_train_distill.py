@@ -196,3 +196,33 @@ def test_fsdp_two_processes_on_gloo(micro, tmp_path):
     assert all(torch.isfinite(torch.tensor(x)) for r in (r0, r1) for x in r["losses"])
     assert (tmp_path / "export" / "transformers" / "config.json").is_file()
     assert (tmp_path / "state.json").is_file()
+
+
+# ---- the shipped student ----------------------------------------------------------------------------------
+
+def test_the_shipped_student_is_small_and_in_the_causal_layout(tmp_path):
+    from worldstream.pipelines.stream import check_student
+    from worldstream.testing.world import WORLD_STUDENT, student_checkpoint
+
+    files = [f for f in WORLD_STUDENT.rglob("*") if f.is_file()]
+    assert sum(f.stat().st_size for f in files) <= 20 * 2**20
+    assert {f.relative_to(WORLD_STUDENT).as_posix() for f in files} == {
+        "transformers/config.json", "transformers/diffusion_pytorch_model.safetensors.index.json",
+        "transformers/diffusion_pytorch_model-00001-of-00002.safetensors",
+        "transformers/diffusion_pytorch_model-00002-of-00002.safetensors"}
+    ckpt = check_student(student_checkpoint(tmp_path))
+    assert ckpt.config.name == "lingbot-fast-world" and list(ckpt.experts) == ["fast"]
+    assert ckpt.config.realtime.chunk == 3 and ckpt.config.realtime.window == 9
+
+
+def test_stream_runs_the_shipped_student_by_default(tmp_path, capsys):
+    from worldstream.cli import main
+    from worldstream.pipelines.video import mp4_info
+
+    out = tmp_path / "walk.mp4"
+    assert main(["stream", "--frame_num", "9", "--action_string", "w-9", "--save_file", str(out), "--device",
+                 "cpu", "--no_prompt_cache"]) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert "lingbot-fast-world" in printed and "RANDOM" not in printed
+    info = mp4_info(out)
+    assert info["frames"] == 9 and (info["width"], info["height"]) == (160, 96)
