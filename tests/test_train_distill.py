@@ -257,3 +257,16 @@ def test_the_shipped_student_beats_copying_the_first_frame(tmp_path):
     ours, baseline = psnr(a, b)[0, 1:].mean().item(), psnr(copy, b)[0, 1:].mean().item()
     assert ours > baseline + 1.5, (ours, baseline)
     assert ssim(a, b)[0, 1:].mean() > ssim(copy, b)[0, 1:].mean()
+
+
+def test_bad_input_fails_in_one_line_before_anything_is_written(tmp_path, capsys):
+    from worldstream.cli import main
+
+    out = tmp_path / "run"
+    for bad, culprit in [(["--resume", str(tmp_path / "nothing")], "--resume"), (["--frames", "17"], "--frames 17"),
+                         (["--student", "lingbot-cam-world"], "not a causal student"),
+                         (["--student", "nope"], "--student")]:
+        assert main(["train", "distill", "--out", str(out), *bad]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("worldstream: error:") and culprit in err and "Traceback" not in err, err
+        assert not out.exists()

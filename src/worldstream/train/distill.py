@@ -692,7 +692,28 @@ def config_from_args(args: argparse.Namespace) -> DistillConfig:
     if not c.teacher:
         from ..testing.world import WORLD_CHECKPOINT
         c.teacher = str(WORLD_CHECKPOINT)
+    check_config(c, args.resume)
     return c
+
+
+def check_config(c: DistillConfig, resume=None) -> None:
+    """Bad input fails here, in one line, before anything is loaded or rendered."""
+    from ..pipelines.conditioning import GenerationError   # (pipelines sits below train)
+    try:
+        cfg = get_config(c.student)
+    except KeyError as e:
+        raise GenerationError(f"--student: {e.args[0]}") from None
+    if cfg.realtime is None:
+        raise GenerationError(f"--student {c.student}: not a causal student (no chunk loop settings)")
+    lat = cfg.latents.latent_frames(c.frames)
+    if (c.frames - 1) % cfg.latents.stride[0] or lat % cfg.realtime.chunk or lat < 2 * cfg.realtime.chunk:
+        raise GenerationError(f"--frames {c.frames}: needs 4k + 1 frames making at least two whole chunks of "
+                              f"{cfg.realtime.chunk} latent frames (e.g. 21 or 33)")
+    if c.minutes <= 0 or c.pool_clips < 1 or c.ode_batch < 1 or c.dmd_batch < 1 or c.critic_steps < 0:
+        raise GenerationError("--minutes, --pool_clips, --ode_batch, --dmd_batch must be positive, "
+                              "--critic_steps >= 0")
+    if resume is not None and not (Path(resume) / "state.json").is_file():
+        raise GenerationError(f"--resume {resume}: no state.json there (not a distillation state folder)")
 
 
 def distill(c: DistillConfig, out: str | os.PathLike, device="cpu", resume=None, export=None, log=print
