@@ -29,7 +29,7 @@ Each loss term can be switched off (`ode`, `dmd`, `critic`), which is how the te
 
 State (`--out`): `state.json` (phase, steps, loss history, events), `models-*.safetensors` (student, EMA,
 critic, and on one process their AdamW moments, float32, files of at most 16 MiB), `pairs-*.safetensors` (the
-ODE pairs). `--resume` continues exactly (random draws are seeded from the step counters).
+ODE pairs), `student_ode.safetensors` (the EMA student as the ODE phase left it, float16, to compare). `--resume` continues exactly (random draws are seeded from the step counters).
 Checkpoints every `save_minutes` and at the end; `--minutes` is the run's wall-clock budget: every phase stops
 in time to save and export. `--export DIR` writes the EMA student in the causal layout the real-time loader
 reads (`DIR/transformers/`: config.json + float16 shards + index); `curves.json` / `curves.png` (matplotlib when
