@@ -245,7 +245,8 @@ def distill_quality(args) -> int:
               file=sys.stderr, flush=True)
 
     res = {"student": str(args.student or WORLD_STUDENT), "teacher": str(args.ckpt_dir),
-           "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+           "device": torch.cuda.get_device_name(device) if device.type == "cuda"
+           else f"cpu ({torch.get_num_threads()} threads)",
            "scenes": len(seeds), "seed_start": args.seed_start, "frames": frames, "size": f"{w}x{h}",
            "teacher_steps": args.teacher_steps, "date": time.strftime("%Y-%m-%d"),
            "student_schedule": {"chunk_latent_frames": rt.chunk, "steps": len(rt.step_indices), "shift": rt.shift,
@@ -264,7 +265,8 @@ def distill_quality(args) -> int:
         lp = torch.stack(long_psnr)                                   # [scenes, F]
         head, tail = lp[:, 1:33].mean().item(), lp[:, 300:330].mean().item()
         res["long"] = {"frames": args.long_frames, "scenes": len(long_psnr),
-                       "psnr_per_30_frames": [round(lp[:, i:i + 30].mean().item(), 2) for i in range(0, lp.shape[1], 30)],
+                       "psnr_per_30_frames": [round(lp[:, i:i + 30].mean().item(), 2)
+                                              for i in range(0, lp.shape[1], 30)],
                        "psnr_1_33": round(head, 2), "psnr_300_330": round(tail, 2), "drift_db": round(tail - head, 2)}
     keys = [k for k in timings[0] if k != "total"] if timings else []
     if timings:

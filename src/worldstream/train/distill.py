@@ -29,7 +29,8 @@ Each loss term can be switched off (`ode`, `dmd`, `critic`), which is how the te
 
 State (`--out`): `state.json` (phase, steps, loss history, events), `models-*.safetensors` (student, EMA,
 critic, and on one process their AdamW moments, float32, files of at most 16 MiB), `pairs-*.safetensors` (the
-ODE pairs), `student_ode.safetensors` (the EMA student as the ODE phase left it, float16, to compare). `--resume` continues exactly (random draws are seeded from the step counters).
+ODE pairs), `student_ode.safetensors` (the EMA student as the ODE phase left it, float16, to compare).
+`--resume` continues exactly (random draws are seeded from the step counters).
 Checkpoints every `save_minutes` and at the end; `--minutes` is the run's wall-clock budget: every phase stops
 in time to save and export. `--export DIR` writes the EMA student in the causal layout the real-time loader
 reads (`DIR/transformers/`: config.json + float16 shards + index); `curves.json` / `curves.png` (matplotlib when
@@ -627,7 +628,7 @@ def _moments(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
     out = {}
     for i, p in enumerate(p for group in opt.param_groups for p in group["params"]):
         for k, v in opt.state.get(p, {}).items():
-            out[f"{i}.{k}"] = v.detach().float().cpu().reshape(-1) if k != "step" else v.detach().float().cpu().reshape(1)
+            out[f"{i}.{k}"] = v.detach().float().cpu().reshape(1 if k == "step" else -1)
     return out
 
 
