@@ -88,7 +88,7 @@ def test_header_locations_address_the_bytes(tmp_path):
 EXPERTS = {"wan2.1-t2v-1.3b": ["main"], "wan2.1-t2v-14b": ["main"], "wan2.1-i2v-14b": ["main"],
            "wan2.2-i2v-a14b": ["high", "low"], "lingbot-cam": ["high", "low"], "lingbot-act": ["high", "low"],
            "lingbot-fast": ["fast"], "lingbot-fast-v2": ["fast"], "lingbot-fast-v2-1.3b": ["fast"],
-           "lingbot-cam-world": ["main"]}
+           "lingbot-cam-world": ["main"], "lingbot-fast-world": ["fast"]}
 
 
 @pytest.mark.parametrize("layout", ["upstream", "diffusers"])

@@ -22,6 +22,7 @@ from worldstream.runtime.memory import rss_bytes
 from worldstream.runtime.planner import Workload
 from worldstream.runtime.runner import build_runner
 from worldstream.testing import write_tiny_checkpoint
+from worldstream.testing.checkpoint import demo_image
 
 H, W = 32, 48
 
@@ -201,7 +202,10 @@ def test_stream_command_writes_the_video_and_refuses_bad_input(tmp_path, capsys)
     from worldstream.cli import main
     from worldstream.pipelines.video import mp4_info
     out = tmp_path / "walk.mp4"
-    assert main(["stream", "--action_string", "w-10,jw-6", "--save_file", str(out), "--device", "cpu",
+    toy = write_tiny_checkpoint(tmp_path / "toy", "lingbot-fast-v2-tiny", seed=0)
+    demo_image().save(tmp_path / "first.png")
+    toy_args = ["--ckpt_dir", str(toy), "--image", str(tmp_path / "first.png"), "--prompt", "a walk"]
+    assert main(["stream", *toy_args, "--action_string", "w-10,jw-6", "--save_file", str(out), "--device", "cpu",
                  "--no_prompt_cache"]) == 0, capsys.readouterr().err
     info = mp4_info(out)
     assert info["frames"] == 29 and (info["width"], info["height"]) == (112, 64)     # 13 + 16: two chunks
@@ -211,7 +215,8 @@ def test_stream_command_writes_the_video_and_refuses_bad_input(tmp_path, capsys)
                          (["--action_string", "w-5,q-2"], "unknown key"), (["--frame_num", "0"], "--frame_num"),
                          (["--vae", "tiny"], "--taehv")]:
         target = tmp_path / "bad.mp4"
-        assert main(["stream", "--save_file", str(target), "--device", "cpu", "--no_prompt_cache", *bad]) == 2
+        assert main(["stream", *toy_args, "--save_file", str(target), "--device", "cpu", "--no_prompt_cache",
+                     *bad]) == 2
         err = capsys.readouterr().err
         assert err.startswith("worldstream: error:") and culprit in err and "Traceback" not in err, err
         assert not target.exists()

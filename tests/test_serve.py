@@ -49,8 +49,13 @@ SRC = Path(__file__).resolve().parent.parent / "src"
 # ---------------------------------------------------------------------------------------------- fixtures
 
 @pytest.fixture(scope="module")
-def engine():
-    e = Engine.load(None, prompt_cache=None)
+def engine(tmp_path_factory):
+    """The serving machinery on a toy causal student (random weights, 112x64: ~1 s a chunk); the built-in
+    tiny world student is what `worldstream serve` runs by default (test_sigterm_... below)."""
+    from worldstream.testing.checkpoint import demo_image, write_tiny_checkpoint
+
+    root = write_tiny_checkpoint(tmp_path_factory.mktemp("student"), "lingbot-fast-v2-tiny", seed=0)
+    e = Engine.load(root, image=demo_image(), prompt="A walk through a sunny field.", prompt_cache=None)
     yield e
     e.close()
 
@@ -481,6 +486,7 @@ def test_a_client_leaving_mid_chunk_leaks_no_threads(serve):
 
 
 def test_sigterm_stops_the_server_and_frees_the_model(tmp_path):
+    """`worldstream serve` with no checkpoint: the built-in tiny world student streams; SIGTERM stops it."""
     env = dict(os.environ, PYTHONPATH=str(SRC) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.Popen([sys.executable, "-m", "worldstream.cli", "serve", "--port", "0", "--no_prompt_cache",
                              "--outputs", str(tmp_path / "out")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -514,5 +520,6 @@ def test_sigterm_stops_the_server_and_frees_the_model(tmp_path):
     text = "".join(lines)
     assert proc.returncode == 0, text
     assert "stopped by SIGTERM" in text and "model freed" in text and "1 session(s) served" in text, text
+    assert "lingbot-fast-world on cpu, 160x96" in text, text
     assert len(list((tmp_path / "out").glob("serve_*.mp4"))) == 1     # the recording in progress was finished
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]

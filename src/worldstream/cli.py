@@ -426,21 +426,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import world
-
-    if args.what != "world":
-        raise CommandError(f"unknown training job {args.what!r}; known: world")
-    return world.main(args.args)
+    if args.what == "world":
+        from .train import world
+        return world.main(args.args)
+    if args.what == "distill":
+        from .train import distill
+        return distill.main(args.args)
+    raise CommandError(f"unknown training job {args.what!r}; known: world, distill")
 
 
 def _add_train_parser(sub, common) -> None:
     t = sub.add_parser("train", parents=[common],
                        help="train a model: `worldstream train world --help` (the small LingBot-World "
-                            "Cam model and its VAE on procedural worlds, resumable)",
+                            "Cam model and its VAE on procedural worlds, resumable), `worldstream train distill "
+                            "--help` (its causal 4-step student: ODE initialisation + DMD self forcing)",
                        description="Training jobs. world: lingbot-cam-world and its VAE on rendered clips "
-                                   "(the flags are those of python -m worldstream.train.world).")
-    t.add_argument("what", choices=["world"], help="what to train")
-    t.add_argument("args", nargs=argparse.REMAINDER, help="the job's flags (see `worldstream train world --help`)")
+                                   "(the flags are those of python -m worldstream.train.world). distill: the "
+                                   "causal student lingbot-fast-world from it (python -m worldstream.train.distill).")
+    t.add_argument("what", choices=["world", "distill"], help="what to train")
+    t.add_argument("args", nargs=argparse.REMAINDER, help="the job's flags (see `worldstream train <what> --help`)")
     t.set_defaults(fn=cmd_train)
 
 
@@ -593,7 +597,8 @@ def _stream(args: argparse.Namespace, parallel) -> int:
     from .pipelines.prompts import PromptCache
     from .pipelines.stream import format_chunk, open_session, prepare_stream, run_stream
     from .runtime.parallel import check
-    from .testing.checkpoint import demo_image, write_tiny_checkpoint
+    from .testing.world import DEMO_PROMPT as WORLD_PROMPT
+    from .testing.world import demo_first_frame, student_checkpoint
 
     everyone = (lambda fn: fn()) if parallel is None else parallel.everyone     # all check, all fail together
     once = (lambda fn: fn()) if parallel is None else parallel.from_first       # rank 0 does it, all get it
@@ -603,12 +608,12 @@ def _stream(args: argparse.Namespace, parallel) -> int:
             device = _device(args.device) if parallel is None else parallel.device
             vram, ram = _budget("--vram", args.vram), _budget("--ram", args.ram)
             ckpt_dir, image, prompt = args.ckpt_dir, args.image, args.prompt
-            if ckpt_dir is None:     # the built-in tiny causal student (random weights), as `demo` does
-                print("worldstream stream: no --ckpt_dir: a tiny built-in causal model with RANDOM weights (it "
-                      "shows the chunk loop runs, not a world)")
-                ckpt_dir = write_tiny_checkpoint(Path(tmp), "lingbot-fast-v2-tiny", seed=0)
-                image = image or demo_image()
-                prompt = prompt or "A walk through a sunny field."
+            if ckpt_dir is None:     # the built-in student of the tiny world, as `demo` runs its teacher
+                print("worldstream stream: no --ckpt_dir: the built-in tiny world student (lingbot-fast-world, "
+                      "distilled from the tiny world model; procedural scenes at 160x96)")
+                ckpt_dir = student_checkpoint(Path(tmp))
+                image = image or demo_first_frame()
+                prompt = prompt or WORLD_PROMPT
             request = prepare_stream(ckpt_dir, prompt, image=image, size=args.size, frame_num=args.frame_num,
                                      action_string=args.action_string, action_path=args.action_path,
                                      seed=args.base_seed, steps=args.steps, window=args.window, sink=args.sink,
@@ -654,8 +659,8 @@ def _add_stream_parser(sub, common) -> None:
         "stream", parents=[common], help="run a causal (real-time) LingBot student chunk by chunk, as long as you like",
         description="Stream a LingBot-World Fast student (v1, v2 causal-fast 14B / 1.3B): chunks of latent frames "
                     "with a KV cache, 4 denoising steps + a refresh each, camera from the keys; the MP4 is written "
-                    "as chunks are produced (it appears complete at the end). Without --ckpt_dir a tiny built-in "
-                    "causal model (random weights) runs.")
+                    "as chunks are produced (it appears complete at the end). Without --ckpt_dir the built-in "
+                    "student of the tiny procedural world runs (lingbot-fast-world, 160x96).")
     a = st.add_argument
     a("--ckpt_dir", help="checkpoint folder: lingbot_world_fast/ (v1, inside Base Cam) or transformers/ (v2 14B), "
                          "or the v2 1.3B; Wan2.1_VAE.pth, umt5 .pth and google/umt5-xxl/ at its root")
@@ -727,8 +732,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     device = _device(args.device)
     vram, ram = _budget("--vram", args.vram), _budget("--ram", args.ram)
     if args.ckpt_dir is None:
-        print("worldstream serve: no --ckpt_dir: a tiny built-in causal model with RANDOM weights (the page and "
-              "the whole path work; the video is coloured noise, not a world)")
+        print("worldstream serve: no --ckpt_dir: the built-in tiny world student (lingbot-fast-world, distilled "
+              "from the tiny world model: walk through procedural scenes at 160x96)")
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(args.dtype)
     sessions = args.max_sessions or (1 if torch.device(device).type == "cuda" else 2)
     engine = Engine.load(args.ckpt_dir, prompt=args.prompt, image=args.image, size=args.size, device=device,
@@ -765,9 +770,10 @@ def _add_serve_parser(sub, common) -> None:
         description="Serve a causal LingBot student on a local web page: hold W/A/S/D, look with I/J/K/L or the "
                     "mouse, watch the world being generated. One session per browser tab (WebSocket), frames as "
                     "JPEG. Listens on 127.0.0.1 unless --host says otherwise (then a token is required). Without "
-                    "--ckpt_dir a tiny built-in causal model (random weights) runs on the CPU.")
+                    "--ckpt_dir the built-in tiny world student (lingbot-fast-world) runs on the CPU.")
     a = sv.add_argument
-    a("--ckpt_dir", help="checkpoint folder, as for `worldstream stream` (default: the tiny built-in model)")
+    a("--ckpt_dir", help="checkpoint folder, as for `worldstream stream` (default: the built-in tiny world "
+                         "student)")
     a("--image", help="first frame (required with --ckpt_dir; the page can upload another)")
     a("--prompt", help="what the world shows (the page can change it)")
     a("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; anything else needs the "

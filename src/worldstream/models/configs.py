@@ -326,6 +326,11 @@ _FAST_V2 = CausalSampling(chunk=4, step_indices=(0, 250, 500, 750), shift=10.0, 
 # minutes of training are better spent on one model that sees every noise level); no guidance (the first
 # frame fixes the world; a guide scale of 1 skips the unconditional pass); 30 UniPC steps at shift 3.
 _WORLD = Sampling(30, 3.0, (1.0, 1.0), seed=42, frame_num=33)
+# Its causal student, distilled from it (train/distill.py; shipped in assets/tiny_world_fast): the teacher's widths
+# with 6 of its 8 blocks (16-bit weights within the package's 20 MB for the student), chunks of 3 latent frames
+# (a 33-frame clip is 3 chunks), 4 steps at the teacher's shift 3 (t = 999, 899, 749, 499) + the refresh, a
+# window of 9 latent frames (the training length) with the first chunk as sink.
+_FAST_WORLD = CausalSampling(chunk=3, step_indices=(0, 250, 500, 750), shift=3.0, window=9, sink=3)
 # LightX2V's 4-step students: Wan2.1 (one model) and Wan2.2 A14B (two experts, 2 + 2 steps). LingBot-World is a
 # fine-tuned Wan2.2 A14B: the same sampler runs it when a step-distill LoRA or student is given for it.
 _STUDENT = StepDistill()
@@ -349,6 +354,8 @@ VARIANTS: dict[str, DiTConfig] = {c.name: c for c in [
     DiTConfig("lingbot-fast-v2-1.3b", **_WAN1_3B, in_dim=36, control_dim=6, causal=True, realtime=_FAST_V2),
     DiTConfig("lingbot-cam-world", dim=256, ffn_dim=768, num_heads=4, num_layers=8, in_dim=36, text_dim=32,
               text_len=64, control_dim=6, task="i2v-A14B", sampling=_WORLD, trained_size=(160, 96)),
+    DiTConfig("lingbot-fast-world", dim=256, ffn_dim=768, num_heads=4, num_layers=6, in_dim=36, text_dim=32,
+              text_len=64, control_dim=6, causal=True, realtime=_FAST_WORLD, trained_size=(160, 96)),
 ]}
 
 

@@ -97,7 +97,8 @@ def prepare_stream(ckpt_dir, prompt: str, *, image, size: str | None = None, fra
                    sink: int | None = None, noise: str = "chunk",
                    notice: Callable[[str], None] | None = None) -> StreamRequest:
     """Validate a stream request (headers and small files only). size: W*H pixel budget (default 832*480,
-    the students' size); the aspect ratio comes from the image, as in `generate`."""
+    the students' size; a small trained student its own, e.g. 160*96); the aspect ratio comes from the image, as
+    in `generate`."""
     notes: list[str] = []
 
     def note(msg: str) -> None:
@@ -112,7 +113,9 @@ def prepare_stream(ckpt_dir, prompt: str, *, image, size: str | None = None, fra
     if image is None:
         raise GenerationError("--image is required: the stream starts from a first frame")
     pil = image if hasattr(image, "convert") else read_image(image)
-    text = (size or ("112*64" if cfg.is_tiny else "832*480")).replace("x", "*")
+    default = f"{cfg.trained_size[0]}*{cfg.trained_size[1]}" if cfg.trained_size else \
+        ("112*64" if cfg.is_tiny else "832*480")
+    text = (size or default).replace("x", "*")
     try:
         w, h = (int(v) for v in text.split("*"))
     except ValueError:

@@ -1,7 +1,8 @@
 """The model a server streams from, loaded once and shared by its sessions.
 
-`Engine.load` validates and loads a causal student (`pipelines.stream.load_student`), or writes the built-in
-tiny one (random weights) to a temp folder it owns. Sessions are opened per connection on the same weights;
+`Engine.load` validates and loads a causal student (`pipelines.stream.load_student`), or puts the built-in
+student of the tiny world (`lingbot-fast-world`, assets/tiny_world_fast with the tiny world's VAE and umt5) in a
+temp folder it owns. Sessions are opened per connection on the same weights;
 every piece of model work (a chunk, a session's first-frame encode, a prompt encode) holds `engine.compute`,
 so forwards never overlap on the shared runner; sessions beyond the first take turns.
 """
@@ -20,8 +21,6 @@ from ..pipelines.realtime import RealtimeSession
 from ..pipelines.stream import Student, load_student, prepare_stream
 from ..runtime.memory import rss_bytes, trim_host_memory
 
-TINY_VARIANT = "lingbot-fast-v2-tiny"
-TINY_PROMPT = "A walk through a sunny field."
 SERVE_WINDOW, SERVE_SINK = 18, 6     # for a student trained with a global cache (v1): a live stream needs a window
 
 
@@ -44,16 +43,17 @@ class Engine:
              device=None, dtype=None, vram=None, ram=None, quant=None, attention="sdpa", vae="wan", taehv=None,
              steps=None, window=None, sink=None, seed=None, prompt_cache: PromptCache | None = None,
              sessions: int = 1, notice=None) -> "Engine":
-        """Validate and load. No `ckpt_dir`: the tiny built-in causal student (random weights), written to a
-        temp folder removed by `close()`. Raises GenerationError / CheckpointError / PlanError on bad input."""
+        """Validate and load. No `ckpt_dir`: the built-in tiny world student, put together in a temp folder
+        removed by `close()`, starting from the world demo's first frame and prompt. Raises GenerationError /
+        CheckpointError / PlanError on bad input."""
         tiny_dir = None
         if ckpt_dir is None:
-            from ..testing.checkpoint import demo_image, write_tiny_checkpoint
+            from ..testing.world import DEMO_PROMPT, demo_first_frame, student_checkpoint
 
             tiny_dir = tempfile.mkdtemp(prefix="worldstream-serve-")
-            ckpt_dir = write_tiny_checkpoint(Path(tiny_dir), TINY_VARIANT, seed=0)
-            image = image if image is not None else demo_image()
-            prompt = prompt or TINY_PROMPT
+            ckpt_dir = student_checkpoint(Path(tiny_dir))
+            image = image if image is not None else demo_first_frame()
+            prompt = prompt or DEMO_PROMPT
         try:
             request = prepare_stream(ckpt_dir, prompt or "", image=image, size=size, seed=seed, steps=steps,
                                      window=-1 if window is None else window, sink=sink, notice=notice)

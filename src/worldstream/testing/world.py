@@ -26,6 +26,9 @@ from ..pipelines.schedulers import FlowEuler, FlowUniPC
 from ..pipelines.step_cache import StepCache
 
 WORLD_CHECKPOINT = Path(__file__).resolve().parent.parent / "assets" / "tiny_world"
+# The causal 4-step student distilled from it (train/distill.py): only its DiT, `transformers/` in the v2
+# causal-fast layout; it shares the teacher's VAE, umt5 and tokenizer (`student_checkpoint` puts them together).
+WORLD_STUDENT = Path(__file__).resolve().parent.parent / "assets" / "tiny_world_fast"
 
 
 @dataclass
@@ -95,6 +98,24 @@ class WorldModel:
         if step_cache is not None:
             step_cache.finish()
         return self.vae.decode(x)
+
+
+def student_checkpoint(folder: str | Path, student: str | Path = WORLD_STUDENT, base: str | Path = WORLD_CHECKPOINT
+                       ) -> Path:
+    """A complete causal checkpoint folder in `folder` (as `worldstream stream --ckpt_dir` takes one): the
+    student's `transformers/` and the VAE, umt5 encoder and tokenizer of `base` at its root, copied."""
+    import shutil
+
+    from ..checkpoints.t5 import T5_CHECKPOINT, T5_TOKENIZER
+    folder, student, base = Path(folder), Path(student), Path(base)
+    if not (student / "transformers" / "config.json").is_file():
+        raise FileNotFoundError(f"{student}: no transformers/config.json (a causal student's DiT)")
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(student / "transformers", folder / "transformers", dirs_exist_ok=True)
+    shutil.copyfile(base / VAE_FILE, folder / VAE_FILE)
+    shutil.copyfile(base / T5_CHECKPOINT, folder / T5_CHECKPOINT)
+    shutil.copytree(base / T5_TOKENIZER, folder / T5_TOKENIZER, dirs_exist_ok=True)
+    return folder
 
 
 # ---- metrics (images in [-1, 1]) ----------------------------------------------------------------------
