@@ -85,8 +85,25 @@ class CausalSampling:
     seed: int = 42
 
 
+class VideoTokens:
+    """The token grid of a video transformer with `latents` (a LatentSpace) and `patch_size` (both families)."""
+    latents: LatentSpace
+    patch_size: tuple[int, int, int]
+
+    def latent_grid(self, frames: int, height: int, width: int) -> tuple[int, int, int]:
+        """(latent frames, latent height, latent width) of a frames x height x width video."""
+        st, sh, sw = self.latents.stride
+        return self.latents.latent_frames(frames), height // sh, width // sw
+
+    def tokens(self, frames: int, height: int, width: int) -> int:
+        """Transformer tokens of a video: latent grid / patch (Wan at 480x832: 1,560 per latent frame)."""
+        f, h, w = self.latent_grid(frames, height, width)
+        pt, ph, pw = self.patch_size
+        return (f // pt) * (h // ph) * (w // pw)
+
+
 @dataclass(frozen=True)
-class DiTConfig:
+class DiTConfig(VideoTokens):
     name: str
     dim: int
     ffn_dim: int
@@ -149,18 +166,6 @@ class DiTConfig:
     def pixel_multiple(self) -> int:
         """Video sides must be multiples of this: the VAE's spatial stride times the DiT's spatial patch."""
         return self.latents.stride[1] * self.patch_size[1]
-
-    # ---- tokens ----------------------------------------------------------------------------------------------
-    def latent_grid(self, frames: int, height: int, width: int) -> tuple[int, int, int]:
-        """(latent frames, latent height, latent width) of a frames x height x width video."""
-        st, sh, sw = self.latents.stride
-        return self.latents.latent_frames(frames), height // sh, width // sw
-
-    def tokens(self, frames: int, height: int, width: int) -> int:
-        """DiT tokens of a video: latent grid / patch (480x832: 1,560 per latent frame)."""
-        f, h, w = self.latent_grid(frames, height, width)
-        pt, ph, pw = self.patch_size
-        return (f // pt) * (h // ph) * (w // pw)
 
     # ---- the block cost model (runtime/planner.py schedules with it) ------------------------------------------
     def param_counts(self) -> tuple[int, int]:

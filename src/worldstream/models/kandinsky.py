@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from .configs import BlockWork, LatentSpace
+from .configs import BlockWork, LatentSpace, VideoTokens
 
 # HunyuanVideo VAE: 16 channels, 4x time, 8x space (scaling 0.476986, set in vae/config.json).
 HUNYUAN_LATENTS = LatentSpace(channels=16, stride=(4, 8, 8))
@@ -40,7 +40,7 @@ class KandinskySampling:
 
 
 @dataclass(frozen=True)
-class KandinskyConfig:
+class KandinskyConfig(VideoTokens):   # (tokens: 512x768 gives 1,536 per latent frame, 47,616 for 121 frames)
     name: str
     model_dim: int
     ff_dim: int
@@ -100,17 +100,6 @@ class KandinskyConfig:
                     model_dim=self.model_dim, ff_dim=self.ff_dim, num_text_blocks=self.num_text_blocks,
                     num_visual_blocks=self.num_layers, axes_dims=list(self.axes_dims), visual_cond=self.visual_cond,
                     attention_type=self.attention_type)
-
-    # ---- tokens ----------------------------------------------------------------------------------------------
-    def latent_grid(self, frames: int, height: int, width: int) -> tuple[int, int, int]:
-        st, sh, sw = self.latents.stride
-        return self.latents.latent_frames(frames), height // sh, width // sw
-
-    def tokens(self, frames: int, height: int, width: int) -> int:
-        """Visual tokens: 512x768 gives 1,536 per latent frame, 47,616 for 121 frames."""
-        f, h, w = self.latent_grid(frames, height, width)
-        pt, ph, pw = self.patch_size
-        return (f // pt) * (h // ph) * (w // pw)
 
     # ---- parameters --------------------------------------------------------------------------------------------
     def _param_parts(self) -> dict[str, int]:
