@@ -121,7 +121,15 @@ class CausalConv3d(nn.Conv3d):
                 front -= past.shape[2]
             stream[self] = x[:, :, -self.past_frames:].detach().clone()
         x = F.pad(x, self.spatial_pad + (front, 0))
+        if x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled() and _ONEDNN:
+            # inference on the CPU: oneDNN's 3D convolution, called directly; PyTorch's dispatcher sends float32
+            # conv3d to its generic `slow_conv3d` kernel here, 3-5x slower (BENCHMARKS.md, "live server")
+            return torch.mkldnn_convolution(x.contiguous(), self.weight, self.bias, self.padding, self.stride,
+                                            self.dilation, self.groups)
         return super().forward(x)
+
+
+_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch, "mkldnn_convolution")
 
 
 class RMSNorm(nn.Module):
