@@ -86,9 +86,20 @@ class CausalSampling:
 
 
 class VideoTokens:
-    """The token grid of a video transformer with `latents` (a LatentSpace) and `patch_size` (both families)."""
+    """The token grid and variant name of a video transformer with `name`, `latents` (a LatentSpace) and
+    `patch_size` (both families)."""
+    name: str
     latents: LatentSpace
     patch_size: tuple[int, int, int]
+
+    @property
+    def base_name(self) -> str:
+        """The variant without the '-tiny' suffix."""
+        return self.name.removesuffix("-tiny")
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.name.endswith("-tiny")
 
     def latent_grid(self, frames: int, height: int, width: int) -> tuple[int, int, int]:
         """(latent frames, latent height, latent width) of a frames x height x width video."""
@@ -275,15 +286,6 @@ class DiTConfig(VideoTokens):
             text_dim=32, text_len=16, freq_dim=32 if self.trained_size is None else self.freq_dim,
             image_dim=32 if self.image_dim is not None else None,
             image_tokens=5 if self.image_dim is not None else self.image_tokens)
-
-    @property
-    def base_name(self) -> str:
-        """The variant without the '-tiny' suffix."""
-        return self.name.removesuffix("-tiny")
-
-    @property
-    def is_tiny(self) -> bool:
-        return self.name.endswith("-tiny")
 
     @property
     def any_size(self) -> bool:

@@ -203,14 +203,6 @@ class KandinskyConfig(VideoTokens):   # (tokens: 512x768 gives 1,536 per latent 
                        num_text_blocks=1, axes_dims=(4, 6, 6), in_text_dim=32, in_text_dim2=16, text_len=16)
 
     @property
-    def base_name(self) -> str:
-        return self.name.removesuffix("-tiny")
-
-    @property
-    def is_tiny(self) -> bool:
-        return self.name.endswith("-tiny")
-
-    @property
     def any_size(self) -> bool:
         return self.is_tiny
 
