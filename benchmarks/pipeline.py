@@ -45,11 +45,14 @@ by side (`--variants`, one fresh process each, in order):
     it costs here (final latents against the "off" run's) is reported beside it.
 Reported per run: the phases, s/step of computed and of skipped (cached) steps, the steps skipped, the plan.
 A machine that allows only minutes per command runs one variant per command into the same `--folder` (built
-by the first, reused by the next; "off" before "skip:N"):
+by the first, reused by the next; "off" before "skip:N"); where the next command may get a fresh machine, the
+"off" run leaves its signals and final latents in `--reference` (under $OUT), carried back for "skip:N":
 
     python benchmarks/pipeline.py                       # H100: 24GB then 12GB, 17 frames, 6 steps
     python benchmarks/pipeline.py --job target --variants off --folder /tmp/wsf --out $OUT/target_off.json
     python benchmarks/pipeline.py --job target --variants skip:32 --folder /tmp/wsf --out $OUT/target_skip32.json
+    python benchmarks/pipeline.py --job target --variants off --reference $OUT/ref --out $OUT/target_off.json
+    python benchmarks/pipeline.py --job target --variants skip:32 --reference ref --out $OUT/target_skip32.json
     python benchmarks/pipeline.py --cpu-smoke --out /tmp/smoke.json   # same code path, tiny models, CPU
     python benchmarks/pipeline.py --cpu-smoke --job target --variants off,skip:32 --out /tmp/smoke.json
 """
@@ -295,7 +298,8 @@ class TimedRunner:
 
 
 def run_once(root: Path, vram_text: str, smoke: bool, steps: int, mp4_dir: Path, dit: str = "random",
-             ram_text: str | None = None, job_name: str = "short", variant: str = "off") -> dict:
+             ram_text: str | None = None, job_name: str = "short", variant: str = "off",
+             reference: Path | None = None) -> dict:
     import dataclasses
 
     import torch
@@ -311,13 +315,14 @@ def run_once(root: Path, vram_text: str, smoke: bool, steps: int, mp4_dir: Path,
 
     spec = SMOKE if smoke else FULL
     preset = JOBS[job_name]
-    signals_file = root / f"signals_{vram_text}.json"
+    reference = reference or root       # where the "off" run leaves its signals and final latents
+    signals_file = reference / f"signals_{vram_text}.json"
     if variant == "off":
         step_cache = 0.0            # the uncached run, recording the cache's signal
     elif variant.startswith("skip:"):
         from worldstream.pipelines.step_cache import StepCache, threshold_for
         if not signals_file.is_file():
-            raise SystemExit(f"{variant}: run the 'off' variant into this folder first (no {signals_file.name})")
+            raise SystemExit(f"{variant}: run the 'off' variant first (no {signals_file} from it)")
         seen = json.loads(signals_file.read_text())
         threshold = threshold_for(seen["signals"], set(seen["forced"]), int(variant[5:]))
         if threshold is None:
@@ -370,11 +375,11 @@ def run_once(root: Path, vram_text: str, smoke: bool, steps: int, mp4_dir: Path,
     runner: TimedRunner = holder["runner"]
     peaks = dict(runner.peaks)
     rep = result.report
-    latents_file = root / f"latents_{vram_text}_{variant.replace(':', '')}.pt"
-    torch.save(result.latents, latents_file)
-    off_latents = root / f"latents_{vram_text}_off.pt"
+    off_latents = reference / f"latents_{vram_text}_off.pt"
     rel_err = None
     if variant == "off":
+        reference.mkdir(parents=True, exist_ok=True)
+        torch.save(result.latents, off_latents)
         signals_file.write_text(json.dumps({k: rep["step_cache"][k] for k in ("signals", "forced")}))
     elif off_latents.is_file():
         ref = torch.load(off_latents)
@@ -551,6 +556,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--folder", help="the checkpoint folder to build (if missing) and keep, reused by a later "
                                      "invocation (one variant per command)")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoint folder and the MP4s in it")
+    ap.add_argument("--reference", help="folder for the 'off' run's signals and final latents, read by skip:N "
+                                        "(default: the checkpoint folder; give one under $OUT when the next "
+                                        "variant runs on another machine)")
     ap.add_argument("--out", help="result JSON (default $OUT/pipeline.json, else benchmarks/results/pipeline.json)")
     ap.add_argument("--timeout", type=float, help="seconds per stage (default: the job's)")
     ap.add_argument("--stage", choices=["build", "run"], help=argparse.SUPPRESS)
@@ -566,7 +574,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage == "run":
         root = Path(args.root)
         _atomic_json(Path(args.result), run_once(root, args.vram, args.cpu_smoke, args.steps, root, args.dit,
-                                                 args.ram, args.job, args.variant))
+                                                 args.ram, args.job, args.variant,
+                                                 Path(args.reference) if args.reference else None))
         return 0
 
     out = Path(args.out) if args.out else (Path(os.environ["OUT"]) / "pipeline.json" if os.environ.get("OUT")
@@ -620,6 +629,7 @@ def main(argv: list[str] | None = None) -> int:
                     res["runs"].append(_child(["--stage", "run", "--root", str(root), "--vram", budget,
                                                "--steps", str(steps), "--dit", args.dit, "--job", args.job,
                                                "--variant", variant,
+                                               *(["--reference", args.reference] if args.reference else []),
                                                *(["--ram", args.ram] if args.ram else []), *smoke], timeout))
                 except (RuntimeError, subprocess.TimeoutExpired) as e:
                     res["runs"].append({"vram_budget": budget, "variant": variant, "error": str(e)})
