@@ -267,6 +267,9 @@ class DiTRunner:
         """Wait for copies in flight, free every expert and the disk tier; record peak memory. Idempotent."""
         if self.engine is not None:
             self.engine.release()
+            for e in self.experts.values():      # the engine's hooks on the blocks and its hold on their stacks
+                if e.handle is not None:         # are reference cycles: cut them, or the host slabs wait for
+                    self.engine.detach(e.handle)  # Python's cyclic collector (not run by a VAE decode)
         if self.tier is not None:
             self.tier.close()
             self.tier = None
