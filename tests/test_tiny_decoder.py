@@ -1,0 +1,149 @@
+"""The tiny decoder (models/tiny_decoder.py) and its file (checkpoints/tiny_decoder.py): streaming equals
+whole-clip decoding, causality, frame counts and sizes equal to the Wan VAE decoder's, the state left as
+given, and the loader's checks (round trip, wrong keys / shapes / format refused before any tensor is read)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from worldstream.checkpoints import tiny_decoder as ckpt
+from worldstream.checkpoints.tensors import CheckpointError
+from worldstream.models.tiny_decoder import TinyDecoder, TinyDecoderConfig, macs_per_frame
+from worldstream.models.vae import VAEConfig, WanVAE
+
+CFG = TinyDecoderConfig.micro()
+
+
+def randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) / max(1, p[0].numel()) ** 0.5)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return randomize(TinyDecoder(CFG), 0)
+
+
+def latents(t: int, b: int = 2, seed: int = 1) -> torch.Tensor:
+    return torch.randn(b, 16, t, 3, 4, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("split", [(1, 1, 1, 1, 1), (1, 4), (3, 2), (2, 2, 1)])
+def test_chunked_equals_whole(model, split):
+    z = latents(sum(split))
+    whole = model.decode(z)
+    state, parts, start = model.decoder_state(), [], 0
+    for n in split:
+        frames, state = model.decode_chunk(z[:, :, start:start + n], state)
+        parts.append(frames)
+        start += n
+    chunked = torch.cat(parts, dim=2)
+    assert chunked.shape == whole.shape
+    assert whole.std() > 0.05                      # the random decoder's output is not flat
+    torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-5)
+    assert state.frames_in == 5 and state.frames_out == 20
+
+
+def test_causal_and_state_untouched(model):
+    z = latents(4)
+    state0 = model.decoder_state()
+    a, state1 = model.decode_chunk(z[:, :, :2], state0)
+    assert all(m is None for m in state0.memory)                       # the given state is not changed
+    later = z.clone()
+    later[:, :, 3] += 5
+    b1, _ = model.decode_chunk(z[:, :, 2:], state1)
+    b2, _ = model.decode_chunk(later[:, :, 2:], state1)               # same state, forked
+    frames_of_latent2 = 4
+    torch.testing.assert_close(b1[:, :, :frames_of_latent2], b2[:, :, :frames_of_latent2])
+    assert not torch.allclose(b1[:, :, frames_of_latent2:], b2[:, :, frames_of_latent2:])
+    torch.testing.assert_close(model.decode(z)[:, :, :a.shape[2]], a, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("t", [1, 2, 3])
+def test_frames_and_size_match_the_vae(model, t):
+    z = latents(t, b=1)
+    vae = WanVAE(VAEConfig.tiny(4)).eval()
+    ref = vae.decode(z)
+    out = model.decode(z)
+    assert out.shape == ref.shape == (1, 3, 4 * (t - 1) + 1, 24, 32)
+    assert out.dtype == torch.float32 and out.min() >= -1 and out.max() <= 1
+
+
+def test_bad_input_and_state(model):
+    with pytest.raises(ValueError, match="latents"):
+        model.decode_chunk(torch.zeros(1, 8, 1, 3, 4), model.decoder_state())
+    _, state = model.decode_chunk(latents(1, b=1), model.decoder_state())
+    with pytest.raises(ValueError, match="state does not fit"):
+        model.decode_chunk(latents(1, b=1)[..., :2, :], state)
+    with pytest.raises(ValueError, match="decoder_state"):
+        model.decode_chunk(latents(1), {})
+
+
+def test_default_config_cost_and_size():
+    cfg = TinyDecoderConfig()
+    n = sum(p.numel() for p in TinyDecoder(cfg).parameters())
+    assert 2 * n < 3e6                                      # float16 file < 3 MB
+    assert 0.2e9 < macs_per_frame(cfg, 96, 160) < 0.5e9     # the budget the CPU speed was measured at
+    assert cfg.space_upscale == 8 and cfg.t_upscale == 4 and cfg.frames_to_trim == 3
+
+
+# ---- the file ------------------------------------------------------------------------------------------
+
+def test_round_trip(model, tmp_path):
+    path = tmp_path / ckpt.DECODER_FILE
+    ckpt.save_tiny_decoder(model, path)
+    loaded = ckpt.load_tiny_decoder(path, latent_channels=16)
+    assert loaded.cfg == CFG and not any(p.requires_grad for p in loaded.parameters())
+    z = latents(3)
+    ref = TinyDecoder(CFG).eval()
+    ref.load_state_dict({k: v.half().float() for k, v in model.state_dict().items()})
+    torch.testing.assert_close(loaded.decode(z), ref.decode(z))
+
+
+def _write(path, tensors, meta):
+    from safetensors.torch import save_file
+    save_file(tensors, str(path), metadata=meta)
+
+
+def _good(model):
+    return ({k: v.half().contiguous() for k, v in model.state_dict().items()},
+            {"format": ckpt.FORMAT, "config": json.dumps(CFG.to_json())})
+
+
+def test_rejects_bad_files(model, tmp_path, monkeypatch):
+    # nothing is read before the header checks pass
+    monkeypatch.setattr(ckpt, "iter_tensors", lambda *a, **k: pytest.fail("tensors read before validation"))
+    tensors, meta = _good(model)
+    cases = {
+        "renamed": ({("layers.99.weight" if k == "layers.1.weight" else k): v for k, v in tensors.items()}, meta,
+                    "missing keys"),
+        "extra": ({**tensors, "extra.weight": torch.zeros(2)}, meta, "unexpected keys"),
+        "shape": ({k: (v[:1] if k == "layers.1.weight" else v) for k, v in tensors.items()}, meta, "wrong shapes"),
+        "format": (tensors, {"config": meta["config"]}, "not a tiny decoder file"),
+        "config": (tensors, {**meta, "config": json.dumps({"widths": [8, 8]})}, "bad decoder config"),
+        "ints": ({k: (v.to(torch.int16) if k == "layers.1.bias" else v) for k, v in tensors.items()}, meta,
+                 "expected floats"),
+    }
+    for name, (t, m, message) in cases.items():
+        path = tmp_path / f"{name}.safetensors"
+        _write(path, t, m)
+        with pytest.raises(CheckpointError, match=message):
+            ckpt.load_tiny_decoder(path)
+    pth = tmp_path / "decoder.pth"
+    torch.save(tensors, pth)
+    with pytest.raises(CheckpointError, match="safetensors files only"):
+        ckpt.load_tiny_decoder(pth)
+    with pytest.raises(CheckpointError, match="no such file"):
+        ckpt.load_tiny_decoder(tmp_path / "absent.safetensors")
+
+
+def test_rejects_other_latent_channels(model, tmp_path):
+    path = tmp_path / ckpt.DECODER_FILE
+    ckpt.save_tiny_decoder(model, path)
+    with pytest.raises(CheckpointError, match="16-channel latents"):
+        ckpt.load_tiny_decoder(path, latent_channels=48)
