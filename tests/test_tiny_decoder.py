@@ -147,3 +147,80 @@ def test_rejects_other_latent_channels(model, tmp_path):
     ckpt.save_tiny_decoder(model, path)
     with pytest.raises(CheckpointError, match="16-channel latents"):
         ckpt.load_tiny_decoder(path, latent_channels=48)
+
+
+# ---- the --decoder option --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    """A tiny causal student folder (v2 layout, 112x64) with a random micro decoder beside its VAE."""
+    from worldstream.testing import write_tiny_checkpoint
+    from worldstream.testing.checkpoint import demo_image
+    tmp = tmp_path_factory.mktemp("toy")
+    root = write_tiny_checkpoint(tmp / "toy", "lingbot-fast-v2-tiny", seed=0)
+    ckpt.save_tiny_decoder(randomize(TinyDecoder(CFG), 2), root / ckpt.DECODER_FILE)
+    demo_image().save(tmp / "first.png")
+    return root, tmp / "first.png"
+
+
+def test_stream_session_decodes_with_the_tiny_decoder(toy):
+    from worldstream.pipelines.stream import open_session, prepare_stream
+    root, image = toy
+    request = prepare_stream(root, "a walk", image=str(image), action_string="w-10,jw-6")
+    session = open_session(request, device="cpu", prompt_cache=None, decoder="tiny")
+    try:
+        assert isinstance(session.decoder, TinyDecoder) and session.decoder.cfg == CFG
+        reference = ckpt.load_tiny_decoder(root / ckpt.DECODER_FILE)
+        state = reference.decoder_state()
+        for n in (13, 16):                          # the first chunk of 4 latents: 13 frames, then 16
+            chunk = session.step()
+            assert chunk.frames.shape == (3, n, 64, 112)
+            expected, state = reference.decode_chunk(chunk.latents[None], state)
+            torch.testing.assert_close(chunk.frames, expected[0])
+            assert chunk.frames.std() > 0.01
+    finally:
+        session.close()
+
+
+def test_stream_command_with_tiny_decoder_and_its_refusals(toy, tmp_path, capsys):
+    import shutil
+
+    from worldstream.cli import main
+    from worldstream.pipelines.video import mp4_info
+    root, image = toy
+    args = ["stream", "--image", str(image), "--prompt", "a walk", "--device", "cpu", "--no_prompt_cache",
+            "--action_string", "w-10,jw-6"]
+    out = tmp_path / "walk.mp4"
+    assert main([*args, "--ckpt_dir", str(root), "--decoder", "tiny", "--save_file", str(out)]) == 0, \
+        capsys.readouterr().err
+    info = mp4_info(out)
+    assert info["frames"] == 29 and (info["width"], info["height"]) == (112, 64)
+    capsys.readouterr()
+    bare = tmp_path / "bare"
+    shutil.copytree(root, bare)
+    (bare / ckpt.DECODER_FILE).unlink()
+    bad = tmp_path / "bad"
+    shutil.copytree(root, bad)
+    tensors, meta = _good(TinyDecoder(CFG))
+    tensors["layers.1.weight"] = tensors["layers.1.weight"][:, :4].contiguous()
+    _write(bad / ckpt.DECODER_FILE, tensors, meta)
+    for folder, extra, culprit in [(bare, [], "no decoder.safetensors"), (bad, [], "wrong shapes"),
+                                   (root, ["--vae", "tiny", "--taehv", "x.pth"], "choose one")]:
+        target = tmp_path / "bad.mp4"
+        assert main([*args, "--ckpt_dir", str(folder), "--decoder", "tiny", "--save_file", str(target), *extra]) == 2
+        err = capsys.readouterr().err
+        assert culprit in err and "Traceback" not in err, err
+        assert not target.exists()
+
+
+def test_serve_engine_takes_the_option(toy):
+    from worldstream.serve.engine import Engine
+    root, image = toy
+    engine = Engine.load(root, prompt="a walk", image=str(image), device="cpu", decoder="tiny")
+    try:
+        assert isinstance(engine.student.decoder, TinyDecoder)
+        session = engine.open_session()
+        assert session.decoder is engine.student.decoder
+        assert session.step().frames.shape == (3, 13, 64, 112)
+    finally:
+        engine.close()
