@@ -163,8 +163,8 @@ class Run:
 
 
 class DecoderTrainer:
-    def __init__(self, s: DecoderSettings, out: Path, device, resume: Path | None = None, log=print):
-        self.s, self.out, self.log = s, Path(out), log
+    def __init__(self, s: DecoderSettings, out: Path, device, resume: Path | None = None, log=None):
+        self.s, self.out, self.log = s, Path(out), log or (lambda msg: print(msg, flush=True))
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.out.mkdir(parents=True, exist_ok=True)
@@ -199,11 +199,20 @@ class DecoderTrainer:
         self.frames, seeds = render_clips(range(s.pool_start, s.pool_start + s.pool_clips), s, self.device,
                                           deadline=t0 + s.pool_seconds)
         t1 = time.perf_counter()
-        self.latents = encode_clips(self.vae, self.frames)
-        self.targets = vae_decode_clips(self.vae, self.latents) if s.vae_weight > 0 else None
+        latents = encode_clips(self.vae, self.frames)
+        self.use_pool(self.frames, latents, vae_decode_clips(self.vae, latents) if s.vae_weight > 0 else None)
         self.event(f"pool: {len(seeds)} clips (seeds {seeds[0]}..{seeds[-1]}) rendered in {t1 - t0:.1f} s "
                    f"({1000 * (t1 - t0) / len(seeds):.0f} ms/clip), encoded{' and VAE-decoded' if self.targets is not None else ''} "
                    f"in {time.perf_counter() - t1:.1f} s; latents {tuple(self.latents.shape[1:])}")
+
+    def use_pool(self, frames_u8: torch.Tensor, latents: torch.Tensor, targets: torch.Tensor | None = None) -> None:
+        """Train on these clips: uint8 frames [N, F, 3, H, W], their latents [N, z, T, h, w] and, for
+        `--vae_weight`, the VAE decoder's frames (uint8, like `frames_u8`)."""
+        if len(frames_u8) != len(latents) or frames_u8.shape[1] != 4 * (latents.shape[2] - 1) + 1:
+            raise ValueError(f"frames {tuple(frames_u8.shape)} do not match latents {tuple(latents.shape)}")
+        self.frames, self.latents, self.targets = frames_u8.to(self.device), latents.to(self.device), targets
+        if targets is not None:
+            self.targets = targets.to(self.device)
 
     def loss(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss, mse vs truth) of the clips `idx` of the pool."""
@@ -224,7 +233,7 @@ class DecoderTrainer:
         n = len(self.latents)
         bar = Bar("decoder", budget)
         t0 = last_save = time.perf_counter()
-        steps0, window = run.steps, []
+        steps0, window, skipped = run.steps, [], 0
         warmup = 0 if self.resumed else s.warmup
         while (el := time.perf_counter() - t0) < budget:
             k = run.steps - steps0
@@ -234,6 +243,12 @@ class DecoderTrainer:
             idx = torch.randint(n, (min(s.batch, n),), generator=g).to(self.frames.device)
             loss, mse = self.loss(idx)
             self.opt.zero_grad(set_to_none=True)
+            if not torch.isfinite(loss):              # skip the step; give up only if it keeps happening
+                skipped += 1
+                if skipped > 20:
+                    raise FloatingPointError(f"step {run.steps}: the loss is {loss.item()} (20 steps skipped)")
+                continue
+            skipped = 0
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
             self.opt.step()
@@ -289,7 +304,7 @@ def _cpu_ms_per_frame(decoder, latents: torch.Tensor, chunk: int = 3, repeats: i
 
 
 @torch.no_grad()
-def evaluate(decoder: TinyDecoder, vae, s: DecoderSettings, clips: int, device, log=print,
+def evaluate(decoder: TinyDecoder, vae, s: DecoderSettings, clips: int, device, log=None,
              strip: str | Path | None = None) -> dict:
     """PSNR against the rendered truth on `clips` held-out worlds (seeds 1,000,000 on) of the tiny decoder and
     of the VAE's decoder on the same latents (mean over clips of each clip's PSNR, and of the pooled MSE),
@@ -328,7 +343,7 @@ def evaluate(decoder: TinyDecoder, vae, s: DecoderSettings, clips: int, device, 
                                    "vae": round(_cpu_ms_per_frame(cpu_vae, zc, repeats=1), 2)}
     finally:
         torch.set_num_threads(threads)
-    log(f"evaluation on {len(seeds)} held-out worlds: tiny decoder {out['tiny_vs_truth']['psnr_db']:.2f} dB, "
+    (log or (lambda msg: print(msg, flush=True)))(f"evaluation on {len(seeds)} held-out worlds: tiny decoder {out['tiny_vs_truth']['psnr_db']:.2f} dB, "
         f"VAE decoder {out['vae_vs_truth']['psnr_db']:.2f} dB vs the truth (tiny vs VAE "
         f"{out['tiny_vs_vae']['psnr_db']:.2f} dB); CPU float32 ({out['cpu_threads']} threads): tiny "
         f"{out['cpu_ms_per_frame']['tiny']:.1f} ms/frame, VAE {out['cpu_ms_per_frame']['vae']:.1f} ms/frame")
