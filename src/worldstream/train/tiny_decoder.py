@@ -315,11 +315,11 @@ def evaluate(decoder: TinyDecoder, vae, s: DecoderSettings, clips: int, device, 
     frames, seeds = render_clips(range(EVAL_SEED_START, EVAL_SEED_START + clips), s, device)
     truth = to_video(frames)
     z = encode_clips(vae, frames)
-    was = decoder.training
-    decoder.eval()
-    tiny = torch.cat([decoder.decode(z[i:i + 8]) for i in range(0, len(z), 8)])
+    shipped = TinyDecoder(decoder.cfg).eval()          # the weights as the file has them (float16)
+    shipped.load_state_dict({k: v.detach().half().float().cpu() for k, v in decoder.state_dict().items()})
+    gpu = shipped.to(device)
+    tiny = torch.cat([gpu.decode(z[i:i + 8]) for i in range(0, len(z), 8)])
     ref = torch.cat([vae.decode(z[i:i + 8]) for i in range(0, len(z), 8)])
-    decoder.train(was)
     if strip is not None:
         _write_strip(strip, [truth[:2], ref[:2], tiny[:2]])
 
@@ -334,8 +334,7 @@ def evaluate(decoder: TinyDecoder, vae, s: DecoderSettings, clips: int, device, 
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, s.eval_cpu_threads))
     try:
-        cpu_tiny = TinyDecoder(decoder.cfg).eval()
-        cpu_tiny.load_state_dict({k: v.detach().half().float().cpu() for k, v in decoder.state_dict().items()})
+        cpu_tiny = shipped.to("cpu")
         cpu_vae = load_vae(s.vae, device="cpu")
         zc = z[:1].cpu().repeat(1, 1, -(-9 // z.shape[2]), 1, 1)[:, :, :9]   # 9 latents whatever the clips'
         out["cpu_threads"] = torch.get_num_threads()
