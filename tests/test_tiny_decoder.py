@@ -224,3 +224,14 @@ def test_serve_engine_takes_the_option(toy):
         assert session.step().frames.shape == (3, 13, 64, 112)
     finally:
         engine.close()
+
+
+def test_built_in_student_folder_carries_the_decoder(tmp_path, model):
+    from worldstream.testing.world import WORLD_STUDENT, student_checkpoint
+    student = tmp_path / "student"
+    student.mkdir()
+    (student / "transformers").symlink_to(WORLD_STUDENT / "transformers", target_is_directory=True)
+    assert not (student_checkpoint(tmp_path / "without", student) / ckpt.DECODER_FILE).exists()
+    ckpt.save_tiny_decoder(model, student / ckpt.DECODER_FILE)
+    folder = student_checkpoint(tmp_path / "with", student)
+    assert ckpt.read_decoder_config(folder / ckpt.DECODER_FILE) == CFG
