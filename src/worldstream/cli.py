@@ -28,6 +28,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 MAX_VAE_TILE = 1024   # --vae_tile, latent pixels
+DECODER_HELP = ("frames from the latents: vae (default: the VAE chosen by --vae; exact with wan) or tiny (the model "
+                "folder's own decoder.safetensors, made by `worldstream train decoder`: several times faster on "
+                "a CPU, less exact)")
 MAX_BUDGET = 1e15     # --vram / --ram, bytes
 
 
@@ -432,18 +435,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.what == "distill":
         from .train import distill
         return distill.main(args.args)
-    raise CommandError(f"unknown training job {args.what!r}; known: world, distill")
+    if args.what == "decoder":
+        from .train import tiny_decoder
+        return tiny_decoder.main(args.args)
+    raise CommandError(f"unknown training job {args.what!r}; known: world, distill, decoder")
 
 
 def _add_train_parser(sub, common) -> None:
     t = sub.add_parser("train", parents=[common],
                        help="train a model: `worldstream train world --help` (the small LingBot-World "
                             "Cam model and its VAE on procedural worlds, resumable), `worldstream train distill "
-                            "--help` (its causal 4-step student: ODE initialisation + DMD self forcing)",
+                            "--help` (its causal 4-step student: ODE initialisation + DMD self forcing), `worldstream "
+                            "train decoder --help` (the student's tiny real-time decoder)",
                        description="Training jobs. world: lingbot-cam-world and its VAE on rendered clips "
                                    "(the flags are those of python -m worldstream.train.world). distill: the "
-                                   "causal student lingbot-fast-world from it (python -m worldstream.train.distill).")
-    t.add_argument("what", choices=["world", "distill"], help="what to train")
+                                   "causal student lingbot-fast-world from it (python -m worldstream.train.distill). "
+                                   "decoder: the tiny causal decoder of its latents (python -m "
+                                   "worldstream.train.tiny_decoder).")
+    t.add_argument("what", choices=["world", "distill", "decoder"], help="what to train")
     t.add_argument("args", nargs=argparse.REMAINDER, help="the job's flags (see `worldstream train <what> --help`)")
     t.set_defaults(fn=cmd_train)
 
@@ -638,7 +647,7 @@ def _stream(args: argparse.Namespace, parallel) -> int:
         dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(args.dtype)
         first = parallel is None or parallel.first
         session = open_session(request, device=device, dtype=dtype, vram=vram, ram=ram, quant=args.quant,
-                               attention=args.attention, vae=args.vae, taehv=args.taehv,
+                               attention=args.attention, vae=args.vae, taehv=args.taehv, decoder=args.decoder,
                                prompt_cache=None if args.no_prompt_cache else PromptCache(), parallel=parallel)
         t0, frames = time.perf_counter(), 0
         try:
@@ -680,6 +689,7 @@ def _add_stream_parser(sub, common) -> None:
       help="noise draws: per chunk (default, what a live stream can do) or upstream's order (whole clip first)")
     a("--vae", choices=["wan", "tiny"], default="wan", help="decoder: the Wan VAE (exact) or the TAEHV tiny one")
     a("--taehv", help="taew2_1.pth / .safetensors for --vae tiny (madebyollin/taehv; never downloaded)")
+    a("--decoder", choices=["vae", "tiny"], default="vae", help=DECODER_HELP)
     a("--base_seed", type=int, help="noise seed (default 42)")
     a("--save_file", help="output .mp4 (default outputs/stream_<size>_<prompt>_<time>.mp4)")
     a("--device", help="cuda, cuda:N or cpu (default: cuda if available)")
@@ -738,7 +748,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     sessions = args.max_sessions or (1 if torch.device(device).type == "cuda" else 2)
     engine = Engine.load(args.ckpt_dir, prompt=args.prompt, image=args.image, size=args.size, device=device,
                          dtype=dtype, vram=vram, ram=ram, quant=args.quant, attention=args.attention,
-                         vae=args.vae, taehv=args.taehv, steps=args.steps, window=args.window, sink=args.sink,
+                         vae=args.vae, taehv=args.taehv, decoder=args.decoder, steps=args.steps, window=args.window, sink=args.sink,
                          seed=args.base_seed, sessions=sessions,
                          prompt_cache=None if args.no_prompt_cache else PromptCache(),
                          notice=lambda m: print(f"note: {m}"))
@@ -794,6 +804,7 @@ def _add_serve_parser(sub, common) -> None:
     a("--sink", type=int, help="first latent frames kept forever in the window (default: the student's, or 6)")
     a("--vae", choices=["wan", "tiny"], default="wan", help="decoder: the Wan VAE or the TAEHV tiny one")
     a("--taehv", help="taew2_1.pth / .safetensors for --vae tiny (never downloaded)")
+    a("--decoder", choices=["vae", "tiny"], default="vae", help=DECODER_HELP)
     a("--base_seed", type=int, help="noise seed (default 42)")
     a("--device", help="cuda, cuda:N or cpu (default: cuda if available)")
     a("--dtype", choices=["bf16", "fp32"], help="DiT compute dtype (default bf16 on CUDA, fp32 on CPU)")

@@ -3,6 +3,7 @@
 
     request = prepare_stream(ckpt_dir, prompt, image=..., action_string="w-40,jw-40")   # checks, reads headers
     session = open_session(request, device="cuda", vae="tiny", taehv="taew2_1.pth")      # loads, plans
+    session = open_session(request, decoder="tiny")      # the model folder's own decoder.safetensors
     student = load_student(request, sessions=2); a, b = student.session(), student.session()   # shared weights
     for chunk in run_stream(session, request, "out.mp4"): print(chunk.seconds)
 
@@ -22,6 +23,7 @@ import torch
 from ..checkpoints.dit import Checkpoint, find_checkpoint, index_model_dir, validate
 from ..checkpoints.t5 import T5_CHECKPOINT, T5_TOKENIZER
 from ..checkpoints.tensors import CheckpointError
+from ..checkpoints.tiny_decoder import DECODER_FILE, load_tiny_decoder, read_decoder_config
 from ..checkpoints.vae import VAE_FILE, load_vae
 from ..models import camera as cam
 from ..runtime.planner import Workload
@@ -230,11 +232,12 @@ class Student:
 def load_student(request: StreamRequest, *, device=None, dtype=None, vram: float | None = None,
                  ram: float | None = None, quant: str | None = None, attention: str = "sdpa", vae: str = "wan",
                  taehv: str | Path | None = None, prompt_cache: PromptCache | None = None,
-                 sessions: int = 1, parallel=None) -> Student:
+                 sessions: int = 1, parallel=None, decoder: str = "vae") -> Student:
     """Load what streams need: prompt embedding (the encoder loaded, used, freed), the student planned under
     the VRAM / RAM budgets with the KV caches of `sessions` concurrent sessions budgeted beside it (weights
     load at the first forward), the Wan VAE (first frame; decoding unless `vae="tiny"`: the TAEHV decoder from
-    `taehv`).
+    `taehv`, or `decoder="tiny"`: the model folder's own tiny decoder, `decoder.safetensors`, checked before the
+    student is planned).
 
     `parallel` (runtime/parallel.py, one per process of `torchrun ... stream --ulysses N`): every process loads
     its student; rank 0 alone encodes the prompt (sent to the others) and loads the VAE and the decoder."""
@@ -249,6 +252,7 @@ def load_student(request: StreamRequest, *, device=None, dtype=None, vram: float
     if vae == "tiny" and taehv is None:
         raise GenerationError("--vae tiny needs --taehv FILE (taew2_1.pth or .safetensors from madebyollin/taehv; "
                               "nothing is downloaded)")
+    tiny_file = check_decoder_option(request, decoder, vae)
     window = rt.window if request.window == -1 else request.window
     held = window if window is not None else math.ceil(cfg.latents.latent_frames(request.frames) / rt.chunk) * rt.chunk
     workload = Workload(frames=cfg.latents.video_frames(rt.chunk), height=request.height, width=request.width,
@@ -267,27 +271,58 @@ def load_student(request: StreamRequest, *, device=None, dtype=None, vram: float
         except (ValueError, FileNotFoundError) as e:
             raise GenerationError(f"text encoder: {e}") from None
     context = once(encode).to(device)
-    wan = decoder = None
+    wan = frames_decoder = None
 
     def load_decoders() -> None:
-        nonlocal wan, decoder
+        nonlocal wan, frames_decoder
         try:
             wan = load_vae(request.ckpt.root / VAE_FILE, device=device)
-            decoder = wan if vae == "wan" else load_taehv(taehv, device=device,
-                                                          dtype=torch.float16 if cuda else torch.float32)
+            if tiny_file is not None:
+                frames_decoder = load_tiny_decoder(tiny_file, device=device, latent_channels=cfg.latents.channels,
+                                                   dtype=torch.float16 if cuda else torch.float32)
+            elif vae == "wan":
+                frames_decoder = wan
+            else:
+                frames_decoder = load_taehv(taehv, device=device, dtype=torch.float16 if cuda else torch.float32)
         except (ValueError, OSError) as e:
             raise GenerationError(f"VAE: {e}") from None
     once(load_decoders)
-    return Student(request, runner, wan, decoder, context, device, dtype)
+    return Student(request, runner, wan, frames_decoder, context, device, dtype)
+
+
+def check_decoder_option(request: StreamRequest, decoder: str, vae: str = "wan") -> Path | None:
+    """The `--decoder` choice checked before anything is loaded: "vae" (the default: the Wan VAE, exact, or
+    TAEHV with `--vae tiny`) -> None; "tiny" -> the model folder's `decoder.safetensors`, its header validated
+    (format, keys, shapes, latent channels). GenerationError naming the file otherwise."""
+    if decoder not in ("vae", "tiny"):
+        raise GenerationError(f"--decoder {decoder!r}: vae or tiny")
+    if decoder == "vae":
+        return None
+    if vae != "wan":
+        raise GenerationError("--decoder tiny and --vae tiny are two different decoders: choose one")
+    path = request.ckpt.root / DECODER_FILE
+    if not path.is_file():
+        raise GenerationError(f"--decoder tiny: no {DECODER_FILE} in {request.ckpt.root} (train one with "
+                              "`worldstream train decoder`, then copy it there)")
+    try:
+        cfg = read_decoder_config(path)
+    except (ValueError, OSError) as e:
+        raise GenerationError(f"--decoder tiny: {e}") from None
+    channels = request.ckpt.config.latents.channels
+    if cfg.latent_channels != channels:
+        raise GenerationError(f"--decoder tiny: {path} decodes {cfg.latent_channels}-channel latents, "
+                              f"{request.ckpt.config.name} makes {channels}")
+    return path
 
 
 def open_session(request: StreamRequest, *, device=None, dtype=None, vram: float | None = None,
                  ram: float | None = None, quant: str | None = None, attention: str = "sdpa", vae: str = "wan",
                  taehv: str | Path | None = None, prompt_cache: PromptCache | None = None,
-                 timing: bool = False, parallel=None) -> RealtimeSession:
+                 timing: bool = False, parallel=None, decoder: str = "vae") -> RealtimeSession:
     """Load what the stream needs (`load_student`) and open its session; `session.close()` frees it all."""
     return load_student(request, device=device, dtype=dtype, vram=vram, ram=ram, quant=quant, attention=attention,
-                        vae=vae, taehv=taehv, prompt_cache=prompt_cache, parallel=parallel).session(timing=timing)
+                        vae=vae, taehv=taehv, prompt_cache=prompt_cache, parallel=parallel,
+                        decoder=decoder).session(timing=timing)
 
 
 def run_stream(session: RealtimeSession, request: StreamRequest, save_file: str | Path | None = None

@@ -41,7 +41,7 @@ class Engine:
     @classmethod
     def load(cls, ckpt_dir=None, *, prompt: str | None = None, image=None, size: str | None = None,
              device=None, dtype=None, vram=None, ram=None, quant=None, attention="sdpa", vae="wan", taehv=None,
-             steps=None, window=None, sink=None, seed=None, prompt_cache: PromptCache | None = None,
+             decoder="vae", steps=None, window=None, sink=None, seed=None, prompt_cache: PromptCache | None = None,
              sessions: int = 1, notice=None) -> "Engine":
         """Validate and load. No `ckpt_dir`: the built-in tiny world student, put together in a temp folder
         removed by `close()`, starting from the world demo's first frame and prompt. Raises GenerationError /
@@ -59,7 +59,7 @@ class Engine:
                                      window=-1 if window is None else window, sink=sink, notice=notice)
             student = load_student(request, device=device, dtype=dtype, vram=vram, ram=ram, quant=quant,
                                    attention=attention, vae=vae, taehv=taehv, prompt_cache=prompt_cache,
-                                   sessions=sessions)
+                                   sessions=sessions, decoder=decoder)
         except BaseException:
             if tiny_dir:
                 shutil.rmtree(tiny_dir, ignore_errors=True)

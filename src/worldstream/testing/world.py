@@ -103,15 +103,19 @@ class WorldModel:
 def student_checkpoint(folder: str | Path, student: str | Path = WORLD_STUDENT, base: str | Path = WORLD_CHECKPOINT
                        ) -> Path:
     """A complete causal checkpoint folder in `folder` (as `worldstream stream --ckpt_dir` takes one): the
-    student's `transformers/` and the VAE, umt5 encoder and tokenizer of `base` at its root, copied."""
+    student's `transformers/` (and its tiny decoder `decoder.safetensors`, where it has one) and the VAE, umt5
+    encoder and tokenizer of `base` at its root, copied."""
     import shutil
 
     from ..checkpoints.t5 import T5_CHECKPOINT, T5_TOKENIZER
+    from ..checkpoints.tiny_decoder import DECODER_FILE
     folder, student, base = Path(folder), Path(student), Path(base)
     if not (student / "transformers" / "config.json").is_file():
         raise FileNotFoundError(f"{student}: no transformers/config.json (a causal student's DiT)")
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copytree(student / "transformers", folder / "transformers", dirs_exist_ok=True)
+    if (student / DECODER_FILE).is_file():
+        shutil.copyfile(student / DECODER_FILE, folder / DECODER_FILE)
     shutil.copyfile(base / VAE_FILE, folder / VAE_FILE)
     shutil.copyfile(base / T5_CHECKPOINT, folder / T5_CHECKPOINT)
     shutil.copytree(base / T5_TOKENIZER, folder / T5_TOKENIZER, dirs_exist_ok=True)
