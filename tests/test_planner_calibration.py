@@ -20,7 +20,7 @@ RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
 # Which fp8 policy each run used (BENCHMARKS.md): run D (offload_quant) kept the first and last blocks bf16,
 # run C (offload_fp8_resident, offload_worldstream_final) compressed all 40.
 SKIP_FIRST_LAST = {"offload_quant.json": True, "offload_fp8_resident.json": False,
-                   "offload_worldstream_final.json": False}
+                   "offload_worldstream_final.json": False, "offload_lowmem.json": True}
 
 
 def measured_rows():
@@ -47,7 +47,7 @@ def predicted(skip: bool, bandwidth: float, row: dict) -> float:
     return step_seconds(cfg, Workload(frames=row["frames"]), dataclasses.replace(Hardware(), pcie_bw=bandwidth),
                         batched=row["cfg_batched"], resident=resident, prefetch=prefetch, block_bytes=block_bytes,
                         fp8_blocks=tuple(policy.blocks(n)) if policy else (),
-                        attention="8bit" if "8bit" in row["method"] else "sdpa")
+                        attention="8bit" if "8bit" in row["method"] else "sdpa", chunk=row.get("chunk"))
 
 
 ROWS = list(measured_rows())
@@ -55,7 +55,7 @@ ROWS = list(measured_rows())
 
 def test_every_fp8_row_within_10_percent():
     fp8 = [(name, row, predicted(skip, bw, row)) for name, skip, bw, row in ROWS if "fp8" in row["method"]]
-    assert len(fp8) >= 15
+    assert len(fp8) >= 18
     for name, row, pred in fp8:
         err = pred / row["s_per_step"] - 1
         print(f"{name:32} {row['model']:16} {row['method']:26} {row['frames']:3} {row['cap_GB']}: "
@@ -65,9 +65,28 @@ def test_every_fp8_row_within_10_percent():
 
 def test_bf16_rows_stay_within_15_percent():
     """Pricing fp8 did not disturb bf16 (the previous bound across the grid was 20%; run C measured -8%..+7%)."""
-    rows = [(row, predicted(skip, bw, row)) for _, skip, bw, row in ROWS if "fp8" not in row["method"]]
+    rows = [(row, predicted(skip, bw, row)) for _, skip, bw, row in ROWS
+            if "fp8" not in row["method"] and not row.get("chunk")]
+    assert len(rows) >= 20
     for row, pred in rows:
         assert abs(pred / row["s_per_step"] - 1) <= 0.15, (row["model"], row["method"], row["frames"], row["cap_GB"])
+
+
+def test_the_slow_low_memory_block_is_not_chosen_where_two_plain_forwards_fit():
+    """The one bf16 low-memory row measured (LingBot, 81 frames, CFG batched, chunks of 8192: 9.25 s on the
+    H200, 2026-12-02) is under-predicted (the per-chunk price is fitted to the fp8 row, 3.8 ms; this one paid
+    7.8 ms, not yet understood: BENCHMARKS.md). What matters is the choice: priced so, the batched low-memory
+    plan is slower than two plain forwards (measured 7.06 s there), and the 8 GB plan is the latter."""
+    (_, skip, bw, row), = [r for r in ROWS if r[0] == "offload_lowmem.json" and r[3].get("chunk")
+                           and "fp8" not in r[3]["method"]]
+    chunked = predicted(skip, bw, row)
+    assert chunked < row["s_per_step"]                     # the known miss, in the safe direction for the choice
+    cfg = get_config("lingbot-cam")
+    two = step_seconds(cfg, Workload(frames=81), dataclasses.replace(Hardware(), pcie_bw=bw), batched=False,
+                       resident=[], prefetch=1, block_bytes=quantized_block_bytes(cfg, None))
+    assert two < chunked
+    p = plan(cfg, Workload(frames=81, experts=2), 8e9)
+    assert not p.batched_guidance and p.chunk is None and p.vram_peak <= 8e9
 
 
 @pytest.mark.parametrize("variant", ["lingbot-cam", "wan2.2-i2v-a14b"])
@@ -82,19 +101,13 @@ def test_8bit_attention_is_chosen_where_it_is_faster(variant):
 
 
 def test_lingbot_81_frames_fits_8gb_with_cfg_batched():
-    """Issue 17: the low-memory block brings the batch-2 activations under 8 GB (they needed ~8.5 GB)."""
+    """Issue 17: the low-memory block brings the batch-2 activations under 8 GB (they needed ~8.5 GB), when
+    the block is cheap enough to win (here: priced at the 0.2 ms per chunk first guessed; as measured, the
+    planner prefers two plain forwards: the test above)."""
     cfg = get_config("lingbot-cam")
-    p = plan(cfg, Workload(frames=81, experts=2), 8e9)
+    p = plan(cfg, Workload(frames=81, experts=2), 8e9, hardware=dataclasses.replace(Hardware(), chunk_overhead_s=2e-4))
     assert p.batched_guidance and p.chunk is not None and p.vram_peak <= 8e9
     resident = plan(cfg, Workload(frames=81, experts=2), None)
     assert resident.chunk is None and resident.batched_guidance
-    # what the model charges the low-memory block (its extra traffic and a guessed price per chunk, to be
-    # measured: BENCHMARKS.md), against the resident batched step and the two forwards it replaces
-    print(f"8 GB batched {p.step_seconds:.2f} s, resident {resident.step_seconds:.2f} s "
-          f"({p.step_seconds / resident.step_seconds:.3f}x)")
-    assert p.step_seconds <= 1.05 * resident.step_seconds
-    two = step_seconds(cfg, Workload(frames=81), Hardware(), batched=False, resident=[], prefetch=1,
-                       block_bytes=p.block_bytes)
-    assert p.step_seconds < two       # what the 8 GB plan ran before (measured 1.05x resident)
     # a budget that holds the plain block's activations does not chunk
     assert plan(cfg, Workload(frames=81, experts=2), 24e9).chunk is None

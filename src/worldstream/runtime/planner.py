@@ -99,9 +99,14 @@ class Hardware:
                                      # attn_flops (measured 698 vs 577 TFLOPS for SDPA at 81 frames)
     attn8_quant_bytes: float = 5.5   # traffic per q / k / v element it quantizes first (2.1 ms at 81 frames)
     attn8_overhead_s: float = 0.26e-3  # per call: its quantize kernels and K's mean (why it loses at 9 frames)
-    chunk_overhead_s: float = 0.2e-3  # per chunk of the low-memory block (per sample): launches, smaller GEMMs
+    chunk_overhead_s: float = 3.6e-3  # per chunk of the low-memory block (per sample). Measured on the H200
+                                      # (2026-12-02): 3.8 ms (fp8 + 8-bit attention, one sample) and 7.8 ms
+                                      # (bf16, CFG batched) at 81 frames; 0.2 ms was a guess. Not understood
+                                      # yet (benchmarks/chunked_block_profile.py): the lower figure, which
+                                      # already makes the planner prefer two plain forwards at 8 GB
     vram_reserve: float = 0.8e9      # allocator slack, cuBLAS workspaces, compiled-kernel scratch
-    host_overhead: float = 2.5e9     # process RSS before weights: torch, CUDA libraries
+    host_overhead: float = 3.0e9     # process RSS besides the weights: torch, CUDA libraries (2.72 GB measured
+                                     # in seed 002 on the H200, torch 2.11 + CUDA 13; 2.5 GB was under)
     # GPU-to-GPU all-to-all bus bandwidth per GPU (NVLink). NOT measured yet: an assumed figure for H100 / H200
     # NVLink 4 (450 GB/s per direction on paper, ~2/3 of it reached by NCCL all-to-all).
     p2p_bw: float = 300e9
