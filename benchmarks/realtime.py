@@ -37,8 +37,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 from worldstream.models.configs import get_config  # noqa: E402
 from worldstream.models.kv_cache import KVCache  # noqa: E402
 from worldstream.pipelines.realtime import RealtimeSession  # noqa: E402
-from worldstream.runtime.loading import RandomLoader  # noqa: E402
-from worldstream.runtime.runner import DiTRunner  # noqa: E402
+from worldstream.testing.random_models import random_inputs, random_runner, random_taehv, random_vae  # noqa: E402
 
 H, W = 480, 832
 
@@ -64,29 +63,6 @@ class CloneShiftCache(KVCache):
         self._visible = (self._base + n) * ft
 
 
-def random_taehv(device, dtype):
-    from worldstream.models.taehv import TAEHV, TAEHVConfig
-    torch.manual_seed(0)
-    m = TAEHV(TAEHVConfig()).to(device=device, dtype=dtype).eval()
-    for p in m.parameters():
-        p.data.normal_(0, 0.02)
-    return m
-
-
-def random_vae(device, tiny: bool):
-    from worldstream.models.vae import VAEConfig, WanVAE
-    torch.manual_seed(0)
-    m = WanVAE(VAEConfig.tiny() if tiny else VAEConfig()).to(device).eval()
-    for p in m.parameters():
-        p.data.normal_(0, 0.02)
-    return m
-
-
-def runner_for(cfg, device, dtype, quant=None, attention="sdpa", fuse=True):
-    r = DiTRunner(["fast"], RandomLoader(cfg, quant=quant), device, dtype, None, attention=attention, fuse=fuse)
-    return r
-
-
 def forward_flops(cfg, chunk_tokens: int, keys: int) -> float:
     mm, attn = cfg.block_flops(chunk_tokens, 1, keys)
     return cfg.num_layers * (mm + attn)
@@ -95,10 +71,8 @@ def forward_flops(cfg, chunk_tokens: int, keys: int) -> float:
 def run_variant(name, cfg, *, device, dtype, decoder, vae, chunks, warmup, steps=None, window=-1, sink=None,
                 quant=None, attention="sdpa", fuse=True, cache_cls=None, h=H, w=W, keep_latency=False):
     t0 = time.perf_counter()
-    runner = runner_for(cfg, device, dtype, quant, attention, fuse)
-    g = torch.Generator().manual_seed(1)
-    image = torch.rand(3, h, w, generator=g) * 2 - 1
-    context = torch.randn(min(40, cfg.text_len), cfg.text_dim, generator=g)
+    runner = random_runner(cfg, device, dtype, quant, attention, fuse)
+    image, context = random_inputs(cfg, h, w)
     s = RealtimeSession(runner, cfg, vae, decoder, context, image, h, w, device=device, dtype=dtype,
                         steps=steps, window=window, sink=sink, timing=True)
     if cache_cls is not None:

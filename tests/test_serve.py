@@ -523,3 +523,52 @@ def test_sigterm_stops_the_server_and_frees_the_model(tmp_path):
     assert "lingbot-fast-world on cpu, 160x96" in text, text
     assert len(list((tmp_path / "out").glob("serve_*.mp4"))) == 1     # the recording in progress was finished
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]
+
+
+# ---------------------------------------------------------------------------------------------- 5. random weights
+
+def test_random_weights_engine_serves_frames_and_prompts(tmp_path):
+    """`serve --random_weights` (benchmarks/serve_gpu.py): a causal student with random weights and no checkpoint
+    folder streams frames through the same server; a prompt becomes a random embedding; v1 gets serve's window."""
+    engine = Engine.random("lingbot-fast-tiny", size="48*32", device="cpu")
+    try:
+        assert (engine.name, engine.width, engine.height, engine.window, engine.sink) == \
+            ("lingbot-fast-tiny", 48, 32, 18, 6)
+        server = Server(engine, ServeConfig(port=0, max_sessions=1, outputs=tmp_path / "out")).start()
+        try:
+            c = Client(server)
+            assert c.hello["model"] == "lingbot-fast-tiny" and c.hello["chunk_frames"] == 12
+            c.send({"type": "input", "keys": "w", "seq": 7})
+            c.chunk_done(2)
+            assert c.frames and {"chunk", "index", "input_seq"} <= set(c.frames[0])
+            assert any(f["input_seq"] == 7 for f in c.frames) or c.until(
+                lambda m: m["type"] == "status" and m.get("input_seq") == 7)
+            c.send({"type": "prompt", "text": "a different world"})
+            c.until(lambda m: m["type"] == "notice" and "prompt set" in m["message"])
+            c.alive()
+            c.close()
+        finally:
+            server.stop()
+    finally:
+        engine.close()
+
+
+def test_random_weights_flag_checks_its_arguments(capsys, tmp_path):
+    """Bad arguments fail before anything is made: the flags it cannot take (the command's error line), and a
+    variant, size or window that cannot stream (GenerationError, called directly: nothing can start serving)."""
+    from worldstream.cli import main
+    from worldstream.pipelines.conditioning import GenerationError
+
+    for extra, needle in [(["--ckpt_dir", str(tmp_path)], "takes no --ckpt_dir"),
+                          (["--image", "x.png", "--vram", "8GB"], "takes no --image, --vram")]:
+        code = main(["serve", "--random_weights", "lingbot-fast-tiny", "--port", "0", "--device", "cpu",
+                     "--outputs", str(tmp_path / "out"), *extra])
+        err = capsys.readouterr().err
+        assert code == 2, err
+        assert err.strip().splitlines()[-1].startswith("worldstream: error: ") and needle in err, err
+    for variant, kw, needle in [("wan2.1-t2v-1.3b-tiny", {}, "not a causal"), ("nope", {}, "unknown variant"),
+                                ("lingbot-fast-tiny", {"size": "50*32"}, "multiple of 16"),
+                                ("lingbot-fast-tiny", {"window": 2}, "--window 2"),
+                                ("lingbot-fast-tiny", {"steps": 3}, "--steps 3")]:
+        with pytest.raises(GenerationError, match=needle):
+            Engine.random(variant, device="cpu", **kw)

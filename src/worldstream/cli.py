@@ -719,7 +719,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .serve import Engine, ServeConfig, Server
     from .serve.config import is_loopback
 
-    if args.ckpt_dir is not None and args.image is None:
+    if args.random_weights is not None:
+        given = [f for f in ("ckpt_dir", "image", "prompt", "vram", "ram", "taehv") if getattr(args, f) is not None]
+        given += ["decoder"] if getattr(args, "decoder", "vae") != "vae" else []
+        if given:
+            raise GenerationError(f"--random_weights makes its own model, first frame and prompt, all resident: "
+                                  f"it takes no --{', --'.join(given)}")
+    elif args.ckpt_dir is not None and args.image is None:
         raise GenerationError("--image is required with --ckpt_dir: the stream starts from a first frame")
     if args.max_sessions is not None and not 1 <= args.max_sessions <= 64:
         raise GenerationError(f"--max_sessions {args.max_sessions}: between 1 and 64")
@@ -741,17 +747,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise GenerationError(str(e)) from None
     device = _device(args.device)
     vram, ram = _budget("--vram", args.vram), _budget("--ram", args.ram)
-    if args.ckpt_dir is None:
+    if args.ckpt_dir is None and args.random_weights is None:
         print("worldstream serve: no --ckpt_dir: the built-in tiny world student (lingbot-fast-world, distilled "
               "from the tiny world model: walk through procedural scenes at 160x96)")
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(args.dtype)
     sessions = args.max_sessions or (1 if torch.device(device).type == "cuda" else 2)
-    engine = Engine.load(args.ckpt_dir, prompt=args.prompt, image=args.image, size=args.size, device=device,
-                         dtype=dtype, vram=vram, ram=ram, quant=args.quant, attention=args.attention,
-                         vae=args.vae, taehv=args.taehv, decoder=args.decoder, steps=args.steps, window=args.window, sink=args.sink,
-                         seed=args.base_seed, sessions=sessions,
-                         prompt_cache=None if args.no_prompt_cache else PromptCache(),
-                         notice=lambda m: print(f"note: {m}"))
+    if args.random_weights is not None:
+        print(f"worldstream serve: random weights of {args.random_weights} (benchmarks: no checkpoint, no text "
+              "encoder, everything resident)")
+        engine = Engine.random(args.random_weights, size=args.size, device=device, dtype=dtype, quant=args.quant,
+                               attention=args.attention, vae=args.vae, steps=args.steps, window=args.window,
+                               sink=args.sink, seed=args.base_seed)
+    else:
+        engine = Engine.load(args.ckpt_dir, prompt=args.prompt, image=args.image, size=args.size, device=device,
+                             dtype=dtype, vram=vram, ram=ram, quant=args.quant, attention=args.attention,
+                             vae=args.vae, taehv=args.taehv, decoder=args.decoder, steps=args.steps, window=args.window, sink=args.sink,
+                             seed=args.base_seed, sessions=sessions,
+                             prompt_cache=None if args.no_prompt_cache else PromptCache(),
+                             notice=lambda m: print(f"note: {m}"))
     try:
         try:
             server = Server(engine, config, log_level=args.log_level)
@@ -813,6 +826,7 @@ def _add_serve_parser(sub, common) -> None:
     a("--quant", choices=["fp8", "fp8-block", "int8"], help="compress the DiT's block linears while loading")
     a("--attention", choices=["sdpa", "8bit"], default="sdpa", help="self-attention kernel")
     a("--no_prompt_cache", action="store_true", help="do not read or store prompt embeddings")
+    a("--random_weights", metavar="VARIANT", help=argparse.SUPPRESS)   # benchmarks: Engine.random, no checkpoint
     a("--log_level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
       help="server log level (default warning)")
     sv.set_defaults(fn=cmd_serve)

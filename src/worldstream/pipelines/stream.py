@@ -93,6 +93,18 @@ def check_student(ckpt_dir: str | Path) -> Checkpoint:
     return ckpt
 
 
+def check_window(rt, window: int | None, sink: int | None) -> None:
+    """A KV window (-1: the student's own, None: global) must hold a chunk plus the sink; the sink is >= 0."""
+    if window is not None and window != -1:
+        chunk = rt.chunk
+        s = rt.sink if sink is None else sink
+        if window < chunk or (s and window < s + chunk):
+            raise GenerationError(f"--window {window}: must hold a chunk ({chunk} latent frames) plus the sink "
+                                  f"({s}): at least {s + chunk}")
+    if sink is not None and sink < 0:
+        raise GenerationError(f"--sink {sink}: must be >= 0")
+
+
 def prepare_stream(ckpt_dir, prompt: str, *, image, size: str | None = None, frame_num: int | None = None,
                    action_string: str | None = None, action_path: str | Path | None = None,
                    seed: int | None = None, steps: int | None = None, window: int | None = -1,
@@ -131,14 +143,7 @@ def prepare_stream(ckpt_dir, prompt: str, *, image, size: str | None = None, fra
         raise GenerationError(f"--steps {steps}: {cfg.name} runs {len(rt.step_indices)} steps, or 1")
     if noise not in ("chunk", "upstream"):
         raise GenerationError(f"--noise {noise!r}: chunk or upstream")
-    if window is not None and window != -1:
-        chunk = rt.chunk
-        s = rt.sink if sink is None else sink
-        if window < chunk or (s and window < s + chunk):
-            raise GenerationError(f"--window {window}: must hold a chunk ({chunk} latent frames) plus the sink "
-                                  f"({s}): at least {s + chunk}")
-    if sink is not None and sink < 0:
-        raise GenerationError(f"--sink {sink}: must be >= 0")
+    check_window(rt, window, sink)
 
     keys: list[frozenset] = []
     intrinsics = cam.DEFAULT_INTRINSICS.astype(np.float64)

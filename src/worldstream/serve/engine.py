@@ -66,6 +66,20 @@ class Engine:
             raise
         return cls(student, prompt_cache=prompt_cache, tiny_dir=tiny_dir, window=window, sink=sink)
 
+    @classmethod
+    def random(cls, variant: str, *, size: str | None = None, device=None, dtype=None, quant=None,
+               attention="sdpa", vae="wan", steps=None, window=None, sink=None, seed=None) -> "Engine":
+        """A causal student with random full-size weights and no checkpoint folder (`worldstream serve
+        --random_weights VARIANT`, for benchmarks/serve_gpu.py): everything resident on the device (no VRAM /
+        RAM plan), a random first frame, prompts turned into random embeddings (testing/random_models.py).
+        Raises GenerationError on bad arguments."""
+        from ..testing.random_models import random_student
+
+        student = random_student(variant, device=device, dtype=dtype, size=size, quant=quant, attention=attention,
+                                 vae=vae, steps=steps, window=-1 if window is None else window, sink=sink,
+                                 seed=seed)
+        return cls(student, window=window, sink=sink)
+
     # ---- facts -----------------------------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
