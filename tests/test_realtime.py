@@ -129,6 +129,32 @@ def test_same_seed_same_stream_and_prompt_switch_keeps_the_frames(students):
 
 
 @torch.no_grad()
+def test_a_deferred_refresh_changes_when_frames_exist_not_what_they_are(students):
+    """The server hands a chunk's frames out before its refresh forward (`defer_refresh`) and runs the refresh
+    before reading the next keys; a caller that forgets, or switches the prompt, gets it run first. Same
+    forwards in the same order: the same latents and frames as refreshing at once."""
+    root = students["lingbot-fast-v2-tiny"]
+    ctx_a = torch.randn(4, 32, generator=torch.Generator().manual_seed(1))
+    ctx_b = torch.randn(6, 32, generator=torch.Generator().manual_seed(2))
+
+    def run(defer):
+        s = session(root, context=ctx_a)
+        out = [s.step(keys="w", defer_refresh=defer)]
+        if defer:
+            assert "refresh" not in out[0].seconds and s.refresh() > 0 and s.refresh() == 0.0
+        out.append(s.step(keys="wj", defer_refresh=defer))          # left pending: the next step runs it
+        out.append(s.step(keys="a", defer_refresh=defer))
+        s.set_prompt(ctx_b)                                          # runs the pending one with the old prompt
+        out.append(s.step(keys="d", defer_refresh=defer))
+        return out
+
+    now, later = run(False), run(True)
+    assert "refresh" in now[0].seconds and "refresh (previous chunk)" in later[2].seconds
+    for a, b in zip(now, later):
+        assert torch.equal(a.latents, b.latents) and torch.equal(a.frames, b.frames)
+
+
+@torch.no_grad()
 def test_unbounded_stream_keeps_constant_memory(students):
     """3,000 latent frames (1,000 chunks, far past upstream's 1,024 RoPE positions) with a window: the
     cache's buffers never move or grow, and host memory stays flat (bound: 64 MB over 800 chunks)."""

@@ -12,9 +12,15 @@ turns the keys held during the next chunk into that chunk's video frames:
         v  = DiT(x, t_k, y, camera; KV cache of earlier frames)       # the chunk's K/V written, then attended
         x0 = x - sigma_k * v                                           # float64, as upstream
         if not the last step: x = (1 - sigma') x0 + sigma' * fresh noise   # re-noise to t_{k+1}
+    frames <- decode x0, carrying the decoder's causal state from chunk to chunk
     DiT(x0, t = 0)                                                     # refresh: the clean chunk's K/V go in the
                                                                        # cache; its output is not used
-    frames <- decode x0, carrying the decoder's causal state from chunk to chunk
+
+The refresh is only needed by the next chunk, so a live caller may hand the frames out first:
+`step(..., defer_refresh=True)` returns once the frames are decoded and leaves the refresh pending; `refresh()`
+runs it (the next `step` does, if the caller did not). The same forwards run in the same order, so the numbers
+are the same; what changes is when the frames exist: after 4 of the chunk's 5 forwards. The server calls
+`refresh()` after sending the frames and only then reads the keys for the next chunk.
 
 Everything that changes from chunk to chunk is this session's data (the KV cache, the prompt's cross K/V,
 the decoder and encoder states, the pose, the noise generator), never a module's.
@@ -186,6 +192,7 @@ class RealtimeSession:
             raise ValueError("noise='upstream' draws the whole clip's noise first: it needs total_frames")
         self.noise_rule, self.total_frames, self.seed = noise, total_frames, rt.seed if seed is None else seed
         self.fixed_camera = camera
+        self._refresh_inputs: dict | None = None     # the last chunk's refresh, when deferred and not yet run
         self.reset()
         self.runner.start(Schedule.repeat([Forward(EXPERT, 1)] * (len(self.schedule) + 1)))
 
@@ -194,6 +201,7 @@ class RealtimeSession:
         """Start the stream again from the first frame (a new one if given): cache, pose, noise, decoder."""
         if image is not None:
             self.image = image
+        self._refresh_inputs = None                          # (the cache it would write is emptied)
         self.cache.reset()
         self.cross.reset()
         self.chunk_index, self.frame = 0, 0                   # chunks done, next latent frame
@@ -210,17 +218,20 @@ class RealtimeSession:
     def set_prompt(self, context: torch.Tensor) -> None:
         """A new prompt from the next chunk on: its cross-attention K/V are recomputed, the frames seen (the
         self-attention cache) are kept."""
+        self.refresh()                                       # the last chunk's refresh attends the old prompt
         self.context = context
         self.cross.reset()
 
     # ---- one chunk --------------------------------------------------------------------------------------
     @torch.no_grad()
-    def step(self, keys=None, look=None) -> Chunk:
+    def step(self, keys=None, look=None, *, defer_refresh: bool = False) -> Chunk:
         """The next chunk. `keys`: one set of held keys per video frame of the chunk (or one set for all of
         them, or None); `look`: (yaw, pitch) degrees of mouse motion per video frame, or one pair for the chunk
-        spread evenly."""
-        n, start = self.rt.chunk, self.frame
+        spread evenly. `defer_refresh`: return before the chunk's refresh forward (module docstring)."""
         seconds: dict[str, float] = {}
+        if self._refresh_inputs is not None:
+            seconds["refresh (previous chunk)"] = self.refresh()
+        n, start = self.rt.chunk, self.frame
         clock = self._clock()
 
         video_frames = self.cfg.latents.video_frames(start + n) - self.cfg.latents.video_frames(start) \
@@ -240,8 +251,6 @@ class RealtimeSession:
             seconds[f"forward {k}"] = clock()
             if k + 1 < len(s):
                 x = s.renoise(x0, self._draw(x0.shape).to(self.device), s.sigma_noise[k + 1])
-        self.runner(EXPERT, **dict(inputs, x=x0[None], t=torch.zeros(1, device=self.device)))   # refresh
-        seconds["refresh"] = clock()
 
         frames = None
         if self.decoder is not None:
@@ -250,7 +259,21 @@ class RealtimeSession:
         seconds["decode"] = clock()
         self.frame += n
         self.chunk_index += 1
+        self._refresh_inputs = dict(inputs, x=x0[None], t=torch.zeros(1, device=self.device))
+        if not defer_refresh:
+            seconds["refresh"] = self.refresh()
         return Chunk(self.chunk_index - 1, frames, x0, seconds)
+
+    @torch.no_grad()
+    def refresh(self) -> float:
+        """Run the last chunk's pending refresh (the clean chunk's K/V into the cache); seconds it took (0 when
+        none was pending)."""
+        if self._refresh_inputs is None:
+            return 0.0
+        clock = self._clock()
+        inputs, self._refresh_inputs = self._refresh_inputs, None
+        self.runner(EXPERT, **inputs)
+        return clock()
 
     # ---- pieces -----------------------------------------------------------------------------------------
     def _camera_chunk(self, start: int, n: int, video_frames: int, keys, look) -> torch.Tensor:

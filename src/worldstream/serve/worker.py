@@ -204,17 +204,21 @@ class Worker:
                     continue
                 inp = self.controls.take_input()
                 t0 = time.perf_counter()
-                with self.engine.compute:
-                    chunk = session.step(keys=inp.keys, look=inp.look)
+                with self.engine.compute:     # the frames go out before the chunk's refresh forward runs
+                    chunk = session.step(keys=inp.keys, look=inp.look, defer_refresh=True)
                     frames = to_uint8_frames(chunk.frames).numpy()
                     del chunk
+                latency = time.perf_counter() - t0
+                self.mailbox.put(Batch(session.chunk_index - 1, inp.seq, frames, frames_out))
+                with self.engine.compute:     # then the refresh, and only then are the next keys read
+                    session.refresh()
                 wall = time.perf_counter() - t0
                 if recorder is not None:
                     recorder.write(frames)
-                self.mailbox.put(Batch(session.chunk_index - 1, inp.seq, frames, frames_out))
                 frames_out += len(frames)
-                self._status(session, dict(latency_ms=wall * 1e3, gen_fps=len(frames) / wall, frames=len(frames),
-                                           input_seq=inp.seq, keys="".join(sorted(inp.keys))), recorder)
+                self._status(session, dict(latency_ms=latency * 1e3, gen_fps=len(frames) / wall,
+                                           frames=len(frames), input_seq=inp.seq, keys="".join(sorted(inp.keys))),
+                             recorder)
         except Exception as e:          # a bug or a device error: tell the page, end this session only
             log.exception("session %s failed", self.name)
             self.outlet.fatal(f"generation failed: {type(e).__name__}: {e}")
