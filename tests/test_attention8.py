@@ -161,3 +161,25 @@ def test_prepared_keys_serve_query_chunks_gpu():
     got = torch.cat([attend(q[:, s:s + 256].contiguous()) for s in range(0, 2048, 256)], 1)
     print(f"prepared, in 256-row chunks: bit-equal {torch.equal(got, whole)}, rel. error {rel_err(got, whole):.2e}")
     assert rel_err(got, whole) < 1e-3
+
+
+def test_a_causal_student_runs_with_8bit_attention():
+    """The 8-bit kernel attends over the causal KV cache like SDPA (the session writes the cache; the kernel
+    does not claim to), and keeps its prepare step for the low-memory block. A keyword slip in its
+    registration once marked it as writing the cache itself: every causal chunk with `--attention 8bit`
+    raised a TypeError."""
+    from worldstream.pipelines.realtime import RealtimeSession
+    from worldstream.testing.random_models import random_inputs, random_runner, random_vae
+
+    assert not attn_mod.writes_cache("8bit")
+    cfg = get_config("lingbot-fast-v2-tiny")
+    runs = {}
+    for backend in ("8bit", "sdpa"):
+        image, context = random_inputs(cfg, 32, 48)
+        vae = random_vae("cpu", tiny=True)
+        s = RealtimeSession(random_runner(cfg, torch.device("cpu"), torch.float32, attention=backend), cfg, vae,
+                            vae, context, image, 32, 48, seed=1)
+        runs[backend] = [s.step(keys="w").latents for _ in range(2)]
+        s.close()
+    for a, b in zip(runs["8bit"], runs["sdpa"]):   # the emulated 8-bit rounding, not another computation
+        assert torch.isfinite(a).all() and 0 < rel_err(a, b) < 0.05
