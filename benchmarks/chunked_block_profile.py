@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import json
 import os
 import statistics
@@ -435,7 +436,7 @@ def profile_call(fn, reset, device, top: int = 25) -> dict:
 
 # ---- SDPA alone ------------------------------------------------------------------------------------------------
 
-def sdpa_bench(cfg, L, chunks, device, dtype, reps: int) -> list[dict]:
+def sdpa_bench(cfg, L, chunks, device, dtype, reps: int, with_8bit: bool = False) -> list[dict]:
     """q [1, n, H, D] against K/V [1, L, H, D] as the chunked block calls it (and [2, L] as the plain block
     does), per backend; ms and TFLOP/s, and the kernel the default dispatch runs."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -448,17 +449,22 @@ def sdpa_bench(cfg, L, chunks, device, dtype, reps: int) -> list[dict]:
     for name in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH"):
         if hasattr(SDPBackend, name) and (name != "MATH" or device.type == "cpu"):
             backends.append((name.lower(), getattr(SDPBackend, name)))
+    if with_8bit:   # the 8-bit kernel as the low-memory block calls it: K / V prepared once, then query chunks
+        backends.append(("8bit-prepared", "8bit"))
     out = []
     shapes = [(2, L)] + [(1, min(n, L)) for n in chunks]
     for batch, n in shapes:
         q = qs[:batch, :n]
         kk, vv = k[:batch], v[:batch]
         for bname, be in backends:
-            ctx = sdpa_kernel([be]) if be is not None else contextlib.nullcontext()
+            ctx = sdpa_kernel([be]) if be not in (None, "8bit") else contextlib.nullcontext()
             row = dict(batch=batch, q_rows=n, k_rows=L, backend=bname)
             try:
                 with ctx:
-                    f = lambda: attn_mod.sdpa(q, kk, vv)   # noqa: E731  (the seam's layout: [B, L, H, D])
+                    if be == "8bit":
+                        f = functools.partial(attn_mod.prepare_attention(kk, vv, "8bit"), q)
+                    else:
+                        f = functools.partial(attn_mod.sdpa, q, kk, vv)   # (the seam's layout: [B, L, H, D])
                     f()
                     sync(device)
                     ts = []
@@ -471,7 +477,7 @@ def sdpa_bench(cfg, L, chunks, device, dtype, reps: int) -> list[dict]:
                     flops = 4.0 * batch * n * L * H * D
                     row.update(ms=ms, tflops=flops / (ms / MS) / 1e12,
                                ms_per_sample_all_queries=ms * (L / n) / batch)
-                    if bname == "default" and device.type == "cuda":
+                    if bname in ("default", "8bit-prepared") and device.type == "cuda":
                         p = profile_call(f, lambda: None, device, top=3)
                         row["kernels"] = [t["name"] for t in p["top"]]
                         row["kinds"] = p["attention_kernels"]
@@ -508,7 +514,7 @@ def main(argv=None):
     ap.add_argument("--skip", default="", help="stages to skip: timing,sections,profile,sdpa,tight")
     ap.add_argument("--tight-margins-gb", default="1.0,0.25,0.05",
                     help="allocator cap = the call's own peak + margin (GB) for the tight-memory stage")
-    ap.add_argument("--budget-s", type=float, default=170.0,
+    ap.add_argument("--budget-s", type=float, default=150.0,
                     help="stages still to start after this many seconds are skipped (the JSON says which)")
     args = ap.parse_args(argv)
 
@@ -517,27 +523,45 @@ def main(argv=None):
     args.reps = args.reps if args.reps is not None else (2 if smoke else 3)
     if args.reps < 1 or args.warmup < 0:
         ap.error("--reps must be >= 1 and --warmup >= 0")
+
+    def ints(text, what, n=None):
+        try:
+            vals = parse_list(text, int)
+        except ValueError:
+            ap.error(f"{what}: integers separated by commas, got {text!r}")
+        if not vals or any(v < 1 for v in vals) or (n is not None and len(vals) != n):
+            ap.error(f"{what}: {n or 'one or more'} positive integers, got {text!r}")
+        return vals
+    try:
+        cfg = get_config(args.model or ("lingbot-cam-tiny" if smoke else "lingbot-cam"))
+    except Exception as e:  # noqa: BLE001
+        ap.error(f"--model: {e}")
+    grid = tuple(ints(args.grid or ("3,4,5" if smoke else "21,30,52"), "--grid", 3))
+    L = grid[0] * grid[1] * grid[2]
+    chunks = ints(args.chunks or ("8,16,32,64" if smoke else "4096,8192,16384,32768"), "--chunks")
+    batches = ints(args.batches, "--batches")
+    try:
+        fuses = [{"on": True, "off": False}[f] for f in parse_list(args.fuse)]
+    except KeyError:
+        ap.error(f"--fuse: on and/or off, got {args.fuse!r}")
+    variants = parse_list(args.variants)
+    for v in variants:
+        if v not in ("bf16", "fp8-8bit", "bf16-8bit"):
+            ap.error(f"--variants: unknown variant {v!r} (bf16, fp8-8bit, bf16-8bit)")
+    pchunk = args.profile_chunk or (16 if smoke else 8192)
+    if pchunk < 1:
+        ap.error("--profile-chunk must be positive")
+    skip = set(parse_list(args.skip))
+    if skip - {"timing", "sections", "profile", "sdpa", "tight"}:
+        ap.error(f"--skip: unknown stage(s) {sorted(skip - {'timing', 'sections', 'profile', 'sdpa', 'tight'})}")
+    try:
+        margins = parse_list(args.tight_margins_gb, float)
+    except ValueError:
+        ap.error(f"--tight-margins-gb: numbers separated by commas, got {args.tight_margins_gb!r}")
     if not smoke and not torch.cuda.is_available():
         ap.error("no CUDA device: run on a GPU, or use --cpu-smoke")
     device = torch.device("cpu" if smoke else "cuda")
     dtype = torch.float32 if smoke else torch.bfloat16
-    cfg = get_config(args.model or ("lingbot-cam-tiny" if smoke else "lingbot-cam"))
-    grid = tuple(parse_list(args.grid or ("3,4,5" if smoke else "21,30,52"), int))
-    if len(grid) != 3:
-        ap.error("--grid takes three integers f,h,w")
-    L = grid[0] * grid[1] * grid[2]
-    chunks = parse_list(args.chunks or ("8,16,32,64" if smoke else "4096,8192,16384,32768"), int)
-    if any(c < 1 for c in chunks):
-        ap.error("chunks must be positive")
-    batches = parse_list(args.batches, int)
-    fuses = [{"on": True, "off": False}[f] for f in parse_list(args.fuse)]
-    variants = parse_list(args.variants)
-    for v in variants:
-        if v not in ("bf16", "fp8-8bit", "bf16-8bit"):
-            ap.error(f"unknown variant {v!r}")
-    pchunk = args.profile_chunk or (16 if smoke else 8192)
-    skip = set(parse_list(args.skip))
-    margins = parse_list(args.tight_margins_gb, float)
     out_path = args.out or os.path.join(os.environ.get("OUT", "."), "chunked_block_profile.json")
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     t_start = time.perf_counter()
@@ -549,6 +573,8 @@ def main(argv=None):
 
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
+        with contextlib.suppress(Exception):   # recompiles and graph breaks also go to stderr as they happen
+            torch._logging.set_logs(recompiles=True, graph_breaks=True)
     res = dict(model=cfg.name, grid=grid, tokens=L, chunks=chunks, batches=batches, device=str(device),
                gpu=torch.cuda.get_device_name(0) if device.type == "cuda" else None,
                torch=torch.__version__, alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
@@ -639,78 +665,77 @@ def main(argv=None):
         set_block(blocks.get(variants[0], base), None, True)
 
     cfg_chunks = [None] + chunks
-    # 1. timing (bf16 fuse on first: its compile time is the production one)
-    if "timing" not in skip:
-        print(f"== timing: {cfg.name}, {L} tokens, chunks {chunks}", flush=True)
-        configs = []
-        for fuse in fuses:
-            for batch in batches:
-                configs += [("bf16", fuse, batch, c) for c in cfg_chunks if "bf16" in blocks]
-        for v in ("fp8-8bit", "bf16-8bit"):
-            if v in blocks:
-                configs += [(v, True, batch, c) for batch in batches for c in cfg_chunks]
-        run_configs(configs, "timing")
-        # the 8-bit path as it ran before K/V were prepared once per layer (attention8's registration fixed)
-        if "fp8-8bit" in blocks and "8bit" in attn_mod._PREPARE and not over_budget("timing: 8bit unprepared"):
-            saved = attn_mod._PREPARE.pop("8bit")
-            try:
-                n0 = len(res["timing"])
-                run_configs([("fp8-8bit", True, b, pchunk) for b in batches], "timing-8bit-kv-per-chunk")
-                for r in res["timing"][n0:]:
-                    r["note"] = "K/V re-quantized for every query chunk (attention8 before its prepare was registered)"
-            finally:
-                attn_mod._PREPARE["8bit"] = saved
+
+    def do_timing(configs, stage="timing"):
+        if "timing" in skip or not configs:
+            return
+        print(f"== timing ({stage}): {cfg.name}, {L} tokens, chunks {chunks}", flush=True)
+        run_configs(configs, stage)
         save()
 
-    # 2. sections
-    if "sections" not in skip:
-        print("== sections (instrumented copies; ms summed over the block call)", flush=True)
-        for v in [v for v in ("bf16", "fp8-8bit") if v in blocks]:
-            for batch in batches:
-                for chunk in cfg_chunks:
-                    if over_budget(f"sections: {label(v, True, batch, chunk)}"):
-                        continue
-                    block = blocks[v]
-                    set_block(block, chunk, True)
-                    x0, kw = inputs_for(batch)
-                    x = x0.clone()
-                    fn = plain_sections if chunk is None else chunked_sections
-                    try:
-                        with torch.no_grad():
-                            ref = block(x0.clone(), **kw)
-                            tots = []
-                            for i in range(1 + args.reps):
-                                x.copy_(x0)
-                                sync(device)
-                                tm = Marks(device)
-                                got = fn(block, x, tm=tm, **kw)
-                                tot = tm.totals()
-                                if i:
-                                    tots.append(tot)
-                            diff = (got.float() - ref.float()).abs().max().item()
-                        if smoke and diff != 0:
-                            raise AssertionError(f"instrumented copy differs from the block ({diff}): "
-                                                 "models/dit.py changed; update the copy")
-                        sec = {k: statistics.median(t[k] for t in tots) for k in tot}
-                        row = dict(variant=v, batch=batch, chunk=chunk, sections_ms=sec, groups_ms=grouped(sec),
-                                   total_ms=sum(sec.values()), max_abs_diff_vs_block=diff)
-                        res["sections"].append(row)
-                        print(f"  {label(v, True, batch, chunk):34s} total {row['total_ms']:8.2f} ms  " +
-                              "  ".join(f"{k} {val:.1f}" for k, val in row["groups_ms"].items()), flush=True)
-                    except Exception as e:  # noqa: BLE001
-                        res["errors"].append(f"sections {label(v, True, batch, chunk)}: {type(e).__name__}: {e}")
-                        traceback.print_exc()
-                        if smoke:
-                            raise
-                    save()
-                    del x, x0, kw
-        set_block(base, None, True)
+    def do_unprepared_8bit():
+        """The 8-bit path as it ran before attention8's prepare was registered: K/V re-quantized per query chunk."""
+        if "timing" in skip or "fp8-8bit" not in blocks or "8bit" not in attn_mod._PREPARE:
+            return
+        saved = attn_mod._PREPARE.pop("8bit")
+        try:
+            n0 = len(res["timing"])
+            run_configs([("fp8-8bit", True, b, pchunk) for b in batches], "timing-8bit-kv-per-chunk")
+            for r in res["timing"][n0:]:
+                r["note"] = "K/V re-quantized for every query chunk (attention8 before its prepare was registered)"
+        finally:
+            attn_mod._PREPARE["8bit"] = saved
+        save()
 
-    # 3. profiler
-    if "profile" not in skip:
+    def do_sections(v):
+        if "sections" in skip or v not in blocks:
+            return
+        print(f"== sections, {v} (instrumented copies; ms summed over the block call)", flush=True)
+        for batch in batches:
+            for chunk in cfg_chunks:
+                if over_budget(f"sections: {label(v, True, batch, chunk)}"):
+                    continue
+                block = blocks[v]
+                set_block(block, chunk, True)
+                x0, kw = inputs_for(batch)
+                x = x0.clone()
+                fn = plain_sections if chunk is None else chunked_sections
+                try:
+                    with torch.no_grad():
+                        ref = block(x0.clone(), **kw)
+                        tots = []
+                        for i in range(1 + args.reps):
+                            x.copy_(x0)
+                            sync(device)
+                            tm = Marks(device)
+                            got = fn(block, x, tm=tm, **kw)
+                            tot = tm.totals()
+                            if i:
+                                tots.append(tot)
+                        diff = (got.float() - ref.float()).abs().max().item()
+                        del ref, got
+                    if smoke and diff != 0:
+                        raise AssertionError(f"instrumented copy differs from the block ({diff}): "
+                                             "models/dit.py changed; update the copy")
+                    sec = {k: statistics.median(t[k] for t in tots) for k in tot}
+                    row = dict(variant=v, batch=batch, chunk=chunk, sections_ms=sec, groups_ms=grouped(sec),
+                               total_ms=sum(sec.values()), max_abs_diff_vs_block=diff)
+                    res["sections"].append(row)
+                    print(f"  {label(v, True, batch, chunk):34s} total {row['total_ms']:8.2f} ms  " +
+                          "  ".join(f"{k} {val:.1f}" for k, val in row["groups_ms"].items()), flush=True)
+                except Exception as e:  # noqa: BLE001
+                    res["errors"].append(f"sections {label(v, True, batch, chunk)}: {type(e).__name__}: {e}")
+                    traceback.print_exc()
+                    if smoke:
+                        raise
+                save()
+                del x, x0, kw
+        set_block(blocks[v], None, True)
+
+    def do_profile(todo):
+        if "profile" in skip:
+            return
         print("== profiler", flush=True)
-        todo = [("bf16", 2, None), ("bf16", 2, pchunk), ("bf16", 2, min(chunks)),
-                ("fp8-8bit", 1, None), ("fp8-8bit", 1, pchunk)]
         for v, batch, chunk in todo:
             if v not in blocks or batch not in batches or over_budget(f"profile {v} b{batch} {chunk}"):
                 continue
@@ -726,35 +751,43 @@ def main(argv=None):
                     call()      # warm (compiled already in the timing stage, unless skipped)
                     p = profile_call(call, reset, device)
                 res["profiles"][key] = p
-                print(f"  {key:34s} launches {p['kernel_launches']:5d} (+{p['memcpy_memset']} memcpy/set)  "
+                launches = (f"launches {p['kernel_launches']:5d} (+{p['memcpy_memset']} memcpy/set)"
+                            if device.type == "cuda" else f"top-level ops {p['ops_counted']:5d}")
+                print(f"  {key:34s} {launches}  "
                       f"total {p['total_us'] / 1e3:8.2f} ms  attention kernels {p['attention_kernels']}", flush=True)
             except Exception as e:  # noqa: BLE001
                 res["errors"].append(f"profile {key}: {type(e).__name__}: {e}")
                 traceback.print_exc()
                 if smoke:
                     raise
+            set_block(block, None, True)
             save()
-        set_block(base, None, True)
-        for key in (label("bf16", True, 2, None), label("bf16", True, 2, pchunk)):
+
+    def print_top(keys):
+        for key in keys:
             p = res["profiles"].get(key)
             if p:
                 print(f"-- top kernels, {key} ({p['unit']}):")
                 for t in p["top"]:
                     print(f"   {t['total_us'] / 1e3:9.2f} ms {t['pct']:5.1f}% x{t['calls']:<4d} {t['name'][:110]}")
+                if p.get("table"):
+                    print(p["table"])
 
-    # 4. SDPA alone
-    if "sdpa" not in skip and not over_budget("sdpa"):
+    def do_sdpa():
+        if "sdpa" in skip or over_budget("sdpa"):
+            return
         print("== SDPA: query chunks against the full K/V", flush=True)
         try:
             with torch.no_grad():
-                res["sdpa"] = sdpa_bench(cfg, L, chunks, device, dtype, args.reps)
+                res["sdpa"] = sdpa_bench(cfg, L, chunks, device, dtype, args.reps,
+                                         with_8bit=any("8bit" in v for v in blocks))
             for r in res["sdpa"]:
+                head = f"  B{r['batch']} q {r['q_rows']:6d} x k {r['k_rows']}: {r['backend']:20s}"
                 if "error" in r:
-                    print(f"  B{r['batch']} q {r['q_rows']:6d} x k {r['k_rows']}: {r['backend']:20s} {r['error'][:80]}")
+                    print(f"{head} {r['error'][:80]}")
                 else:
-                    print(f"  B{r['batch']} q {r['q_rows']:6d} x k {r['k_rows']}: {r['backend']:20s} {r['ms']:8.2f} ms "
-                          f"{r['tflops']:7.1f} TFLOP/s  (all queries of one sample: {r['ms_per_sample_all_queries']:.2f} ms)"
-                          + (f"  {r.get('kinds')}" if r.get("kinds") else ""))
+                    print(f"{head} {r['ms']:8.2f} ms {r['tflops']:7.1f} TFLOP/s  (all queries of one sample: "
+                          f"{r['ms_per_sample_all_queries']:.2f} ms)" + (f"  {r.get('kinds')}" if r.get("kinds") else ""))
         except Exception as e:  # noqa: BLE001
             res["errors"].append(f"sdpa: {type(e).__name__}: {e}")
             traceback.print_exc()
@@ -762,43 +795,63 @@ def main(argv=None):
                 raise
         save()
 
-    # 5. the chunked block under a tight allocator cap (CUDA only)
-    if "tight" not in skip and device.type == "cuda" and "bf16" in blocks:
+    def do_tight():
+        """The chunked (and plain) block under an allocator cap just above the call's own peak (CUDA only)."""
+        if "tight" in skip or device.type != "cuda" or "bf16" not in blocks:
+            return
         print("== tight allocator cap (cap = this call's own peak + margin)", flush=True)
         total = torch.cuda.get_device_properties(0).total_memory
-        for batch in batches[:1]:
-            for chunk in (pchunk, None):
-                for margin in margins:
-                    if over_budget(f"tight b{batch} {chunk} +{margin} GB"):
-                        continue
-                    block = base
-                    set_block(block, chunk, True)
-                    try:
-                        call, reset = runner(block, batch)
-                        torch.cuda.empty_cache()
-                        torch.cuda.reset_peak_memory_stats()
-                        with torch.no_grad():
-                            reset()
-                            call()
-                        sync(device)
-                        peak = torch.cuda.max_memory_allocated()
-                        cap = peak + margin * 1e9
-                        torch.cuda.empty_cache()
-                        torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total))
-                        with torch.no_grad():
-                            r = time_calls(call, reset, device, 1, args.reps)
-                        r.update(batch=batch, chunk=chunk, margin_GB=margin, cap_GB=cap / 1e9, peak_GB=peak / 1e9)
-                        res["tight"].append(r)
-                        print(f"  {label('bf16', True, batch, chunk):34s} cap {cap / 1e9:6.2f} GB (+{margin}) "
-                              f"{r['ms']:8.2f} ms  allocator {r['alloc_during_timed']}", flush=True)
-                    except Exception as e:  # noqa: BLE001
-                        res["errors"].append(f"tight b{batch} {chunk} +{margin}: {type(e).__name__}: {e}")
-                        traceback.print_exc()
-                    finally:
-                        torch.cuda.set_per_process_memory_fraction(1.0)
-                        torch.cuda.empty_cache()
-                    save()
-        set_block(base, None, True)
+        batch = batches[0]
+        for chunk in (pchunk, None):
+            for margin in margins:
+                if over_budget(f"tight b{batch} {chunk} +{margin} GB"):
+                    continue
+                set_block(base, chunk, True)
+                try:
+                    call, reset = runner(base, batch)
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats()
+                    with torch.no_grad():
+                        reset()
+                        call()
+                    sync(device)
+                    peak = torch.cuda.max_memory_allocated()
+                    cap = peak + margin * 1e9
+                    torch.cuda.empty_cache()
+                    torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total))
+                    with torch.no_grad():
+                        r = time_calls(call, reset, device, 1, args.reps)
+                    r.update(batch=batch, chunk=chunk, margin_GB=margin, cap_GB=cap / 1e9, peak_GB=peak / 1e9)
+                    res["tight"].append(r)
+                    print(f"  {label('bf16', True, batch, chunk):34s} cap {cap / 1e9:6.2f} GB (+{margin}) "
+                          f"{r['ms']:8.2f} ms  allocator {r['alloc_during_timed']}", flush=True)
+                except Exception as e:  # noqa: BLE001
+                    res["errors"].append(f"tight b{batch} {chunk} +{margin}: {type(e).__name__}: {e}")
+                    traceback.print_exc()
+                finally:
+                    torch.cuda.set_per_process_memory_fraction(1.0)
+                    torch.cuda.empty_cache()
+                    set_block(base, None, True)
+                save()
+
+    # stages, most telling first (a run cut short by --budget-s keeps these)
+    on, off = [f for f in fuses if f], [f for f in fuses if not f]
+    if "bf16" in blocks:
+        do_timing([("bf16", True, b, c) for b in batches for c in cfg_chunks] if on else [], "timing")
+        do_profile([("bf16", batches[0], None), ("bf16", batches[0], pchunk), ("bf16", batches[0], min(chunks))])
+        print_top([label("bf16", True, batches[0], None), label("bf16", True, batches[0], pchunk)])
+        do_sections("bf16")
+        do_tight()
+    do_sdpa()
+    if "bf16" in blocks and off:
+        do_timing([("bf16", False, b, c) for b in batches for c in cfg_chunks], "timing")
+    for v in ("fp8-8bit", "bf16-8bit"):
+        if v in blocks:
+            do_timing([(v, True, b, c) for b in batches for c in cfg_chunks], "timing")
+    do_unprepared_8bit()
+    if "fp8-8bit" in blocks:
+        do_profile([("fp8-8bit", 1, None), ("fp8-8bit", 1, pchunk)])
+        do_sections("fp8-8bit")
 
     save()
     print_summary(res)
@@ -807,17 +860,20 @@ def main(argv=None):
 
 
 def print_summary(res):
-    rows = [r for r in res["timing"] if r["stage"] == "timing"]
+    rows = res["timing"]
     if rows:
-        print("\n== summary: ms per block call (median), vs the plain block of the same variant/fuse/batch")
+        print("\n== summary: ms per block call (median), vs the plain block of the same variant/fuse/batch"
+              " (* K/V re-quantized per query chunk: the 8-bit path before attention8's prepare was registered)")
         print(f"  {'variant':10s} {'fuse':4s} {'B':>2s} {'chunk':>7s} {'ms':>9s} {'vs plain':>9s} {'per chunk':>10s} "
               f"{'host ms':>8s} {'first s':>8s} {'dynamo':>7s} {'allocs':>6s}")
-        plain = {(r["variant"], r["fuse"], r["batch"]): r["ms"] for r in rows if r["chunk"] is None}
+        plain = {(r["variant"], r["fuse"], r["batch"]): r["ms"] for r in rows
+                 if r["chunk"] is None and r["stage"] == "timing"}
         for r in rows:
             p = plain.get((r["variant"], r["fuse"], r["batch"]))
             extra = r["ms"] - p if p is not None and r["chunk"] is not None else None
             n = r["batch"] * -(-res["tokens"] // r["chunk"]) if r["chunk"] else None
-            print(f"  {r['variant']:10s} {'on' if r['fuse'] else 'off':4s} {r['batch']:2d} "
+            star = "" if r["stage"] == "timing" else "*"
+            print(f"  {r['variant'] + star:10s} {'on' if r['fuse'] else 'off':4s} {r['batch']:2d} "
                   f"{r['chunk'] if r['chunk'] else 'plain':>7} {r['ms']:9.2f} "
                   f"{'' if extra is None else f'{extra:+9.2f}':>9s} "
                   f"{'' if extra is None else f'{extra / n:+10.3f}':>10s} {r['host_ms']:8.2f} {r['first_call_s']:8.2f} "
