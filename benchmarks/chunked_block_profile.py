@@ -507,7 +507,7 @@ def main(argv=None):
     ap.add_argument("--fuse", default="on,off", help="fuse settings for the bf16 block (fp8 runs fuse on)")
     ap.add_argument("--variants", default="bf16,fp8-8bit",
                     help="bf16 (sdpa), fp8-8bit (fp8 QLinear weights + 8-bit attention), bf16-8bit")
-    ap.add_argument("--warmup", type=int, default=None, help="calls after the first, untimed (default 2; smoke 1)")
+    ap.add_argument("--warmup", type=int, default=None, help="calls after the first, untimed (default 1)")
     ap.add_argument("--reps", type=int, default=None, help="timed calls, median reported (default 3; smoke 2)")
     ap.add_argument("--profile-chunk", type=int, default=None, help="chunk profiled against plain (default 8192; "
                                                                    "smoke 16)")
@@ -519,7 +519,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     smoke = args.cpu_smoke
-    args.warmup = args.warmup if args.warmup is not None else (1 if smoke else 2)
+    args.warmup = args.warmup if args.warmup is not None else 1
     args.reps = args.reps if args.reps is not None else (2 if smoke else 3)
     if args.reps < 1 or args.warmup < 0:
         ap.error("--reps must be >= 1 and --warmup >= 0")
