@@ -581,6 +581,20 @@ def main(argv=None):
                args=vars(args), timing=[], sections=[], profiles={}, sdpa=[], tight=[], skipped=[], errors=[],
                warnings=caught)
 
+    env = res["env"] = {"cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+                        "TORCH_CUDNN_SDPA_DEPRIORITIZED": os.environ.get("TORCH_CUDNN_SDPA_DEPRIORITIZED")}
+    if device.type == "cuda":
+        env["capability"] = torch.cuda.get_device_capability(0)
+        with contextlib.suppress(Exception):
+            import triton
+            env["triton"] = triton.__version__
+        with contextlib.suppress(Exception):   # (private; absent in some versions)
+            env["sdpa_priority_order"] = [str(b) for b in torch._C._get_sdp_priority_order()]
+        for name in ("flash", "mem_efficient", "cudnn", "math"):
+            with contextlib.suppress(Exception):
+                env[f"{name}_sdp_enabled"] = getattr(torch.backends.cuda, f"{name}_sdp_enabled")()
+    print(f"env: {env}", flush=True)
+
     def save():
         res["elapsed_s"] = time.perf_counter() - t_start
         res["fused_helpers"] = fused_state()
