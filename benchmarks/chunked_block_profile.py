@@ -502,13 +502,13 @@ def main(argv=None):
     ap.add_argument("--model", default=None, help="config name (default lingbot-cam; smoke: lingbot-cam-tiny)")
     ap.add_argument("--grid", default=None, help="latent token grid f,h,w (default 21,30,52 = 81 frames 480x832; "
                                                  "smoke 3,4,5)")
-    ap.add_argument("--chunks", default=None, help="chunk sizes (default 4096,8192,16384,32768; smoke 8,16,32,64)")
+    ap.add_argument("--chunks", default=None, help="chunk sizes (default 4096,8192,16384,32768; smoke 16,64)")
     ap.add_argument("--batches", default="2,1")
     ap.add_argument("--fuse", default="on,off", help="fuse settings for the bf16 block (fp8 runs fuse on)")
     ap.add_argument("--variants", default="bf16,fp8-8bit",
                     help="bf16 (sdpa), fp8-8bit (fp8 QLinear weights + 8-bit attention), bf16-8bit")
     ap.add_argument("--warmup", type=int, default=None, help="calls after the first, untimed (default 1)")
-    ap.add_argument("--reps", type=int, default=None, help="timed calls, median reported (default 3; smoke 2)")
+    ap.add_argument("--reps", type=int, default=None, help="timed calls, median reported (default 3; smoke 1)")
     ap.add_argument("--profile-chunk", type=int, default=None, help="chunk profiled against plain (default 8192; "
                                                                    "smoke 16)")
     ap.add_argument("--skip", default="", help="stages to skip: timing,sections,profile,sdpa,tight")
@@ -520,7 +520,7 @@ def main(argv=None):
 
     smoke = args.cpu_smoke
     args.warmup = args.warmup if args.warmup is not None else 1
-    args.reps = args.reps if args.reps is not None else (2 if smoke else 3)
+    args.reps = args.reps if args.reps is not None else (1 if smoke else 3)
     if args.reps < 1 or args.warmup < 0:
         ap.error("--reps must be >= 1 and --warmup >= 0")
 
@@ -538,7 +538,7 @@ def main(argv=None):
         ap.error(f"--model: {e}")
     grid = tuple(ints(args.grid or ("3,4,5" if smoke else "21,30,52"), "--grid", 3))
     L = grid[0] * grid[1] * grid[2]
-    chunks = ints(args.chunks or ("8,16,32,64" if smoke else "4096,8192,16384,32768"), "--chunks")
+    chunks = ints(args.chunks or ("16,64" if smoke else "4096,8192,16384,32768"), "--chunks")
     batches = ints(args.batches, "--batches")
     try:
         fuses = [{"on": True, "off": False}[f] for f in parse_list(args.fuse)]
