@@ -562,6 +562,8 @@ def main(argv=None):
         ap.error("no CUDA device: run on a GPU, or use --cpu-smoke")
     device = torch.device("cpu" if smoke else "cuda")
     dtype = torch.float32 if smoke else torch.bfloat16
+    if smoke:
+        torch.set_num_threads(1)   # (tiny ops: a thread pool on a shared CPU only adds wake-up latency)
     out_path = args.out or os.path.join(os.environ.get("OUT", "."), "chunked_block_profile.json")
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     t_start = time.perf_counter()
