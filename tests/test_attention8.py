@@ -150,6 +150,16 @@ def test_prepared_keys_serve_query_chunks():
     assert torch.equal(torch.cat([attend(q[:, s:s + 64]) for s in range(0, 300, 64)], 1), whole)
 
 
+def test_registration_prepares_keys_once_and_leaves_the_cache_to_the_seam():
+    """"8bit" is registered with its `prepare` (the low-memory block quantizes K / V once per layer, not once per
+    query chunk, and may drop the bf16 K / V) and without handles_cache: it does not write the causal KV cache
+    itself, so the seam updates the cache and calls it as fn(q, k, v) (a positional `prepare8` once landed in
+    handles_cache: K / V were re-quantized for every query chunk, and a causal forward called
+    attention8(q, k, v, kv=...))."""
+    assert attn_mod._PREPARE.get("8bit") is a8.prepare8
+    assert not attn_mod.writes_cache("8bit")
+
+
 @gpu
 def test_prepared_keys_serve_query_chunks_gpu():
     """On the GPU the prepared path quantizes K and V once and runs the same kernel per query chunk: each row

@@ -120,12 +120,15 @@ def test_step_cache_residual_through_the_low_memory_forward():
 
 
 @torch.no_grad()
-def test_causal_chunks_through_the_kv_cache_equal_plain():
-    """The causal model: each chunk's keys / values go into the cache, its queries attend to what it holds."""
+@pytest.mark.parametrize("backend", ["sdpa", "8bit"])
+def test_causal_chunks_through_the_kv_cache_equal_plain(backend):
+    """The causal model: each chunk's keys / values go into the cache, its queries attend to what it holds
+    (the 8-bit kernel too: the seam writes the cache for it, and the low-memory block prepares K / V once)."""
     from worldstream.models.kv_cache import CrossKV, KVCache
 
     cfg = get_config("lingbot-fast-tiny")
     model = build(cfg, seed=7)
+    model.set_attention(backend)
     inp = make_inputs(cfg, seed=8, batch=1)
     t = torch.tensor([500.0])
     frame_tokens = (LAT_H // 2) * (LAT_W // 2)

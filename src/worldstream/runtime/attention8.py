@@ -284,4 +284,4 @@ def prepare8(k: torch.Tensor, v: torch.Tensor):
     return attend
 
 
-register_backend("8bit", attention8, prepare=prepare8)
+register_backend("8bit", attention8, prepare=prepare8)   # (by keyword: the third parameter is handles_cache)
