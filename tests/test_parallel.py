@@ -122,7 +122,8 @@ def in_every_process(sp, paths: dict) -> dict:
     out["low_slabs"] = slab_facts(runner.experts["low"])
     out["fills"] = runner.memory.fills
     out["left_in_shm"] = glob.glob(runner.memory.path(0).rsplit("-", 1)[0] + "-*")
-    runner.close()
+    sp.barrier()         # every process has measured its mappings before any lets go of its slabs (close frees
+    runner.close()       # them at once: a sharer gone early would raise the others' PSS)
 
     # 3. the causal student, chunk by chunk
     fast = find_checkpoint(paths["fast"])
