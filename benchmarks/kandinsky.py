@@ -272,6 +272,9 @@ def transformer_case(case: str, name: str, frames: int, cap: float) -> dict:
             fifo_swap(model, int(name[4:]))
         elif name == "group":
             from diffusers.hooks import apply_group_offloading
+            from diffusers.utils import is_accelerate_available
+            if not is_accelerate_available():    # diffusers' group offloading calls accelerate's send_to_device
+                raise SystemExit("group offloading needs accelerate (pip install accelerate)")
             if not cuda():
                 note(f"{case}: group offloading onto the CPU without streams (use_stream needs CUDA)")
             apply_group_offloading(model, onload_device=torch.device(DEV), offload_device=torch.device("cpu"),
@@ -297,7 +300,7 @@ def transformer_case(case: str, name: str, frames: int, cap: float) -> dict:
 
 
 def one_case(case: str) -> dict:
-    name, frames, cap = case.split("@")
+    name, frames, cap, *rest = case.split("@")
     frames, cap = int(frames), float(cap) * GB
     if name.startswith("qwen-"):
         return qwen_case(name, frames, cap)
@@ -305,7 +308,7 @@ def one_case(case: str) -> dict:
         return error_case(name[4:], frames)
     if name == "pipeline":
         from kandinsky_pipeline import pipeline_case      # benchmarks/kandinsky_pipeline.py
-        return pipeline_case(case, frames, cap, SMOKE)
+        return pipeline_case(case, frames, cap, SMOKE, *(int(v) for v in rest[:1]))
     if name not in ("resident", "diffusers", "worldstream", "group") + QUANT and not name.startswith("fifo"):
         raise SystemExit(f"unknown case {case!r}")
     return transformer_case(case, name, frames, cap)
