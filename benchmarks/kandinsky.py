@@ -2,7 +2,7 @@
 them) of the full-size transformer with random weights at 512x768, side by side, each case in a fresh
 subprocess (so peak host RAM is that case's own).
 
-Cases (`--cases`, default all; `name@frames@capGB`, cap 0 = none):
+Cases (`--cases`, or `--group`, default groups A, B, C; `name@frames@capGB`, cap 0 = none):
   resident     worldstream: diffusers' module loaded by runtime/kandinsky.py, every block on the GPU
   diffusers    diffusers' Kandinsky5Transformer3DModel built directly on the GPU (no cap)
   worldstream  the engine under the planner's plan for the cap (pinned slabs, one copy per block, ring of slots)
@@ -17,15 +17,53 @@ Cases (`--cases`, default all; `name@frames@capGB`, cap 0 = none):
   qwen-resident / qwen-stream  Qwen2.5-VL-7B's language model (random weights, 28 layers, bf16), one forward of
                `frames` tokens (the prompt template and prompt): on the GPU, or its layers streamed from pinned
                RAM through the engine (pipelines/kandinsky_text.py's "stream" placement) under the cap
-The cap is torch.cuda.set_per_process_memory_fraction(cap / total), as benchmarks/offload.py does.
-Usage: python benchmarks/kandinsky.py --out $OUT/kandinsky.json [--cases ...]
-   (the transformer cases need diffusers; the qwen cases only transformers)
+  pipeline     name@frames@cap[@steps]: `worldstream generate`'s code for this family end to end (Qwen2.5-VL +
+               CLIP, VAE encode, denoise, tiled VAE decode) on a random full-size diffusers folder under --vram cap,
+               phases and peaks (benchmarks/kandinsky_pipeline.py; steps default 3)
+The cap is torch.cuda.set_per_process_memory_fraction(cap / total), as benchmarks/offload.py does (the pipeline
+case passes it as --vram only). Each case runs in a fresh process (its own process group, killed with what it
+started after `--timeout`); the JSON is rewritten after every case, so a timeout or a crash keeps what finished;
+`--budget` (500 s) bounds the whole command: no case starts with less than 20 s left, the last one's timeout is
+cut to what is left.
+
+Commands on one H200 (fresh machine each, ~15 s for the pip line; the lead carries diffusers 0.42.1 and
+importlib_metadata as wheels in .whl/; everything else the cases import is in the image: transformers,
+accelerate (diffusers' group offloading needs it), safetensors, pillow, numpy; PyAV is not, so the pipeline
+case skips its MP4 write and says so). Predicted wall times (H200; process start + imports ~15 s per case,
+building 20 B random weights on the GPU ~10 s resident, ~30 s into 41 GB of pinned slabs, ~40 s through
+pageable CPU memory then pinned for fifo / group, one warm-up forward + one timed CFG step at the planner's
+16.5 s/step (121 frames) or 2.3 s/step (25 frames)):
+
+  pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+  PYTHONPATH=/tmp/site:src python3 benchmarks/kandinsky.py --group A --out $OUT/kandinsky_A.json   # ~5.5 min
+  PYTHONPATH=/tmp/site:src python3 benchmarks/kandinsky.py --group B --out $OUT/kandinsky_B.json   # ~6 min
+  PYTHONPATH=/tmp/site:src python3 benchmarks/kandinsky.py --group C --out $OUT/kandinsky_C.json   # ~5.5 min
+  PYTHONPATH=/tmp/site:src python3 benchmarks/kandinsky.py --group P --out $OUT/kandinsky_P.json   # ~6 min
+
+  A: resident@121@0 (~50 s) diffusers@121@0 (~50) worldstream@121@24 (~70) worldstream@121@12 (~70)
+     fifo6@121@24 (~90)
+  B: group@121@24 (~95) worldstream@25@12 (~50) fifo2@25@12 (~70) fifo6@25@12 (~70) group@25@12 (~70)
+  C: fp8@121@12 (~75) fp8@25@12 (~55) int8@25@12 (~55) err-fp8@25@0 (~45) err-int8@25@0 (~45)
+     qwen-resident@300@0 (~30) qwen-stream@300@12 (~35)
+  P: pipeline@121@24 (~6 min: folder build ~100 s, of which Qwen's 16.6 GB written; text ~50 s reading it
+     back from disk; load ~35 s; denoise 3 steps ~55 s; decode ~60 s); needs ~18 GB of disk under
+     $KANDINSKY_WORKDIR (default the temp dir) and ~45 GB of host RAM
+Each command is bounded at ~8.6 min by --budget 500 whatever the cases take. What comes back: the --out JSON
+(one object per case: timings, peaks, the plan's predictions, or "error" with the stderr's tail).
+
+  python benchmarks/kandinsky.py --cpu-smoke --out /tmp/k.json [--group X | --cases ...]
+the same code for every case kind with the tiny config (4 visual blocks of width 64, 64x96 pixels, 16 text
+tokens; a 4-layer Qwen of width 64) on the CPU: caps are skipped (said in the case's "notes"), capped cases
+stream every block the plan would stream on the GPU (all, or all but the whole first / last under --quant),
+fifo blocks are not pinned, group offloading runs without streams; fp8's torch._scaled_mm path is CUDA-only
+(the CPU dequantizes), so it is not smoked. ~15 s per case on the shared 2-core CPU.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -320,8 +358,9 @@ def main():
     ap.add_argument("--group", choices=sorted(GROUPS), help="a named set of cases, one < 9 min command each")
     ap.add_argument("--out", default="kandinsky.json")
     ap.add_argument("--one")
-    ap.add_argument("--timeout", type=float, default=240, help="seconds per case (its process is killed after)")
-    ap.add_argument("--budget", type=float, default=530,
+    ap.add_argument("--timeout", type=float, help="seconds per case, its processes killed after (default: 240, "
+                    "480 for pipeline cases)")
+    ap.add_argument("--budget", type=float, default=500,
                     help="seconds for the whole command: a case starts only with its timeout cut to what is left, "
                          "and none starts with less than 20 s left")
     ap.add_argument("--cpu-smoke", action="store_true", help="same code path, tiny models, on the CPU")
@@ -339,18 +378,23 @@ def main():
         if left < 20:
             res = dict(case=case, error=f"not started: {a.budget:g} s budget spent")
         else:
-            timeout = min(a.timeout, left)
+            timeout = min(a.timeout or (480 if case.startswith("pipeline@") else 240), left)
             cmd = [sys.executable, __file__, "--one", case] + (["--cpu-smoke"] if a.cpu_smoke else [])
             t0 = time.perf_counter()
+            # its own process group: a timeout kills the case and whatever it started (the folder build)
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                    start_new_session=True)
             try:
-                r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-                line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")), None)
-                res = json.loads(line[7:]) if line else dict(case=case, error=(r.stderr or r.stdout)[-1500:])
-                notes = [ln for ln in r.stdout.splitlines() if ln.startswith("[kandinsky]")]
+                stdout, stderr = proc.communicate(timeout=timeout)
+                line = next((ln for ln in stdout.splitlines() if ln.startswith("RESULT ")), None)
+                res = json.loads(line[7:]) if line else dict(case=case, error=(stderr or stdout)[-1500:])
+                notes = [ln for ln in stdout.splitlines() if ln.startswith("[kandinsky]")]
                 if notes:
                     res["notes"] = notes
             except subprocess.TimeoutExpired:
-                res = dict(case=case, error=f"timed out after {timeout:.0f} s")
+                os.killpg(proc.pid, signal.SIGKILL)
+                stdout, stderr = proc.communicate()
+                res = dict(case=case, error=f"timed out after {timeout:.0f} s", tail=(stderr or stdout)[-600:])
             res["wall_s"] = time.perf_counter() - t0
         results.append(res)
         print(json.dumps(res), flush=True)

@@ -146,12 +146,13 @@ def run(root: Path, frames: int, cap: float, smoke: bool, steps: int) -> dict:
     job = prepare_kandinsky(root, PROMPT, image=str(img), size=f"{bench.W}*{bench.H}", frame_num=frames,
                             steps=steps, seed=0)
     assert job.ckpt.config == bench.CFG, (job.ckpt.config.name, bench.CFG.name)
-    vram = cap or None
-    if vram is not None and not bench.cuda():
-        bench.note(f"--vram {cap / GB:g}GB not given on the CPU (smoke): everything resident, tiling off")
-        vram = None
-    frames_out = run_kandinsky(job, device, torch.bfloat16, vram=vram, progress=False,
-                               transformer_tensors=bench.random_tensors(), prompt_cache=None)
+    force = {}
+    if smoke:      # no plan on the CPU (the planner plans for a GPU): stream all but block 0, as the tests do
+        force = dict(resident=[0], prefetch=1)
+        bench.note(f"--vram {cap / GB:g}GB on the CPU (smoke): no plan; visual blocks 1.. streamed, Qwen 'gpu' "
+                   "placement on the CPU")
+    frames_out = run_kandinsky(job, device, torch.bfloat16, vram=cap or None, progress=False,
+                               transformer_tensors=bench.random_tensors(), prompt_cache=None, **force)
     total = time.perf_counter() - t0
     rep = job.report
     t1 = time.perf_counter()

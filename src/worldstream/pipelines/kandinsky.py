@@ -32,6 +32,7 @@ from .progress import Progress
 NEGATIVE = ("Static, 2D cartoon, cartoon, 2d animation, paintings, images, worst quality, low quality, ugly, "
             "deformed, walking backwards")   # the diffusers pipelines' default
 FPS = 24
+I2V_REFERENCE_FRAMES = 4      # latent frames diffusers' i2v pipeline normalises against later ones
 
 
 @dataclass
@@ -213,6 +214,15 @@ def prepare_kandinsky(ckpt_dir, prompt: str, image=None, size: str | None = None
     frames = frame_num or s.frame_num
     if frames < 1 or (frames - 1) % 4:
         raise GenerationError(f"--frame_num {frames}: must be 4n+1")
+    if ckpt.task == "i2v" and (frames - 1) // 4 + 1 <= I2V_REFERENCE_FRAMES:
+        # diffusers' Kandinsky5I2VPipeline.normalize_first_frame matches the first 4 latent frames to the
+        # statistics of the ones after them: with none after them (5, 9, 13 frames) it divides by the std of an
+        # empty tensor and every frame of the video is NaN; with one latent frame (1 frame) it returns a tuple
+        # instead of the latents and the decode fails on it
+        raise GenerationError(f"--frame_num {frames}: an image-to-video Kandinsky 5 run needs at least "
+                              f"{4 * I2V_REFERENCE_FRAMES + 1} frames (diffusers' first-frame normalisation "
+                              f"needs latent frames after the first {I2V_REFERENCE_FRAMES}: 5 to 13 give a NaN video, "
+                              "1 fails)")
     img = None
     if ckpt.task == "i2v":
         if image is None:
