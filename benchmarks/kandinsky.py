@@ -394,7 +394,8 @@ def main():
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 stdout, stderr = proc.communicate()
-                res = dict(case=case, error=f"timed out after {timeout:.0f} s", tail=(stderr or stdout)[-600:])
+                res = dict(case=case, error=f"timed out after {timeout:.0f} s", stderr_tail=stderr[-1500:],
+                           notes=[ln for ln in stdout.splitlines() if ln.startswith("[kandinsky]")])
             res["wall_s"] = time.perf_counter() - t0
         results.append(res)
         print(json.dumps(res), flush=True)

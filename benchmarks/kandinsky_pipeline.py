@@ -112,6 +112,10 @@ def build_folder(root: Path, smoke: bool) -> dict:
     return {d.name: sum(f.stat().st_size for f in d.rglob("*") if f.is_file()) for d in root.iterdir() if d.is_dir()}
 
 
+def note(msg: str) -> None:      # (benchmarks/kandinsky.py keeps these lines, also from a case that times out)
+    print(f"[kandinsky] {msg}", flush=True)
+
+
 def pipeline_case(case: str, frames: int, cap: float, smoke: bool, steps: int = 3) -> dict:
     from pipeline import evict_page_cache        # benchmarks/pipeline.py
 
@@ -125,7 +129,11 @@ def pipeline_case(case: str, frames: int, cap: float, smoke: bool, steps: int = 
             raise RuntimeError(f"building the folder failed:\n{(r.stderr or r.stdout)[-1500:]}")
         out["build_s"] = time.perf_counter() - t0
         out["folder_bytes"] = json.loads(r.stdout.strip().splitlines()[-1])
-        out["evicted_bytes"] = evict_page_cache(root)
+        note(f"folder built in {out['build_s']:.1f} s: {out['folder_bytes']}")
+        t0 = time.perf_counter()
+        out["evicted_bytes"] = evict_page_cache(root)       # (fsync first: the written data reaches the disk)
+        out["evict_s"] = time.perf_counter() - t0
+        note(f"{out['evicted_bytes'] / GB:.1f} GB synced and dropped from the page cache in {out['evict_s']:.1f} s")
         out.update(run(root, frames, cap, smoke, steps))
     return out
 
@@ -151,10 +159,11 @@ def run(root: Path, frames: int, cap: float, smoke: bool, steps: int) -> dict:
         force = dict(resident=[0], prefetch=1)
         bench.note(f"--vram {cap / GB:g}GB on the CPU (smoke): no plan; visual blocks 1.. streamed, Qwen 'gpu' "
                    "placement on the CPU")
-    frames_out = run_kandinsky(job, device, torch.bfloat16, vram=cap or None, progress=False,
+    frames_out = run_kandinsky(job, device, torch.bfloat16, vram=cap or None, progress=not smoke,
                                transformer_tensors=bench.random_tensors(), prompt_cache=None, **force)
     total = time.perf_counter() - t0
     rep = job.report
+    note(f"pipeline done in {total:.1f} s: " + ", ".join(f"{k} {v['seconds']:.1f} s" for k, v in rep["phases"].items()))
     t1 = time.perf_counter()
     try:
         import av  # noqa: F401
