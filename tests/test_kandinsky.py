@@ -477,3 +477,52 @@ def test_a_single_file_with_other_names_is_refused_naming_the_key(tiny, tmp_path
     assert "missing key" in str(e.value) and KEY in str(e.value) and "unexpected key 'model." in str(e.value)
     with pytest.raises(CheckpointError, match="one .safetensors file"):
         find_kandinsky(root, dit=root / "vae")
+
+
+def test_pipeline_takes_transformer_tensors_and_reports_peaks_per_phase(tiny):
+    """benchmarks/kandinsky.py's pipeline case: the transformer's weights given as (key, tensor) pairs load as
+    the shards do (the same video, to float32 rounding), every one of them is consumed, and each phase reports its peaks (the VAE's
+    first-frame encode timed inside "denoise")."""
+    from safetensors.torch import load_file
+
+    from worldstream.pipelines.kandinsky import KandinskyJob, run_kandinsky
+
+    ck = find_kandinsky(tiny)
+    state = {}
+    for f in sorted((tiny / "transformer").glob("*.safetensors")):
+        state.update(load_file(str(f)))
+    taken = []
+
+    def pairs():
+        for k, v in state.items():
+            taken.append(k)
+            yield k, v
+
+    def job():
+        return KandinskyJob(ck, "a cat", _image(), frames=17, width=32, height=32, steps=2, seed=3)
+    ref_job, our_job = job(), job()
+    ref = run_kandinsky(ref_job, "cpu", torch.float32, progress=False, resident=[0], prefetch=1)
+    ours = run_kandinsky(our_job, "cpu", torch.float32, progress=False, resident=[0], prefetch=1,
+                         transformer_tensors=pairs())
+    assert np.isfinite(ref).all()
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-5)    # (1-ulp CPU differences between two runs)
+    assert sorted(taken) == sorted(state)
+    phases = our_job.report["phases"]
+    assert phases["denoise"]["vae_encode_s"] > 0
+    assert all(phases[k]["peak_rss"] > 0 for k in ("text", "load", "decode"))
+    assert phases["decode"]["peak_vram"] == 0.0          # (a CPU run)
+
+
+@pytest.mark.parametrize("frames", [1, 5, 9, 13])
+def test_i2v_frame_counts_that_give_a_nan_video_are_refused(tiny, tmp_path, frames):
+    """diffusers' i2v pipeline normalises the first 4 latent frames against the next ones; 5, 9 or 13 frames
+    (2 to 4 latent frames) leave none and the whole video came out NaN (found writing the benchmark's pipeline
+    case); 1 frame makes it return a tuple that the decode then fails on."""
+    from worldstream.pipelines.conditioning import GenerationError
+    from worldstream.pipelines.kandinsky import prepare_kandinsky
+
+    img = tmp_path / "first.png"
+    _image().save(img)
+    with pytest.raises(GenerationError, match=f"--frame_num {frames}: .* at least 17 frames"):
+        prepare_kandinsky(tiny, "a cat", image=str(img), size="32*32", frame_num=frames)
+    assert prepare_kandinsky(tiny, "a cat", image=str(img), size="32*32", frame_num=17).frames == 17

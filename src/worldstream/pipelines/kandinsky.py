@@ -8,7 +8,9 @@ prompt cache without loading either encoder: pipelines/kandinsky_text.py), "load
 transformer into its homes, the VAE to the device), "denoise" (diffusers' `Kandinsky5I2VPipeline` /
 `Kandinsky5T2VPipeline.__call__` with the embeddings given, so its loop, scheduler, first-frame conditioning
 and CFG are the reference's: cond and uncond as two forwards), "decode" (the HunyuanVideo VAE, tiled when a
-VRAM budget is given), "write". `report` has seconds and peak VRAM per phase.
+VRAM budget is given), "write". `report` has seconds and peak VRAM per phase (the peak within the phase),
+the process's peak RSS so far at each phase's end, and the VAE's encode of the first frame (inside "denoise",
+where diffusers' pipeline runs it) as `phases["denoise"]["vae_encode_s"]`.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import torch
 
 from ..checkpoints.kandinsky import KandinskyCheckpoint, find_kandinsky, validate_component
 from ..checkpoints.tensors import CheckpointError, read_json
+from ..runtime.memory import peak_rss_bytes
 from ..runtime.kandinsky import place_transformer
 from ..runtime.planner import Workload
 from .kandinsky_text import KandinskyPromptCache, encode_kandinsky_prompts
@@ -29,6 +32,7 @@ from .progress import Progress
 NEGATIVE = ("Static, 2D cartoon, cartoon, 2d animation, paintings, images, worst quality, low quality, ugly, "
             "deformed, walking backwards")   # the diffusers pipelines' default
 FPS = 24
+I2V_REFERENCE_FRAMES = 4      # latent frames diffusers' i2v pipeline normalises against later ones
 
 
 @dataclass
@@ -99,11 +103,13 @@ def _peak(device) -> float:
 def run_kandinsky(job: KandinskyJob, device="cpu", dtype: torch.dtype = torch.bfloat16, vram: float | None = None,
                   ram: float | None = None, text_cpu: bool = False, progress: bool = True,
                   resident: list[int] | None = None, prefetch: int = 1, quant=None,
-                  prompt_cache: KandinskyPromptCache | None = None, text_placement: str | None = None):
+                  prompt_cache: KandinskyPromptCache | None = None, text_placement: str | None = None,
+                  transformer_tensors=None):
     """Frames as float [F, H, W, 3] in [0, 1] (numpy); `job.report` gets phases, peaks and the plan. `quant`
     ("fp8" | "fp8-block" | "int8" | a QuantPolicy): the visual blocks' linears compressed while loading.
     `text_placement` ("gpu" | "cpu" | "stream"): where Qwen2.5-VL runs; by default "cpu" with `text_cpu`,
-    "stream" on a GPU when its weights exceed 85% of `vram`, else "gpu"."""
+    "stream" on a GPU when its weights exceed 85% of `vram`, else "gpu". `transformer_tensors`: (key, tensor)
+    pairs to load instead of transformer/'s files (benchmarks: random full-size weights made on the device)."""
     device = torch.device(device)
     root, cfg, rep = job.ckpt.root, job.ckpt.config, job.report
     phases = rep.setdefault("phases", {})
@@ -118,7 +124,8 @@ def run_kandinsky(job: KandinskyJob, device="cpu", dtype: torch.dtype = torch.bf
                                        prompt_cache, report=text)
     emb, neg = encoded[0], (encoded[1] if guided else (None,) * 3)
     gc.collect()
-    phases["text"] = dict(seconds=time.perf_counter() - t0, peak_vram=_peak(device), **text)
+    phases["text"] = dict(seconds=time.perf_counter() - t0, peak_vram=_peak(device), peak_rss=peak_rss_bytes(),
+                          **text)
     vae = _component(root, "vae", dtype)
     pipe = cls(transformer=None, vae=vae, text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
                scheduler=_component(root, "scheduler"))
@@ -126,7 +133,7 @@ def run_kandinsky(job: KandinskyJob, device="cpu", dtype: torch.dtype = torch.bf
     t0 = time.perf_counter()
     workload = Workload(frames=job.frames, height=job.height, width=job.width, guidance=guided)
     placed = place_transformer(job.ckpt, device, dtype, workload, vram, ram, resident=resident, prefetch=prefetch,
-                               quant=quant)
+                               quant=quant, tensors=transformer_tensors)
     if placed.plan is not None:
         rep["plan"] = placed.plan.describe()
     pipe.transformer = placed.model
@@ -134,7 +141,16 @@ def run_kandinsky(job: KandinskyJob, device="cpu", dtype: torch.dtype = torch.bf
     vae.to(device)
     if vram is not None:
         vae.enable_tiling()
-    phases["load"] = dict(seconds=time.perf_counter() - t0, peak_vram=_peak(device))
+    phases["load"] = dict(seconds=time.perf_counter() - t0, peak_vram=_peak(device), peak_rss=peak_rss_bytes())
+    encode, encoded = vae.encode, {}
+
+    def timed_encode(*args, **kwargs):      # the first frame's latents (i2v), inside the pipeline's __call__
+        t = time.perf_counter()
+        try:
+            return encode(*args, **kwargs)
+        finally:
+            encoded["seconds"] = encoded.get("seconds", 0.0) + time.perf_counter() - t
+    vae.encode = timed_encode
 
     bar = Progress(job.steps, "denoise", enabled=progress)
     marks = {}
@@ -142,6 +158,8 @@ def run_kandinsky(job: KandinskyJob, device="cpu", dtype: torch.dtype = torch.bf
     def on_step(p, i, t, kwargs):
         bar.update()
         marks["denoised"] = time.perf_counter()
+        if i == job.steps - 1:              # the decode that follows has its own peak
+            marks["peak"] = _peak(device)
         return {}
 
     t0 = time.perf_counter()
@@ -156,10 +174,14 @@ def run_kandinsky(job: KandinskyJob, device="cpu", dtype: torch.dtype = torch.bf
                        negative_prompt_cu_seqlens=neg[2], output_type="np", callback_on_step_end=on_step)
     finally:
         placed.close()
+        vae.encode = encode
     end = time.perf_counter()
     done = marks.get("denoised", end)
-    phases["denoise"] = dict(seconds=done - t0, peak_vram=_peak(device))
-    phases["decode"] = dict(seconds=end - done)
+    decode_peak = _peak(device)
+    phases["denoise"] = dict(seconds=done - t0, peak_vram=marks.get("peak", decode_peak),
+                             vae_encode_s=encoded.get("seconds", 0.0))
+    phases["decode"] = dict(seconds=end - done, peak_vram=decode_peak if "peak" in marks else 0.0,
+                            peak_rss=peak_rss_bytes())
     return out.frames[0]
 
 
@@ -192,6 +214,15 @@ def prepare_kandinsky(ckpt_dir, prompt: str, image=None, size: str | None = None
     frames = frame_num or s.frame_num
     if frames < 1 or (frames - 1) % 4:
         raise GenerationError(f"--frame_num {frames}: must be 4n+1")
+    if ckpt.task == "i2v" and (frames - 1) // 4 + 1 <= I2V_REFERENCE_FRAMES:
+        # diffusers' Kandinsky5I2VPipeline.normalize_first_frame matches the first 4 latent frames to the
+        # statistics of the ones after them: with none after them (5, 9, 13 frames) it divides by the std of an
+        # empty tensor and every frame of the video is NaN; with one latent frame (1 frame) it returns a tuple
+        # instead of the latents and the decode fails on it
+        raise GenerationError(f"--frame_num {frames}: an image-to-video Kandinsky 5 run needs at least "
+                              f"{4 * I2V_REFERENCE_FRAMES + 1} frames (diffusers' first-frame normalisation "
+                              f"needs latent frames after the first {I2V_REFERENCE_FRAMES}: 5 to 13 give a NaN video, "
+                              "1 fails)")
     img = None
     if ckpt.task == "i2v":
         if image is None:
