@@ -39,7 +39,7 @@ def students(tmp_path_factory):
 
 def session(root, **kw):
     ckpt = find_checkpoint(root)
-    vae = load_vae(root / VAE_FILE)
+    vae = kw.pop("vae", None) or load_vae(root / VAE_FILE)
     g = torch.Generator().manual_seed(5)
     image = torch.rand(3, kw.pop("h", H), kw.pop("w", W), generator=g) * 2 - 1
     context = kw.pop("context", torch.randn(4, ckpt.config.text_dim, generator=g))
@@ -250,3 +250,31 @@ def test_stream_command_writes_the_video_and_refuses_bad_input(tmp_path, capsys)
     write_tiny_checkpoint(ckpt, "lingbot-cam-tiny")
     assert main(["stream", "--ckpt_dir", str(ckpt), "--image", "x.png", "--prompt", "p", "--device", "cpu"]) == 2
     assert "not a causal" in capsys.readouterr().err
+
+
+@torch.no_grad()
+def test_sessions_from_one_first_frame_share_its_conditioning_and_get_the_same_numbers(students):
+    """The server's sessions (and every reset) start from one first frame: its conditioning latents are
+    encoded once and shared (`ImageConditions`), and a session that reuses them produces exactly what a
+    session that encoded them itself does."""
+    from worldstream.pipelines.realtime import ImageConditions
+
+    root = students["lingbot-fast-v2-tiny"]
+    memo = ImageConditions(capacity=2)
+    vae = load_vae(root / VAE_FILE)                    # one VAE, as a server's sessions share (the memo keys on it)
+    alone = session(root)
+    first = session(root, conditions=memo, vae=vae)
+    second = session(root, conditions=memo, vae=vae)
+    assert second.y is first.y and len(memo) == 1
+    keys = ["w", "wj", "a", "d"]
+    ref = [alone.step(keys=k).latents for k in keys]
+    assert all(torch.equal(first.step(keys=k).latents, r) for k, r in zip(keys, ref))
+    assert all(torch.equal(second.step(keys=k).latents, r) for k, r in zip(keys, ref))   # extended by first
+    second.reset()
+    assert second.y is first.y and torch.equal(second.step(keys="w").latents, ref[0])
+    other = session(root, conditions=memo, vae=vae)    # `session` draws the same image: the same entry
+    assert other.y is first.y
+    other.reset(image=-first.image)                     # another first frame: its own entry
+    assert other.y is not first.y and len(memo) == 2
+    second.reset(image=first.image * 0.5)               # a third: the least recently used one goes
+    assert len(memo) == 2 and second.y is not first.y

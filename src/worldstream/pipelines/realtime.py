@@ -42,11 +42,14 @@ Upstream's semantics are the default; differences are named options:
     RoPE angles exist for any position (upstream stops at latent frame 1024).
   * y: upstream VAE-encodes [image, zeros] for the whole clip. Here the black frames are encoded chunk by
     chunk through the encoder's causal stream (identical numbers) until their latents stop changing, after
-    which the last one is reused (bit-identical from then on).
+    which the last one is reused (bit-identical from then on). Sessions given the same `ImageConditions` share
+    the latents of a first frame they start from (the server's sessions, resets).
 """
 from __future__ import annotations
 
+import hashlib
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -127,6 +130,34 @@ class ImageCondition:
         return torch.cat([mask, z.cpu()], dim=0)
 
 
+class ImageConditions:
+    """The first frames' conditioning, shared by the sessions that start from the same image with the same VAE
+    (the web server's sessions, and every `reset()`, start from one first frame): its latents, encoded once,
+    extended by whichever session needs the next one. The same encoder calls on the same inputs in the same
+    order, so every session sees exactly the numbers it would have made itself. Keeps the `capacity` most
+    recently used images. Not thread-safe: the sessions' work is serialized (the server's `compute` lock)."""
+
+    def __init__(self, capacity: int = 4):
+        if capacity < 1:
+            raise ValueError(f"capacity must be at least 1, got {capacity}")
+        self.capacity = capacity
+        self._held: OrderedDict[tuple, ImageCondition] = OrderedDict()
+
+    def get(self, vae, image: torch.Tensor) -> ImageCondition:
+        pixels = image.detach().to("cpu", torch.float32).contiguous()
+        key = (id(vae), tuple(pixels.shape), hashlib.sha256(pixels.numpy().tobytes()).hexdigest())
+        if key in self._held:
+            self._held.move_to_end(key)
+            return self._held[key]
+        made = self._held[key] = ImageCondition(vae, image)
+        while len(self._held) > self.capacity:
+            self._held.popitem(last=False)
+        return made
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+
 # ---------------------------------------------------------------------------------------------- session
 
 @dataclass
@@ -153,7 +184,7 @@ class RealtimeSession:
                  height: int, width: int, *, intrinsics=None, device="cpu", dtype=torch.float32,
                  seed: int | None = None, steps: int | None = None, window: int | None = -1, sink: int | None = None,
                  noise: str = "chunk", total_frames: int | None = None, camera: torch.Tensor | None = None,
-                 timing: bool = False):
+                 timing: bool = False, conditions: ImageConditions | None = None):
         rt: CausalSampling = cfg.realtime
         if rt is None:
             raise ValueError(f"{cfg.name} is not a causal student: it has no chunk loop")
@@ -192,6 +223,7 @@ class RealtimeSession:
             raise ValueError("noise='upstream' draws the whole clip's noise first: it needs total_frames")
         self.noise_rule, self.total_frames, self.seed = noise, total_frames, rt.seed if seed is None else seed
         self.fixed_camera = camera
+        self.conditions = conditions                 # first frames' conditioning shared with other sessions
         self._refresh_inputs: dict | None = None     # the last chunk's refresh, when deferred and not yet run
         self.reset()
         self.runner.start(Schedule.repeat([Forward(EXPERT, 1)] * (len(self.schedule) + 1)))
@@ -211,7 +243,12 @@ class RealtimeSession:
             lat_f = _round_up(self.cfg.latents.latent_frames(self.total_frames), self.rt.chunk)
             self.clip_noise = torch.randn(self.cfg.latents.channels, lat_f, *self.latent_hw,
                                           generator=self.generator)
-        self.y = ImageCondition(self.vae, self.image) if self.vae is not None else None
+        if self.vae is None:
+            self.y = None
+        elif self.conditions is not None:
+            self.y = self.conditions.get(self.vae, self.image)
+        else:
+            self.y = ImageCondition(self.vae, self.image)
         self.camera = LiveCamera(self.intrinsics, self.height, self.width)
         self.decoder_state = self.decoder.decoder_state() if self.decoder is not None else None
 

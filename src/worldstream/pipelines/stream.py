@@ -30,7 +30,7 @@ from ..runtime.planner import Workload
 from ..runtime.runner import build_runner
 from .conditioning import GenerationError, i2v_size, image_to_tensor, read_image, resize_image
 from .prompts import PromptCache, encode_prompts
-from .realtime import Chunk, RealtimeSession
+from .realtime import Chunk, ImageConditions, RealtimeSession
 from .video import Mp4Stream, to_uint8_frames
 
 MAX_STREAM_FRAMES = 100_000       # about 1 h 44 min at 16 fps: an offline request beyond this is refused
@@ -197,6 +197,7 @@ class Student:
     context: torch.Tensor
     device: torch.device
     dtype: torch.dtype
+    conditions: ImageConditions = field(default_factory=ImageConditions)   # shared by its sessions
 
     @property
     def config(self):
@@ -213,7 +214,7 @@ class Student:
                                intrinsics=r.intrinsics, device=self.device, dtype=self.dtype, seed=r.seed,
                                steps=r.steps, window=r.window if window == -1 else window,
                                sink=r.sink if sink is None else sink, noise=r.noise, total_frames=r.frames,
-                               camera=r.camera, timing=timing)
+                               camera=r.camera, timing=timing, conditions=self.conditions)
 
     def encode_prompt(self, prompt: str, *, prompt_cache: PromptCache | None = None,
                       placement: str | None = None) -> torch.Tensor:
