@@ -89,7 +89,7 @@ import torch  # noqa: E402
 
 from worldstream.models.configs import get_config  # noqa: E402
 from worldstream.pipelines.conditioning import GenerationError  # noqa: E402
-from worldstream.pipelines.stream import check_window  # noqa: E402
+from worldstream.pipelines.stream import check_steps, check_window  # noqa: E402
 from worldstream.serve.protocol import parse_frame  # noqa: E402
 from worldstream.testing.random_models import parse_size, random_taehv, random_vae  # noqa: E402
 
@@ -136,13 +136,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     if getattr(cfg, "realtime", None) is None:
         ap.error(f"--variant {args.variant}: not a causal student (lingbot-fast, lingbot-fast-v2, ...)")
     try:
-        args.h, args.w = parse_size(args.size, cfg.is_tiny)
+        args.h, args.w = parse_size(args.size, cfg)
         check_window(cfg.realtime, args.window, args.sink)
+        check_steps(cfg, args.steps)
     except GenerationError as e:
         ap.error(str(e))
     rt = cfg.realtime
-    if args.steps is not None and args.steps not in (1, len(rt.step_indices)):
-        ap.error(f"--steps {args.steps}: {cfg.name} runs {len(rt.step_indices)} steps, or 1")
     if args.warmup is None:
         args.warmup = 3 if smoke else math.ceil(max(args.window, Y_STEADY_LATENT_FRAMES) / rt.chunk) + 1
     if not 2 <= args.chunks <= 200:

@@ -761,8 +761,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     else:
         engine = Engine.load(args.ckpt_dir, prompt=args.prompt, image=args.image, size=args.size, device=device,
                              dtype=dtype, vram=vram, ram=ram, quant=args.quant, attention=args.attention,
-                             vae=args.vae, taehv=args.taehv, decoder=args.decoder, steps=args.steps, window=args.window, sink=args.sink,
-                             seed=args.base_seed, sessions=sessions,
+                             vae=args.vae, taehv=args.taehv, decoder=args.decoder, steps=args.steps,
+                             window=args.window, sink=args.sink, seed=args.base_seed, sessions=sessions,
                              prompt_cache=None if args.no_prompt_cache else PromptCache(),
                              notice=lambda m: print(f"note: {m}"))
     try:

@@ -93,6 +93,28 @@ def check_student(ckpt_dir: str | Path) -> Checkpoint:
     return ckpt
 
 
+def stream_size(cfg, size: str | None) -> tuple[int, int]:
+    """`--size` W*H (or WxH) -> (width, height), each side from 16 to 2048. Default: the size a small trained
+    student was trained at, else 112*64 for a tiny variant, else 832*480 (the students' size)."""
+    default = f"{cfg.trained_size[0]}*{cfg.trained_size[1]}" if cfg.trained_size else \
+        ("112*64" if cfg.is_tiny else "832*480")
+    text = (size or default).replace("x", "*")
+    try:
+        w, h = (int(v) for v in text.split("*"))
+    except ValueError:
+        raise GenerationError(f"--size {size!r}: expected WIDTH*HEIGHT, e.g. 832*480") from None
+    if not (16 <= w <= 2048 and 16 <= h <= 2048):
+        raise GenerationError(f"--size {size}: each side between 16 and 2048")
+    return w, h
+
+
+def check_steps(cfg, steps: int | None) -> None:
+    """A student runs its own number of denoising steps, or 1 (`--steps 1`)."""
+    n = len(cfg.realtime.step_indices)
+    if steps is not None and steps not in (1, n):
+        raise GenerationError(f"--steps {steps}: {cfg.name} runs {n} steps, or 1")
+
+
 def check_window(rt, window: int | None, sink: int | None) -> None:
     """A KV window (-1: the student's own, None: global) must hold a chunk plus the sink; the sink is >= 0."""
     if window is not None and window != -1:
@@ -127,20 +149,11 @@ def prepare_stream(ckpt_dir, prompt: str, *, image, size: str | None = None, fra
     if image is None:
         raise GenerationError("--image is required: the stream starts from a first frame")
     pil = image if hasattr(image, "convert") else read_image(image)
-    default = f"{cfg.trained_size[0]}*{cfg.trained_size[1]}" if cfg.trained_size else \
-        ("112*64" if cfg.is_tiny else "832*480")
-    text = (size or default).replace("x", "*")
-    try:
-        w, h = (int(v) for v in text.split("*"))
-    except ValueError:
-        raise GenerationError(f"--size {size!r}: expected WIDTH*HEIGHT, e.g. 832*480") from None
-    if not (16 <= w <= 2048 and 16 <= h <= 2048):
-        raise GenerationError(f"--size {size}: each side between 16 and 2048")
+    w, h = stream_size(cfg, size)
     image_t = image_to_tensor(pil)
     h, w = i2v_size(image_t.shape[1], image_t.shape[2], w * h, cfg)
     image_t = resize_image(image_t, h, w)
-    if steps is not None and steps not in (1, len(rt.step_indices)):
-        raise GenerationError(f"--steps {steps}: {cfg.name} runs {len(rt.step_indices)} steps, or 1")
+    check_steps(cfg, steps)
     if noise not in ("chunk", "upstream"):
         raise GenerationError(f"--noise {noise!r}: chunk or upstream")
     check_window(rt, window, sink)

@@ -25,7 +25,7 @@ from ..models.taehv import TAEHV, TAEHVConfig
 from ..models.vae import VAEConfig, WanVAE
 from ..pipelines.conditioning import GenerationError
 from ..pipelines.realtime import EXPERT
-from ..pipelines.stream import StreamRequest, Student, check_window
+from ..pipelines.stream import StreamRequest, Student, check_steps, check_window, stream_size
 from ..runtime.loading import RandomLoader
 from ..runtime.runner import DiTRunner
 
@@ -76,15 +76,11 @@ class RandomStudent(Student):
         return prompt_embedding(self.config, prompt).to(self.device, self.dtype)
 
 
-def parse_size(size: str | None, tiny: bool) -> tuple[int, int]:
-    """`W*H` (or WxH) -> (height, width); each side a multiple of 16 from 16 to 2048. Default: 832*480, or
-    112*64 for a tiny variant."""
-    text = (size or ("112*64" if tiny else "832*480")).replace("x", "*")
-    try:
-        w, h = (int(v) for v in text.split("*"))
-    except ValueError:
-        raise GenerationError(f"--size {size!r}: expected WIDTH*HEIGHT, e.g. 832*480") from None
-    if not (16 <= w <= 2048 and 16 <= h <= 2048 and w % 16 == 0 and h % 16 == 0):
+def parse_size(size: str | None, cfg) -> tuple[int, int]:
+    """`--size` as a stream reads it (`pipelines.stream.stream_size`) -> (height, width); with no first frame
+    to fit (no `i2v_size` rounding) each side must also be a multiple of 16."""
+    w, h = stream_size(cfg, size)
+    if w % 16 or h % 16:
         raise GenerationError(f"--size {size}: each side a multiple of 16 between 16 and 2048")
     return h, w
 
@@ -106,10 +102,9 @@ def random_student(variant: str, *, device=None, dtype=None, size: str | None = 
                               "lingbot-fast, lingbot-fast-v2, lingbot-fast-v2-1.3b (or -tiny)")
     if vae not in ("wan", "tiny"):
         raise GenerationError(f"--vae {vae!r}: wan or tiny")
-    if steps is not None and steps not in (1, len(rt.step_indices)):
-        raise GenerationError(f"--steps {steps}: {cfg.name} runs {len(rt.step_indices)} steps, or 1")
+    check_steps(cfg, steps)
     check_window(rt, window, sink)
-    h, w = parse_size(size, cfg.is_tiny)
+    h, w = parse_size(size, cfg)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = device.type == "cuda"
     dtype = dtype or (torch.bfloat16 if cuda else torch.float32)
