@@ -17,7 +17,7 @@ import os
 import torch
 
 from ..models.taehv import TAEHV, TAEHVConfig
-from .tensors import CheckpointError, check_finite, iter_tensors, read_pth, read_safetensors_header
+from .tensors import CheckpointError, check_finite, check_keys_and_shapes, iter_tensors, read_pth, read_safetensors_header
 
 # indices of the layers the config is read from (upstream's nn.Sequential layout, 3 MemBlocks per stage)
 _ENC_TPOOL = (2, 7, 12)          # encoder TPool(width, stride): conv weight [width, stride*width, 1, 1]
@@ -25,7 +25,6 @@ _ENC_FIRST, _ENC_LAST = 0, 17    # conv(3*p^2 -> width), conv(width -> z)
 _DEC_FIRST, _DEC_LAST = 1, 22    # conv(z -> n_f[0]), conv(n_f[3] -> 3*p^2)
 _DEC_TGROW = (7, 13, 19)         # decoder TGrow(n_f[i], stride): conv weight [stride*n_f[i], n_f[i], 1, 1]
 _DEC_PROJ = (8, 14, 20)          # conv(n_f[i] -> n_f[i+1]), no bias
-_SHOWN = 5                       # how many offending keys an error message lists
 
 
 def _read_shapes(path: str) -> tuple[dict, dict | None]:
@@ -76,22 +75,6 @@ def infer_taehv_config(shapes: dict, source: str = "state dict") -> TAEHVConfig:
                        decoder_widths=tuple(n_f), encoder_time_downscale=t_down, decoder_time_upscale=t_up)
 
 
-def check_taehv_shapes(shapes: dict, model: TAEHV, source: str) -> None:
-    """ValueError naming `source` and the first offending keys unless `shapes` has exactly `model`'s keys
-    and shapes. `model` may live on the meta device."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = [k for k in expected if k not in shapes]
-    unexpected = [k for k in shapes if k not in expected]
-    wrong = [k for k in expected if k in shapes and shapes[k] != expected[k]]
-    if missing:
-        raise ValueError(f"{source}: missing keys {missing[:_SHOWN]} ({len(missing)} in all)")
-    if unexpected:
-        raise ValueError(f"{source}: unexpected keys {unexpected[:_SHOWN]} ({len(unexpected)} in all)")
-    if wrong:
-        raise ValueError(f"{source}: wrong shapes: " + ", ".join(
-            f"{k!r} is {shapes[k]}, expected {expected[k]}" for k in wrong[:_SHOWN]) + f" ({len(wrong)} in all)")
-
-
 def load_taehv(path: str | os.PathLike, device: torch.device | str = "cpu",
                dtype: torch.dtype = torch.float32) -> TAEHV:
     """Load `taew2_1.pth` (or its `.safetensors` conversion) into an eval-mode, frozen `TAEHV` on `device`
@@ -101,7 +84,7 @@ def load_taehv(path: str | os.PathLike, device: torch.device | str = "cpu",
     cfg = infer_taehv_config(shapes, path)
     with torch.device("meta"):
         model = TAEHV(cfg)
-    check_taehv_shapes(shapes, model, path)
+    check_keys_and_shapes(shapes, {k: tuple(v.shape) for k, v in model.state_dict().items()}, path)
     if sd is None:                                   # safetensors: read the tensors only now, one at a time
         sd = dict(iter_tensors(read_safetensors_header(path)))   # (checked finite as they are read)
     for k, v in sd.items():

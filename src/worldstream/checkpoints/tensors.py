@@ -34,6 +34,25 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used as is; the message names the file (and key) at fault."""
 
 
+SHOWN_KEYS = 5     # how many offending keys an error message lists
+
+
+def check_keys_and_shapes(found: dict, expected: dict, source) -> None:
+    """CheckpointError naming `source` and the first offending keys unless `found` (key -> shape) has exactly
+    the keys and shapes of `expected`."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    wrong = [k for k in expected if k in found and tuple(found[k]) != tuple(expected[k])]
+    if missing:
+        raise CheckpointError(f"{source}: missing keys {missing[:SHOWN_KEYS]} ({len(missing)} in all)")
+    if unexpected:
+        raise CheckpointError(f"{source}: unexpected keys {unexpected[:SHOWN_KEYS]} ({len(unexpected)} in all)")
+    if wrong:
+        raise CheckpointError(f"{source}: wrong shapes: " + ", ".join(
+            f"{k!r} is {tuple(found[k])}, expected {tuple(expected[k])}" for k in wrong[:SHOWN_KEYS])
+            + f" ({len(wrong)} in all)")
+
+
 @dataclass(frozen=True)
 class TensorLocation:
     """Where one tensor lives. `offset` is the absolute byte offset in `file` (-1 for `.pth` files, which

@@ -15,11 +15,11 @@ import torch
 
 from ..files import atomic_write
 from ..models.tiny_decoder import TinyDecoder, TinyDecoderConfig
-from .tensors import CheckpointError, iter_tensors, read_safetensors_header, read_safetensors_metadata
+from .tensors import (CheckpointError, check_keys_and_shapes, iter_tensors, read_safetensors_header,
+                      read_safetensors_metadata)
 
 DECODER_FILE = "decoder.safetensors"      # next to the VAE in a checkpoint folder
 FORMAT = "worldstream-tiny-decoder"
-_SHOWN = 5
 
 
 def save_tiny_decoder(model: TinyDecoder, path: str | os.PathLike, dtype: torch.dtype = torch.float16,
@@ -50,18 +50,8 @@ def read_decoder_config(path: str | os.PathLike) -> TinyDecoderConfig:
     locations = read_safetensors_header(path)
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in TinyDecoder(cfg).state_dict().items()}
-    found = {k: loc.shape for k, loc in locations.items()}
-    missing = [k for k in expected if k not in found]
-    unexpected = [k for k in found if k not in expected]
-    wrong = [k for k in expected if k in found and found[k] != expected[k]]
+    check_keys_and_shapes({k: loc.shape for k, loc in locations.items()}, expected, path)
     notfloat = [k for k, loc in locations.items() if not loc.dtype.is_floating_point]
-    if missing:
-        raise CheckpointError(f"{path}: missing keys {missing[:_SHOWN]} ({len(missing)} in all)")
-    if unexpected:
-        raise CheckpointError(f"{path}: unexpected keys {unexpected[:_SHOWN]} ({len(unexpected)} in all)")
-    if wrong:
-        raise CheckpointError(f"{path}: wrong shapes: " + ", ".join(
-            f"{k!r} is {found[k]}, expected {expected[k]}" for k in wrong[:_SHOWN]) + f" ({len(wrong)} in all)")
     if notfloat:
         raise CheckpointError(f"{path}: key {notfloat[0]!r} is {locations[notfloat[0]].dtype}, expected floats")
     return cfg
