@@ -135,6 +135,11 @@ class Engine:
             crop = crop.reduce(factor)
         return resize_image(image_to_tensor(crop), h, w).clamp_(-1, 1)
 
+    def finish_work(self) -> None:
+        """Wait until the device has run the work queued so far (a no-op on the CPU, where ops run as called)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     def release_memory(self) -> None:
         """After a session is dropped: hand its cached GPU blocks back, and the freed host heap to the OS."""
         if self.device.type == "cuda":

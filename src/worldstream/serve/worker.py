@@ -212,10 +212,13 @@ class Worker:
                 self.mailbox.put(Batch(session.chunk_index - 1, inp.seq, frames, frames_out))
                 with self.engine.compute:     # then the refresh, and only then are the next keys read
                     session.refresh()
-                wall = time.perf_counter() - t0
-                if recorder is not None:
+                if recorder is not None:      # (host work while the GPU runs the refresh)
                     recorder.write(frames)
                 frames_out += len(frames)
+                # On a GPU the refresh is only queued: without this wait the next keys were read a refresh
+                # early, before the page had this chunk's first frame (BENCHMARKS.md, "The live server").
+                self.engine.finish_work()
+                wall = time.perf_counter() - t0
                 self._status(session, dict(latency_ms=latency * 1e3, gen_fps=len(frames) / wall,
                                            frames=len(frames), input_seq=inp.seq, keys="".join(sorted(inp.keys))),
                              recorder)
