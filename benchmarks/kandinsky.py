@@ -162,7 +162,7 @@ def diffusers_model(device):
     model, _ = load_transformer(KandinskyCheckpoint(Path("."), CFG, "i2v"), device, torch.bfloat16,
                                 tensors=random_tensors())
     assert isinstance(model, Kandinsky5Transformer3DModel)
-    return model
+    return model.to(device)     # its computed tables (RoPE, time frequencies) too; the weights are there already
 
 
 def fifo_swap(model, blocks_in_memory: int):

@@ -156,9 +156,11 @@ def inputs(cfg, frames: int, batch: int, diffusers: bool = False):
     return kw
 
 
-def time_step(run_step, reps: int) -> float:
+def time_step(run_step, reps: int, after_warmup=None) -> float:
     run_step()  # warm-up (also the first wrap-around of the prefetch ring)
     torch.cuda.synchronize()
+    if after_warmup is not None:
+        after_warmup()
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
@@ -166,6 +168,16 @@ def time_step(run_step, reps: int) -> float:
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+ALLOC_COUNTERS = ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_sync_all_streams", "num_ooms")
+
+
+def alloc_counters() -> dict:
+    """The caching allocator's event counters (retries after a failed allocation and device mallocs / frees
+    each synchronize the device): their change over the timed steps says whether the cap made it thrash."""
+    stats = torch.cuda.memory_stats()
+    return {k: stats.get(k, 0) for k in ALLOC_COUNTERS}
 
 
 def cap_vram(cap: float | None) -> None:
@@ -276,7 +288,9 @@ def run_worldstream(cfg, method, points, spec):
         kw = inputs(cfg, frames, 2 if p.batched_guidance else 1)
         step = (lambda: m(**kw)) if p.batched_guidance else (lambda: (m(**kw), m(**kw)))
         with RssPeak() as rp:
-            s = time_step(step, reps_for(frames))
+            before = {}
+            s = time_step(step, reps_for(frames), after_warmup=lambda: before.update(alloc_counters()))
+            after = alloc_counters()
         streamed_bytes = len(p.streamed) * p.block_bytes * (1 if p.batched_guidance else 2)
         out.append(dict(frames=frames, cap_GB=cap, cfg_batched=p.batched_guidance, s_per_step=s,
                         predicted_s=p.step_seconds, predicted_vram_GB=p.vram_peak / GB,
@@ -286,7 +300,8 @@ def run_worldstream(cfg, method, points, spec):
                         peak_vram_GB=torch.cuda.max_memory_reserved() / GB,
                         peak_alloc_GB=torch.cuda.max_memory_allocated() / GB,
                         peak_rss_GB=max(rp.peak, rp_build.peak) / GB, weights_in_ram_GB=weights_ram / GB,
-                        resyncs=engine.stats["resyncs"] if engine else 0))
+                        resyncs=engine.stats["resyncs"] if engine else 0,
+                        allocator_events=({k: after[k] - before[k] for k in after})))
         del kw
         unplace(m.blocks, sources, engine, handle)
         del engine, handle
