@@ -72,6 +72,9 @@ def main(argv=None) -> int:
     p.add_argument("--teacher_steps", type=int, default=50, help="--distill: the teacher's sampling steps")
     p.add_argument("--long_scenes", type=int, default=2, help="--distill: scenes of the 333-frame rollout")
     p.add_argument("--long_frames", type=int, default=333, help="--distill: frames of the long rollout")
+    p.add_argument("--decoder", choices=["vae", "tiny"], default="vae",
+                   help="--distill: the student's frames from the VAE (default) or its own tiny decoder "
+                        "(decoder.safetensors in the student folder; the teacher always uses the VAE)")
     args = p.parse_args(argv)
     if args.distill:
         return distill_quality(args)
@@ -152,13 +155,14 @@ def main(argv=None) -> int:
 # ---------------------------------------------------------------------------------------------- the student
 
 def student_rollout(runner, ckpt, vae, context: torch.Tensor, first: torch.Tensor, camera: torch.Tensor, seed: int,
-                    chunks: int, timing: bool = False):
+                    chunks: int, timing: bool = False, decoder=None):
     """The causal student through the real-time chunk loop (pipelines/realtime.py) with the whole clip's camera
-    given up front (the teacher's conditioning): video [3, F, H, W] and the seconds of each chunk's parts."""
+    given up front (the teacher's conditioning): video [3, F, H, W] and the seconds of each chunk's parts.
+    `decoder`: what turns latents into frames (default the VAE)."""
     from worldstream.pipelines.realtime import RealtimeSession
 
     h, w = first.shape[1:]
-    session = RealtimeSession(runner, ckpt.config, vae, vae, context, first, h, w, seed=seed, camera=camera,
+    session = RealtimeSession(runner, ckpt.config, vae, decoder or vae, context, first, h, w, seed=seed, camera=camera,
                               device=first.device, timing=timing)
     frames, seconds = [], []
     for _ in range(chunks):
@@ -197,6 +201,13 @@ def distill_quality(args) -> int:
     runner = build_runner(ckpt, device, torch.float32 if device.type == "cpu" else torch.bfloat16,
                           Workload(guidance=False))
     vae = teacher.vae
+    decoder = None
+    if args.decoder == "tiny":
+        from worldstream.checkpoints.tiny_decoder import DECODER_FILE, load_tiny_decoder
+        if not (root / DECODER_FILE).is_file():
+            raise SystemExit(f"--decoder tiny: the student folder has no {DECODER_FILE}")
+        decoder = load_tiny_decoder(root / DECODER_FILE, device=device, latent_channels=cfg.latents.channels,
+                                    dtype=torch.float32 if device.type == "cpu" else torch.float16)
     w, h = cfg.trained_size
     frames = 33
     chunk_frames = rt.chunk * cfg.latents.stride[0]
@@ -216,7 +227,8 @@ def distill_quality(args) -> int:
         t_teacher = time.perf_counter() - t_teacher
         camera = cam.camera_condition(clip["poses"], cam.DEFAULT_INTRINSICS, frames, h, w, truncate=False)
         context = teacher.encode_text([clip["prompt"]])[0]
-        stud, sec = student_rollout(runner, ckpt, vae, context, first, camera, seed, chunks, timing=True)
+        stud, sec = student_rollout(runner, ckpt, vae, context, first, camera, seed, chunks, timing=True,
+                                     decoder=decoder)
         stud = stud[:, :frames]
         timings += sec[1:]
         for name, video in (("student", stud), ("teacher", teach), ("copy", first[:, None].expand_as(gt))):
@@ -238,13 +250,14 @@ def distill_quality(args) -> int:
         context = teacher.encode_text([clip["prompt"]])[0]
         n_chunks = -(-camera.shape[1] // rt.chunk)
         camera = torch.cat([camera, camera[:, -1:].expand(-1, n_chunks * rt.chunk - camera.shape[1], -1, -1)], 1)
-        video, sec = student_rollout(runner, ckpt, vae, context, gt[:, 0], camera, seed, n_chunks, timing=True)
+        video, sec = student_rollout(runner, ckpt, vae, context, gt[:, 0], camera, seed, n_chunks, timing=True,
+                                     decoder=decoder)
         timings += sec[1:]
         long_psnr.append(psnr(video[:, :args.long_frames].transpose(0, 1), gt.transpose(0, 1)).cpu())
         print(f"long rollout of scene {seed}: {args.long_frames} frames, {time.perf_counter() - t_start:.0f} s",
               file=sys.stderr, flush=True)
 
-    res = {"student": str(args.student or WORLD_STUDENT), "teacher": str(args.ckpt_dir),
+    res = {"student": str(args.student or WORLD_STUDENT), "teacher": str(args.ckpt_dir), "decoder": args.decoder,
            "device": torch.cuda.get_device_name(device) if device.type == "cuda"
            else f"cpu ({torch.get_num_threads()} threads)",
            "scenes": len(seeds), "seed_start": args.seed_start, "frames": frames, "size": f"{w}x{h}",
