@@ -235,3 +235,28 @@ def test_built_in_student_folder_carries_the_decoder(tmp_path, model):
     ckpt.save_tiny_decoder(model, student / ckpt.DECODER_FILE)
     folder = student_checkpoint(tmp_path / "with", student)
     assert ckpt.read_decoder_config(folder / ckpt.DECODER_FILE) == CFG
+
+
+# ---- the shipped decoder ------------------------------------------------------------------------------------
+
+def test_the_shipped_student_decoder_is_trained_and_beats_the_vae_decoder_on_a_held_out_world():
+    """The built-in student's decoder.safetensors (assets/tiny_world_fast) is valid for the student's latents
+    and trained: on a held-out rendered world, decoding the VAE's latents gives the truth back better than the
+    VAE's own decoder does (the GPU evaluation: 25.8 vs 23.0 dB over 32 worlds), and far better than chance."""
+    from worldstream.checkpoints.vae import VAE_FILE, load_vae
+    from worldstream.testing.world import WORLD_CHECKPOINT, WORLD_STUDENT, psnr
+    from worldstream.world.scene import render_clip
+
+    path = WORLD_STUDENT / ckpt.DECODER_FILE
+    assert path.is_file(), f"{path} is not shipped"
+    vae = load_vae(WORLD_CHECKPOINT / VAE_FILE, device="cpu")
+    decoder = ckpt.load_tiny_decoder(path, latent_channels=vae.cfg.latent_space.channels)
+    clip = render_clip(1_000_007, 9, 96, 160)                    # a held-out seed (training used < 1,000,000)
+    truth = clip["frames"].transpose(0, 1)[None].float()         # [1, 3, 9, 96, 160] in [-1, 1]
+    with torch.no_grad():
+        z = vae.encode(truth)
+        tiny, ref = decoder.decode(z).float(), vae.decode(z).float()
+    assert tiny.shape == ref.shape == truth.shape
+    tiny_db = psnr(tiny[0].transpose(0, 1), truth[0].transpose(0, 1)).mean().item()
+    vae_db = psnr(ref[0].transpose(0, 1), truth[0].transpose(0, 1)).mean().item()
+    assert tiny_db > 20 and tiny_db > vae_db - 0.5, (tiny_db, vae_db)
