@@ -70,6 +70,9 @@ def main(argv=None) -> int:
     p.add_argument("--distill", action="store_true", help="evaluate the causal student instead (see below)")
     p.add_argument("--student", help="--distill: a folder with the student's transformers/ (default: shipped)")
     p.add_argument("--teacher_steps", type=int, default=50, help="--distill: the teacher's sampling steps")
+    p.add_argument("--guide", type=float, default=1.0,
+                   help="--distill: the teacher's classifier-free guidance against the empty prompt (default 1: "
+                        "none; > 1 needs a teacher trained with --prompt_dropout)")
     p.add_argument("--long_scenes", type=int, default=2, help="--distill: scenes of the 333-frame rollout")
     p.add_argument("--long_frames", type=int, default=333, help="--distill: frames of the long rollout")
     p.add_argument("--decoder", choices=["vae", "tiny"], default="vae",
@@ -175,7 +178,8 @@ def student_rollout(runner, ckpt, vae, context: torch.Tensor, first: torch.Tenso
 
 def distill_quality(args) -> int:
     """The student (4 steps + refresh, no CFG, chunks of 3 latent frames, KV window 9 with sink 3) vs its
-    teacher (`--teacher_steps` UniPC steps; its guide scale is 1: no CFG) vs the ground truth, on held-out scenes:
+    teacher (`--teacher_steps` UniPC steps, CFG `--guide`: 1, none, by default) vs the ground truth, on held-out
+    scenes:
 
       * PSNR / SSIM per frame over 33 frames (student, teacher, the copy-first-frame baseline);
       * DiT forwards per frame (each frame's latents go through this many network evaluations);
@@ -223,7 +227,7 @@ def distill_quality(args) -> int:
         first = gt[:, 0]
         t_teacher = time.perf_counter()
         teach = teacher.generate(first[None], [clip["poses"]], [clip["prompt"]], [seed], steps=args.teacher_steps,
-                                 frames=frames)[0]
+                                 frames=frames, guide=args.guide)[0]
         t_teacher = time.perf_counter() - t_teacher
         camera = cam.camera_condition(clip["poses"], cam.DEFAULT_INTRINSICS, frames, h, w, truncate=False)
         context = teacher.encode_text([clip["prompt"]])[0]
@@ -264,9 +268,10 @@ def distill_quality(args) -> int:
            "teacher_steps": args.teacher_steps, "date": time.strftime("%Y-%m-%d"),
            "student_schedule": {"chunk_latent_frames": rt.chunk, "steps": len(rt.step_indices), "shift": rt.shift,
                                 "window": rt.window, "sink": rt.sink},
-           # each frame's latents pass through: the teacher's steps (x2 with CFG; its guide scale is 1), the
-           # student's steps + the refresh
-           "forwards_per_frame": {"teacher": args.teacher_steps, "teacher_with_cfg": 2 * args.teacher_steps,
+           "teacher_guide": args.guide,
+           # each frame's latents pass through: the teacher's steps (x2 with CFG), the student's steps + the refresh
+           "forwards_per_frame": {"teacher": args.teacher_steps * (2 if args.guide != 1.0 else 1),
+                                  "teacher_with_cfg": 2 * args.teacher_steps,
                                   "student": len(rt.step_indices) + 1}}
     for name in per:
         ps, ss = torch.stack(per[name]), torch.stack(per_ssim[name])
@@ -305,7 +310,8 @@ def distill_quality(args) -> int:
     print(f"\n{len(seeds)} held-out scenes, {frames} frames {w}x{h}, {res['device']}, {res['seconds']} s")
     print("| | PSNR frames 1-32 (dB) | SSIM frames 1-32 | DiT forwards per frame |\n|---|---|---|---|")
     fw = res["forwards_per_frame"]
-    for k, label, f in (("teacher", f"teacher, {args.teacher_steps} steps", fw["teacher"]),
+    cfg_note = f", CFG {args.guide:g}" if args.guide != 1.0 else ""
+    for k, label, f in (("teacher", f"teacher, {args.teacher_steps} steps{cfg_note}", fw["teacher"]),
                         ("student", "student, 4 steps + refresh", fw["student"]), ("copy", "copy the first frame", 0)):
         print(f"| {label} | {res[k]['psnr_1_32']:.2f} | {res[k]['ssim_1_32']:.3f} | {f} |")
     if "long" in res:

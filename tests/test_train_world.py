@@ -91,3 +91,34 @@ def test_toy_training_run_resumes_and_exports(tmp_path):
     assert second["decoder_steps"] >= 1
     from worldstream.checkpoints.dit import find_checkpoint
     assert find_checkpoint(tmp_path / "ckpt").config.name == "lingbot-cam-world"
+
+
+def _dit_contexts(tmp_path, dropout: float, prompts: list[str]):
+    """Train the toy DiT briefly with `prompt_dropout`; every context row its forwards were given."""
+    table = torch.randn(len(prompts), 64, 32)
+    s = tw.Settings(height=32, width=48, frames=5, pool_clips=3, vae_dim=4, dit_batch=4, dit_seconds=0.4,
+                    dit_warmup=1, prompt_dropout=dropout, save_every=1e9)
+    trainer = tw.Trainer(s, tmp_path / f"run{dropout}", "cpu", prompts, table, log=lambda m: None)
+    seen = []
+    trainer.dit.register_forward_pre_hook(lambda mod, args: seen.append(args[2].clone()))
+    trainer.train_dit(tw.render_pool(s, prompts, "cpu", log=lambda m: None))
+    rows = torch.cat(seen)                                   # [forwards x batch, len, dim]
+    hits = (rows[:, None] == table[None]).all(-1).all(-1)    # which table row each context is
+    assert (hits.sum(1) == 1).all()
+    return hits.float().argmax(1), prompts.index("")
+
+
+def test_prompt_dropout_trains_on_the_empty_prompt(tmp_path):
+    prompts = tw.all_prompts() + [tw.EMPTY_PROMPT]
+    rows, empty = _dit_contexts(tmp_path, 0.0, prompts)
+    assert not (rows == empty).any()                         # without dropout, every sample has its own prompt
+    rows, empty = _dit_contexts(tmp_path, 1.0, prompts)
+    assert (rows == empty).all()                             # with 1.0, every sample the empty prompt
+
+
+def test_prompt_dropout_needs_an_empty_prompt_row(tmp_path, capsys):
+    prompts = tw.all_prompts()                                # a table made before it had the "" row
+    tw.save_prompt_table(tmp_path / "p.safetensors", prompts, torch.randn(len(prompts), 64, 32))
+    assert tw.main(["--out", str(tmp_path / "a"), "--prompts", str(tmp_path / "p.safetensors"), "--device", "cpu",
+                    "--prompt_dropout", "0.1"]) == 2
+    assert "--make_prompts" in capsys.readouterr().err

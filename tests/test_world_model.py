@@ -75,3 +75,19 @@ def test_metrics():
     assert torch.allclose(psnr(x, x + 0.2), torch.full((2,), 10 * torch.log10(torch.tensor(4 / 0.04))))
     assert torch.allclose(ssim(x, x), torch.ones(2), atol=1e-5)
     assert (ssim(x, x.flip(-1)) < 0.5).all()
+
+
+def test_guidance_mixes_the_prompt_and_the_empty_prompt():
+    """`generate(guide=g)`: v = v("") + g (v(prompt) - v("")). With g = 0 only the empty prompt's velocity is
+    left, so the video is the one generated from the prompt "" without guidance; g = 1 is no guidance at all;
+    any other g gives a third video."""
+    clip = render_clip(1_000_011, 5, 96, 160, actions="w-4")
+    first = clip["frames"].transpose(0, 1)[None][:, :, 0]
+    model = WorldModel.load(ROOT)
+    run = lambda prompt, guide: model.generate(first, [clip["poses"]], [prompt], [7], steps=2, frames=5,  # noqa: E731
+                                               guide=guide)
+    plain, empty = run(clip["prompt"], 1.0), run("", 1.0)
+    torch.testing.assert_close(run(clip["prompt"], 0.0), empty, atol=1e-5, rtol=1e-5)
+    assert (plain - empty).abs().max() > 1e-3                 # the prompt matters, so the test can tell
+    strong = run(clip["prompt"], 3.0)
+    assert (strong - plain).abs().max() > 1e-3 and (strong - empty).abs().max() > 1e-3

@@ -62,16 +62,20 @@ class WorldModel:
     def generate(self, first_frames: torch.Tensor, poses: list, prompts: list[str], seeds: list[int],
                  steps: int | None = None, zero_camera: bool = False, solver: str = "unipc",
                  intrinsics=cam.DEFAULT_INTRINSICS, frames: int = 33,
-                 step_cache: StepCache | None = None) -> torch.Tensor:
+                 step_cache: StepCache | None = None, guide: float = 1.0) -> torch.Tensor:
         """Videos [B, 3, frames, H, W] in [-1, 1] (float32, on the device) from first frames [B, 3, H, W]
         in [-1, 1], keyboard trajectories (`frames` + 1 camera-to-world poses each), prompts and noise
         seeds. `zero_camera`: the camera input is all zeros (the ablation). `step_cache`: skip the blocks where
         it decides to (pipelines/step_cache.py; one decision per step for the whole batch, so measure it one
-        scene at a time); its `skipped` list says where."""
+        scene at a time); its `skipped` list says where. `guide` > 1: classifier-free guidance against the
+        empty prompt, v = v("") + guide * (v(prompt) - v("")), two forwards a step (meaningful for a model
+        trained with prompt dropout: train/world.py `--prompt_dropout`)."""
         b, _, h, w = first_frames.shape
         cfg, sampling = self.config, self.config.sampling
         if sampling.guide_scale != (1.0, 1.0):
-            raise NotImplementedError("WorldModel.generate runs without classifier-free guidance")
+            raise NotImplementedError("WorldModel.generate takes the guidance as `guide`, not from the variant")
+        if guide != 1.0 and step_cache is not None:
+            raise ValueError("WorldModel.generate: step caching with classifier-free guidance is not supported")
         steps = steps or sampling.steps
         y = torch.stack([image_condition(self.vae, img.float().cpu(), frames) for img in first_frames])
         camera = torch.stack([cam.camera_condition(p, intrinsics, frames, h, w, truncate=False) for p in poses])
@@ -80,6 +84,9 @@ class WorldModel:
         ctx = self.encode_text(prompts)
         n = max(len(c) for c in ctx)
         context = torch.stack([F.pad(c, (0, 0, 0, n - len(c))) for c in ctx])
+        if guide != 1.0:
+            empty = self.encode_text([""])[0]
+            uncond = F.pad(empty, (0, 0, 0, n - len(empty)))[None].expand_as(context)
         shape = (cfg.latents.channels, *cfg.latent_grid(frames, h, w))
         x = torch.stack([initial_noise(s, shape) for s in seeds]).to(self.device)
         sampler = (FlowUniPC if solver == "unipc" else FlowEuler)(steps, sampling.shift)
@@ -91,7 +98,11 @@ class WorldModel:
             if step_cache is not None:
                 stack = step_cache.stacks("main", 1)[0]
                 skip = step_cache.decide(i, x)
-            v = self.dit(x, t.to(self.device).reshape(1).expand(b), context, y=y, camera=camera, stack=stack)
+            tt = t.to(self.device).reshape(1).expand(b)
+            v = self.dit(x, tt, context, y=y, camera=camera, stack=stack)
+            if guide != 1.0:
+                vu = self.dit(x, tt, uncond, y=y, camera=camera)
+                v = vu + guide * (v - vu)
             if step_cache is not None:
                 step_cache.done(i, x, v, skip)
             x = sampler.step(v.float(), x)

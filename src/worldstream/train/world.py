@@ -25,7 +25,9 @@ What it trains, in order (each stage is skipped when the state it resumes from h
    embedding of the scene's description (`--prompts`: a table made by `prompt_table`), flow matching:
    x_σ = (1−σ)·x0 + σ·noise, target v = noise − x0, σ = shift·u / (1 + (shift−1)·u) with u uniform and the
    variant's sampling shift (pipelines/schedulers.py). Horizontal flips (with the poses mirrored) double
-   the clips. AdamW, EMA of the weights (the EMA is what ships).
+   the clips. AdamW, EMA of the weights (the EMA is what ships). `--prompt_dropout p`: that fraction of the
+   samples get the empty prompt's embedding instead of their own (the table's "" row), so the model also
+   learns the unconditional velocity that classifier-free guidance needs (`WorldModel.generate(guide=...)`).
 4. **Decoder** (optional, `--decoder_seconds`; runs after stage 2, before the DiT): the VAE decoder alone on whole clips, the encoder frozen, so
    every latent the DiT learned stays valid (the shipped model: windows of 9 frames had left the decoder
    drifting over 33).
@@ -98,6 +100,7 @@ class Settings:
     dit_batch: int = 48
     dit_lr: float = 5e-4
     dit_warmup: int = 150               # steps of linear warm-up (again after a resume: fresh optimizer)
+    prompt_dropout: float = 0.0         # fraction of DiT samples trained with the empty prompt (for CFG)
     decay_tail: float = 0.0             # last fraction of this run's DiT time: LR decays linearly to 10%
     ema: float = 0.999
     flip: bool = True
@@ -116,13 +119,16 @@ def all_prompts() -> list[str]:
     return out
 
 
+EMPTY_PROMPT = ""      # the unconditional prompt of classifier-free guidance (a row of every prompt table)
+
+
 def prompt_table(text_dir: str | os.PathLike, text_len: int, prompts: list[str] | None = None
                  ) -> tuple[list[str], torch.Tensor]:
     """(prompts, embeddings [P, text_len, d_model] float32, zero-padded) through the same code as inference
     (pipelines.prompts.encode_prompts, float32 on the CPU)."""
     from ..pipelines.prompts import encode_prompts   # (pipelines sits below train)
 
-    prompts = list(prompts or all_prompts())
+    prompts = list(prompts or all_prompts() + [EMPTY_PROMPT])
     ctx = encode_prompts(prompts, text_dir, cache=None, placement="cpu", device="cpu", dtype=torch.float32,
                          text_len=text_len)
     table = torch.zeros(len(prompts), text_len, ctx[0].shape[1])
@@ -406,6 +412,12 @@ class Trainer:
         self.cuda = self.device.type == "cuda"
         self.cfg: DiTConfig = get_config(s.variant)
         self.prompts, self.table = prompts, table.to(self.device)
+        if not 0.0 <= s.prompt_dropout <= 1.0:
+            raise ValueError(f"--prompt_dropout {s.prompt_dropout}: a fraction, 0 to 1")
+        if s.prompt_dropout > 0 and EMPTY_PROMPT not in prompts:
+            raise ValueError("--prompt_dropout needs the empty prompt's embedding, and this prompt table has no "
+                             "\"\" row (tables made before it had one): make it again with --make_prompts")
+        self.empty_prompt = prompts.index(EMPTY_PROMPT) if EMPTY_PROMPT in prompts else None
         out.mkdir(parents=True, exist_ok=True)
         self.vae = WanVAE(VAEConfig(dim=s.vae_dim)).to(self.device)
         self.dit = WanDiT(self.cfg)
@@ -629,7 +641,11 @@ class Trainer:
             y = torch.cat([mask, torch.where(fl, cf[idx], cn[idx])], dim=1)
             rel = torch.where(flip.view(b, 1, 1, 1), rel_f[idx], rel_n[idx])
             camera = camera_maps(rel, dirs)
-            context = self.table[prompt_idx[idx]]
+            pidx = prompt_idx[idx]
+            if s.prompt_dropout > 0:          # (no draw without dropout: earlier runs resume bit for bit)
+                drop = torch.rand(b, generator=g, device=self.device) < s.prompt_dropout
+                pidx = torch.where(drop, torch.full_like(pidx, self.empty_prompt), pidx)
+            context = self.table[pidx]
             sigma = sample_sigmas(b, shift, g, self.device)
             noise = torch.randn(x0.shape, generator=g, device=self.device)
             sg = sigma.view(b, 1, 1, 1, 1)
@@ -769,7 +785,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     for name in ("seed", "pool_start", "pool_clips", "pool_seconds", "vae_dim", "vae_seconds", "vae_batch",
                  "vae_window", "vae_crop", "vae_lr", "decoder_seconds", "decoder_batch", "decoder_lr", "dit_seconds", "dit_batch", "dit_lr", "dit_warmup",
-                 "decay_tail", "ema", "save_every", "height", "width", "frames"):
+                 "prompt_dropout", "decay_tail", "ema", "save_every", "height", "width", "frames"):
         default = getattr(d, name)
         a(f"--{name}", type=type(default), default=default, help=f"(default {default})")
     a("--decoder_crop", type=lambda t: tuple(int(v) for v in t.split(",")), default=d.decoder_crop,
@@ -804,7 +820,12 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
         torch.backends.cudnn.allow_tf32 = True
     prompts, table = load_prompt_table(args.prompts)
     t_all = time.perf_counter()
-    trainer = Trainer(s, out, args.device, prompts, table, resume=Path(args.resume) if args.resume else None, log=log)
+    try:
+        trainer = Trainer(s, out, args.device, prompts, table, resume=Path(args.resume) if args.resume else None,
+                          log=log)
+    except ValueError as e:
+        print(f"worldstream train world: {e}", file=sys.stderr)
+        return 2
     log(f"settings: {asdict(s)}")
     log(f"DiT {s.variant}: {sum(p.numel() for p in trainer.dit.parameters()):,} parameters; VAE dim {s.vae_dim}: "
         f"{sum(p.numel() for p in trainer.vae.parameters()):,}")
