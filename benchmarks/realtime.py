@@ -10,6 +10,9 @@ pipelines/realtime.py exactly as `worldstream stream` runs it. Variants, in one 
   fast-1step      the same with one denoising step (t = 999) + refresh
   1.3b / 1.3b-fast / 1.3b-1step   the v2 1.3B: bf16 exact; fp8 + 8-bit attention + TAEHV, 4 steps; 1 step
   long            1.3B fast, 1 step, 500 chunks: per-chunk latency at chunk 500 vs chunk 60
+  *-graphs        fast, fast-1step, 1.3b-fast, 1.3b-1step with every chunk forward replayed as a CUDA graph
+                  (`--cuda_graphs`, runtime/graphs.py: one launch instead of ~1,000 kernels; same numbers)
+  graphs-parity   the 1.3B fast settings, 8 chunks with and without graphs: the latents must be equal
 
 Each variant: warm-up chunks until the window is full, then `--chunks` measured chunks (steady state); per
 chunk: each forward, the refresh, decode, camera, and the wall time from keys in to the last pixel out
@@ -63,15 +66,36 @@ class CloneShiftCache(KVCache):
         self._visible = (self._base + n) * ft
 
 
+def graphs_parity(cfg, *, device, dtype, decoder, vae, chunks=8, h=H, w=W, **settings) -> dict:
+    """The same stream with and without CUDA graphs: latents per chunk must be equal bit for bit."""
+    out = {}
+    for graphs in (False, True):
+        runner = random_runner(cfg, device, dtype, settings.get("quant"), settings.get("attention", "sdpa"),
+                               graphs=graphs)
+        image, context = random_inputs(cfg, h, w)
+        s = RealtimeSession(runner, cfg, vae, decoder, context, image, h, w, device=device, dtype=dtype,
+                            window=settings.get("window", -1), sink=settings.get("sink"))
+        out[graphs] = torch.stack([s.step(keys={"w"} if c % 2 else {"d"}).latents for c in range(chunks)]).cpu()
+        stats = dict(runner.graphs.stats) if graphs else None
+        s.close()
+        del s, runner
+    diff = (out[True] - out[False]).abs().max().item()
+    row = dict(variant="graphs-parity", model=cfg.name, chunks=chunks, equal=bool(torch.equal(out[True], out[False])),
+               max_abs_diff=diff, graphs=stats)
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def forward_flops(cfg, chunk_tokens: int, keys: int) -> float:
     mm, attn = cfg.block_flops(chunk_tokens, 1, keys)
     return cfg.num_layers * (mm + attn)
 
 
 def run_variant(name, cfg, *, device, dtype, decoder, vae, chunks, warmup, steps=None, window=-1, sink=None,
-                quant=None, attention="sdpa", fuse=True, cache_cls=None, h=H, w=W, keep_latency=False):
+                quant=None, attention="sdpa", fuse=True, cache_cls=None, h=H, w=W, keep_latency=False,
+                graphs=False):
     t0 = time.perf_counter()
-    runner = random_runner(cfg, device, dtype, quant, attention, fuse)
+    runner = random_runner(cfg, device, dtype, quant, attention, fuse, graphs=graphs)
     image, context = random_inputs(cfg, h, w)
     s = RealtimeSession(runner, cfg, vae, decoder, context, image, h, w, device=device, dtype=dtype,
                         steps=steps, window=window, sink=sink, timing=True)
@@ -115,7 +139,8 @@ def run_variant(name, cfg, *, device, dtype, decoder, vae, chunks, warmup, steps
                warmup_chunks=len(warm_rows), warmup_walls_s=[r["wall"] for r in warm_rows],
                y_steady_from_chunk=next((r["chunk"] for r in warm_rows + rows if r["y_steady"]), None),
                kv_cache_GB=s.cache.nbytes / 1e9,
-               peak_vram_GB=torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None)
+               peak_vram_GB=torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None,
+               graphs=dict(runner.graphs.stats) if runner.graphs is not None else None)
     if keep_latency:
         out["latency_by_chunk"] = [(r["chunk"], r["wall"]) for r in rows]
     s.close()
@@ -176,6 +201,18 @@ def main() -> None:
                                          attention="8bit", **fast_window, **common),
         "1.3b-1step": lambda: run_variant("1.3b-1step", small, decoder=tae, chunks=chunks, warmup=4, quant="fp8",
                                           attention="8bit", steps=1, **fast_window, **common),
+        "fast-graphs": lambda: run_variant("fast-graphs", big, decoder=tae, chunks=chunks, warmup=4, quant="fp8",
+                                           attention="8bit", graphs=True, **fast_window, **common),
+        "fast-1step-graphs": lambda: run_variant("fast-1step-graphs", big, decoder=tae, chunks=chunks, warmup=4,
+                                                 quant="fp8", attention="8bit", steps=1, graphs=True, **fast_window,
+                                                 **common),
+        "1.3b-fast-graphs": lambda: run_variant("1.3b-fast-graphs", small, decoder=tae, chunks=chunks, warmup=4,
+                                                quant="fp8", attention="8bit", graphs=True, **fast_window, **common),
+        "1.3b-1step-graphs": lambda: run_variant("1.3b-1step-graphs", small, decoder=tae, chunks=chunks, warmup=4,
+                                                 quant="fp8", attention="8bit", steps=1, graphs=True, **fast_window,
+                                                 **common),
+        "graphs-parity": lambda: graphs_parity(small, decoder=tae, chunks=4 if args.smoke else 8, quant="fp8",
+                                               attention="8bit", **fast_window, **common),
         "long": lambda: run_variant("long", small, decoder=tae, chunks=(10 if args.smoke else args.long) - 4,
                                     warmup=4, quant="fp8", attention="8bit", steps=1, keep_latency=True,
                                     **fast_window, **common),
@@ -200,6 +237,10 @@ def main() -> None:
     for r in result["rows"]:
         if "error" in r:
             print(f"{r['variant']:15} ERROR {r['error'][:100]}")
+            continue
+        if r["variant"] == "graphs-parity":
+            print(f"{r['variant']:15} {r['model']:22} equal: {r['equal']} (max |diff| {r['max_abs_diff']:.3g}), "
+                  f"graphs {r['graphs']}")
             continue
         print(f"{r['variant']:15} {r['model']:22} {r['steps']:>5} {r['chunk_wall_s']:>8.3f} {r['fps']:>6.1f} "
               f"{1e3 * statistics.mean(r['forward_s']):>7.0f} {1e3 * r['refresh_s']:>8.0f} {1e3 * r['decode_s']:>7.0f} "

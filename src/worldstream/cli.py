@@ -28,6 +28,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 MAX_VAE_TILE = 1024   # --vae_tile, latent pixels
+CUDA_GRAPHS_HELP = ("replay each chunk forward of resident weights as a CUDA graph (one launch instead of "
+                    "~1,000: for launch-bound small models such as the 1.3B; same numbers; streamed blocks and the "
+                    "CPU run as usual)")
 DECODER_HELP = ("frames from the latents: vae (default: the VAE chosen by --vae; exact with wan) or tiny (the model "
                 "folder's own decoder.safetensors, made by `worldstream train decoder`: several times faster on "
                 "a CPU, less exact)")
@@ -648,7 +651,8 @@ def _stream(args: argparse.Namespace, parallel) -> int:
         first = parallel is None or parallel.first
         session = open_session(request, device=device, dtype=dtype, vram=vram, ram=ram, quant=args.quant,
                                attention=args.attention, vae=args.vae, taehv=args.taehv, decoder=args.decoder,
-                               prompt_cache=None if args.no_prompt_cache else PromptCache(), parallel=parallel)
+                               prompt_cache=None if args.no_prompt_cache else PromptCache(), parallel=parallel,
+                               cuda_graphs=args.cuda_graphs)
         t0, frames = time.perf_counter(), 0
         try:
             for chunk in run_stream(session, request, path if first else None):
@@ -698,6 +702,7 @@ def _add_stream_parser(sub, common) -> None:
     a("--ram", help="host RAM budget for the weights")
     a("--quant", choices=["fp8", "fp8-block", "int8"], help="compress the DiT's block linears while loading")
     a("--attention", choices=["sdpa", "8bit"], default="sdpa", help="self-attention kernel")
+    a("--cuda_graphs", action="store_true", help=CUDA_GRAPHS_HELP)
     a("--no_prompt_cache", action="store_true", help="do not read or store prompt embeddings")
     a("--ulysses", type=int, default=None, metavar="N",
       help="split every DiT forward over N GPUs of this machine (Ulysses sequence parallelism): launch N "
@@ -757,14 +762,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
               "encoder, everything resident)")
         engine = Engine.random(args.random_weights, size=args.size, device=device, dtype=dtype, quant=args.quant,
                                attention=args.attention, vae=args.vae, steps=args.steps, window=args.window,
-                               sink=args.sink, seed=args.base_seed)
+                               sink=args.sink, seed=args.base_seed, cuda_graphs=args.cuda_graphs)
     else:
         engine = Engine.load(args.ckpt_dir, prompt=args.prompt, image=args.image, size=args.size, device=device,
                              dtype=dtype, vram=vram, ram=ram, quant=args.quant, attention=args.attention,
                              vae=args.vae, taehv=args.taehv, decoder=args.decoder, steps=args.steps,
                              window=args.window, sink=args.sink, seed=args.base_seed, sessions=sessions,
                              prompt_cache=None if args.no_prompt_cache else PromptCache(),
-                             notice=lambda m: print(f"note: {m}"))
+                             notice=lambda m: print(f"note: {m}"), cuda_graphs=args.cuda_graphs)
     try:
         try:
             server = Server(engine, config, log_level=args.log_level)
@@ -825,6 +830,7 @@ def _add_serve_parser(sub, common) -> None:
     a("--ram", help="host RAM budget for the weights")
     a("--quant", choices=["fp8", "fp8-block", "int8"], help="compress the DiT's block linears while loading")
     a("--attention", choices=["sdpa", "8bit"], default="sdpa", help="self-attention kernel")
+    a("--cuda_graphs", action="store_true", help=CUDA_GRAPHS_HELP)
     a("--no_prompt_cache", action="store_true", help="do not read or store prompt embeddings")
     a("--random_weights", metavar="VARIANT", help=argparse.SUPPRESS)   # benchmarks: Engine.random, no checkpoint
     a("--log_level", default="warning", choices=["critical", "error", "warning", "info", "debug"],

@@ -251,7 +251,7 @@ class Student:
 def load_student(request: StreamRequest, *, device=None, dtype=None, vram: float | None = None,
                  ram: float | None = None, quant: str | None = None, attention: str = "sdpa", vae: str = "wan",
                  taehv: str | Path | None = None, prompt_cache: PromptCache | None = None,
-                 sessions: int = 1, parallel=None, decoder: str = "vae") -> Student:
+                 sessions: int = 1, parallel=None, decoder: str = "vae", cuda_graphs: bool = False) -> Student:
     """Load what streams need: prompt embedding (the encoder loaded, used, freed), the student planned under
     the VRAM / RAM budgets with the KV caches of `sessions` concurrent sessions budgeted beside it (weights
     load at the first forward), the Wan VAE (first frame; decoding unless `vae="tiny"`: the TAEHV decoder from
@@ -259,7 +259,9 @@ def load_student(request: StreamRequest, *, device=None, dtype=None, vram: float
     student is planned).
 
     `parallel` (runtime/parallel.py, one per process of `torchrun ... stream --ulysses N`): every process loads
-    its student; rank 0 alone encodes the prompt (sent to the others) and loads the VAE and the decoder."""
+    its student; rank 0 alone encodes the prompt (sent to the others) and loads the VAE and the decoder.
+    `cuda_graphs`: replay the chunk forwards of resident weights as CUDA graphs (runtime/graphs.py; same
+    numbers, fewer host launches)."""
     from ..checkpoints.taehv import load_taehv
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -279,7 +281,8 @@ def load_student(request: StreamRequest, *, device=None, dtype=None, vram: float
                         cache_bytes=max(1, sessions) * cfg.kv_cache_bytes(held, request.height, request.width,
                                                                           torch.finfo(dtype).bits // 8))
     runner = build_runner(request.ckpt, device, dtype, workload, vram=vram, ram=ram, quant=quant,
-                          attention=attention, **({} if parallel is None else {"parallel": parallel}))
+                          attention=attention, graphs=cuda_graphs,
+                          **({} if parallel is None else {"parallel": parallel}))
     once = (lambda fn: fn()) if parallel is None else parallel.from_first    # rank 0 computes, all receive
 
     def encode():
@@ -337,11 +340,12 @@ def check_decoder_option(request: StreamRequest, decoder: str, vae: str = "wan")
 def open_session(request: StreamRequest, *, device=None, dtype=None, vram: float | None = None,
                  ram: float | None = None, quant: str | None = None, attention: str = "sdpa", vae: str = "wan",
                  taehv: str | Path | None = None, prompt_cache: PromptCache | None = None,
-                 timing: bool = False, parallel=None, decoder: str = "vae") -> RealtimeSession:
+                 timing: bool = False, parallel=None, decoder: str = "vae", cuda_graphs: bool = False
+                 ) -> RealtimeSession:
     """Load what the stream needs (`load_student`) and open its session; `session.close()` frees it all."""
     return load_student(request, device=device, dtype=dtype, vram=vram, ram=ram, quant=quant, attention=attention,
                         vae=vae, taehv=taehv, prompt_cache=prompt_cache, parallel=parallel,
-                        decoder=decoder).session(timing=timing)
+                        decoder=decoder, cuda_graphs=cuda_graphs).session(timing=timing)
 
 
 def run_stream(session: RealtimeSession, request: StreamRequest, save_file: str | Path | None = None

@@ -45,6 +45,7 @@ import torch
 from ..models.dit import WanDiT
 from . import attention8  # noqa: F401  (registers the "8bit" attention backend)
 from .disk import DiskTier
+from .graphs import ChunkGraphs
 from .loading import CheckpointLoader, resolve_quant, stream_layout
 from .memory import HostMemory, empty_host_cache, host_ram_bytes, peak_rss_bytes, pss_bytes, shm_dir, shm_free_bytes, unpin
 from ..checkpoints.compressed import QuantPolicy
@@ -110,7 +111,7 @@ class Expert:
 class DiTRunner:
     def __init__(self, names: list[str], loader, device, dtype, plan_: Plan | None, keep_all: bool = True,
                  chunk: int | None = None, attention: str = "sdpa", fuse: bool = True, trace: bool = False,
-                 parallel=None):
+                 parallel=None, graphs: bool = False):
         if parallel is not None and chunk is not None:
             raise PlanError("the low-memory block (a clip too long for the VRAM budget) does not combine with "
                             "sequence parallelism yet: raise --vram, or use fewer frames")
@@ -123,6 +124,8 @@ class DiTRunner:
         self.plan = plan_
         self.keep_all = keep_all                 # RAM holds both experts (else one, the other read at the switch)
         self.chunk, self.attention, self.fuse = chunk, attention, fuse
+        # causal chunk forwards of resident weights replayed as CUDA graphs (runtime/graphs.py; same numbers)
+        self.graphs = ChunkGraphs(self.device) if graphs and parallel is None else None
         self.trace = trace                       # the engine records its copies and computes (tests)
         self.batched_guidance = plan_.batched_guidance if plan_ is not None else True
         self.engine: StreamEngine | None = None
@@ -157,7 +160,12 @@ class DiTRunner:
             model = self._activate(expert)
         self._look_ahead(self.schedule.peek())
         self.calls.append(expert)
-        out = model(**inputs) if self.parallel is None else self.parallel.forward(model, **inputs)
+        if self.parallel is not None:
+            out = self.parallel.forward(model, **inputs)
+        elif self.graphs is not None:
+            out = self.graphs(model, **inputs)
+        else:
+            out = model(**inputs)
         if self.experts[expert].state == "staged":
             self._settle(expert)
         if self.schedule.peek() is None:
@@ -273,6 +281,9 @@ class DiTRunner:
         if self.tier is not None:
             self.tier.close()
             self.tier = None
+        if self.graphs is not None:
+            self.report["graphs"] = dict(self.graphs.stats)
+            self.graphs.reset()
         if self.device.type == "cuda":
             self.report["peak_vram"] = torch.cuda.max_memory_allocated(self.device)
         if self.parallel is not None and "pss" not in self.report:   # before the weights go: shared pages
@@ -313,7 +324,7 @@ def plan_run(cfg, workload: Workload, vram: float | None, ram: float | None, dty
 
 def build_runner(ckpt, device, dtype, workload: Workload, vram: float | None = None, ram: float | None = None,
                  loader=None, quant=None, attention: str = "sdpa", fuse: bool = True, loras=(),
-                 parallel=None) -> DiTRunner:
+                 parallel=None, graphs: bool = False) -> DiTRunner:
     """Plan and build a runner for `ckpt` (a checkpoints.dit.Checkpoint, or anything with `.config`,
     `.experts` and `.quant`).
 
@@ -336,7 +347,8 @@ def build_runner(ckpt, device, dtype, workload: Workload, vram: float | None = N
     loader = loader or CheckpointLoader(ckpt, policy, loras)
     workload = replace(workload, experts=len(names))
     if device.type != "cuda":
-        return DiTRunner(names, loader, device, dtype, None, attention=attention, fuse=fuse, parallel=parallel)
+        return DiTRunner(names, loader, device, dtype, None, attention=attention, fuse=fuse, parallel=parallel,
+                         graphs=graphs)
     budget = vram if vram is not None else torch.cuda.mem_get_info(device)[0]
     ram = ram if ram is not None else default_ram()
     gpus = parallel.world if parallel is not None else 1
@@ -361,4 +373,4 @@ def build_runner(ckpt, device, dtype, workload: Workload, vram: float | None = N
                             f"which needs {need / 1e9:.1f} GB; it has {free / 1e9:.1f} GB free (docker: "
                             f"--shm-size; or set WORLDSTREAM_SHM_DIR to a larger tmpfs, or raise --vram)")
     return DiTRunner(names, loader, device, dtype, p, keep_all=keep_all, chunk=p.chunk,
-                     attention=p.attention, fuse=fuse, parallel=parallel)
+                     attention=p.attention, fuse=fuse, parallel=parallel, graphs=graphs)

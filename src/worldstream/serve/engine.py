@@ -42,7 +42,7 @@ class Engine:
     def load(cls, ckpt_dir=None, *, prompt: str | None = None, image=None, size: str | None = None,
              device=None, dtype=None, vram=None, ram=None, quant=None, attention="sdpa", vae="wan", taehv=None,
              decoder="vae", steps=None, window=None, sink=None, seed=None, prompt_cache: PromptCache | None = None,
-             sessions: int = 1, notice=None) -> "Engine":
+             sessions: int = 1, notice=None, cuda_graphs: bool = False) -> "Engine":
         """Validate and load. No `ckpt_dir`: the built-in tiny world student, put together in a temp folder
         removed by `close()`, starting from the world demo's first frame and prompt. Raises GenerationError /
         CheckpointError / PlanError on bad input."""
@@ -59,7 +59,7 @@ class Engine:
                                      window=-1 if window is None else window, sink=sink, notice=notice)
             student = load_student(request, device=device, dtype=dtype, vram=vram, ram=ram, quant=quant,
                                    attention=attention, vae=vae, taehv=taehv, prompt_cache=prompt_cache,
-                                   sessions=sessions, decoder=decoder)
+                                   sessions=sessions, decoder=decoder, cuda_graphs=cuda_graphs)
         except BaseException:
             if tiny_dir:
                 shutil.rmtree(tiny_dir, ignore_errors=True)
@@ -68,7 +68,8 @@ class Engine:
 
     @classmethod
     def random(cls, variant: str, *, size: str | None = None, device=None, dtype=None, quant=None,
-               attention="sdpa", vae="wan", steps=None, window=None, sink=None, seed=None) -> "Engine":
+               attention="sdpa", vae="wan", steps=None, window=None, sink=None, seed=None,
+               cuda_graphs: bool = False) -> "Engine":
         """A causal student with random full-size weights and no checkpoint folder (`worldstream serve
         --random_weights VARIANT`, for benchmarks/serve_gpu.py): everything resident on the device (no VRAM /
         RAM plan), a random first frame, prompts turned into random embeddings (testing/random_models.py).
@@ -77,7 +78,7 @@ class Engine:
 
         student = random_student(variant, device=device, dtype=dtype, size=size, quant=quant, attention=attention,
                                  vae=vae, steps=steps, window=-1 if window is None else window, sink=sink,
-                                 seed=seed)
+                                 seed=seed, cuda_graphs=cuda_graphs)
         return cls(student, window=window, sink=sink)
 
     # ---- facts -----------------------------------------------------------------------------------------------

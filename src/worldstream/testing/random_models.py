@@ -32,9 +32,12 @@ from ..runtime.runner import DiTRunner
 RANDOM_ROOT = Path("<random weights>")      # the stand-in checkpoint's root: nothing is ever read from it
 
 
-def random_runner(cfg, device, dtype, quant=None, attention: str = "sdpa", fuse: bool = True) -> DiTRunner:
-    """The causal student's DiT with random weights (made on the device at its first forward), all resident."""
-    return DiTRunner([EXPERT], RandomLoader(cfg, quant=quant), device, dtype, None, attention=attention, fuse=fuse)
+def random_runner(cfg, device, dtype, quant=None, attention: str = "sdpa", fuse: bool = True,
+                  graphs: bool = False) -> DiTRunner:
+    """The causal student's DiT with random weights (made on the device at its first forward), all resident;
+    `graphs`: its chunk forwards replayed as CUDA graphs (runtime/graphs.py)."""
+    return DiTRunner([EXPERT], RandomLoader(cfg, quant=quant), device, dtype, None, attention=attention, fuse=fuse,
+                     graphs=graphs)
 
 
 def random_vae(device, tiny: bool = False) -> WanVAE:
@@ -87,7 +90,7 @@ def parse_size(size: str | None, cfg) -> tuple[int, int]:
 
 def random_student(variant: str, *, device=None, dtype=None, size: str | None = None, quant: str | None = None,
                    attention: str = "sdpa", vae: str = "wan", steps: int | None = None, window: int | None = -1,
-                   sink: int | None = None, seed: int | None = None) -> RandomStudent:
+                   sink: int | None = None, seed: int | None = None, cuda_graphs: bool = False) -> RandomStudent:
     """A causal student (`lingbot-fast`, `lingbot-fast-v2`, `lingbot-fast-v2-1.3b`, any of them `-tiny`) with
     random full-size weights, resident on `device` (default cuda if available): the DiT, the Wan VAE (first
     frame) and the decoder (`vae="wan"`, or `"tiny"`: a random TAEHV, float16 on CUDA). No checkpoint folder;
@@ -116,6 +119,6 @@ def random_student(variant: str, *, device=None, dtype=None, size: str | None = 
                             cam.DEFAULT_INTRINSICS.astype(np.float64), seed=seed, steps=steps, window=window, sink=sink)
     wan = random_vae(device, tiny=cfg.is_tiny)
     decoder = wan if vae == "wan" else random_taehv(device, torch.float16 if cuda else torch.float32)
-    return RandomStudent(request, random_runner(cfg, device, dtype, quant, attention), wan, decoder,
-                         context.to(device), device, dtype)
+    runner = random_runner(cfg, device, dtype, quant, attention, graphs=cuda_graphs)
+    return RandomStudent(request, runner, wan, decoder, context.to(device), device, dtype)
 
