@@ -194,6 +194,22 @@ def test_keys_move_the_camera_and_y_equals_a_whole_clip_encode(students):
 
 
 @torch.no_grad()
+def test_y_past_the_steady_point_still_equals_a_whole_clip_encode(students):
+    """The black frames' latents are reused once the VAE encoder's causal state stops changing: from there on
+    they are exactly what encoding the whole clip [image, zeros, ...] gives, however long it is."""
+    s = session(students["lingbot-fast-tiny"], window=9)
+    y = s.y
+    y.latent(70)
+    steady_at = len(y.latents)
+    assert y.steady and 4 < steady_at < 64, steady_at      # (not the cap: the state really stopped changing)
+    n = steady_at + 6                                       # latent frames past the steady point
+    clip = torch.zeros(1, 3, 4 * (n - 1) + 1, H, W)
+    clip[0, :, 0] = s.image
+    whole = s.vae.encode(clip)[0]
+    assert torch.allclose(y.chunk(0, n)[4:], whole, atol=1e-6, rtol=0)
+
+
+@torch.no_grad()
 def test_streamed_and_compressed_students_run_the_same_loop(students):
     """The student through the streaming engine (blocks from pinned host slabs, one resident) gives the resident
     session's latents bit for bit; int8 weights (dequantized on the CPU) stay close."""

@@ -41,8 +41,9 @@ Upstream's semantics are the default; differences are named options:
   * the cache: upstream's clone-shift buffer is a ring here (models/kv_cache.py): the same frames, no copies;
     RoPE angles exist for any position (upstream stops at latent frame 1024).
   * y: upstream VAE-encodes [image, zeros] for the whole clip. Here the black frames are encoded chunk by
-    chunk through the encoder's causal stream (identical numbers) until their latents stop changing, after
-    which the last one is reused (bit-identical from then on). Sessions given the same `ImageConditions` share
+    chunk through the encoder's causal stream (identical numbers) until the encoder's causal state stops
+    changing, after which the last latents are reused (bit-identical from then on: the same state and the same
+    input give the same output; ~30 latent frames at 160x96). Sessions given the same `ImageConditions` share
     the latents of a first frame they start from (the server's sessions, resets).
 """
 from __future__ import annotations
@@ -117,10 +118,12 @@ class ImageCondition:
 
     def latent(self, i: int) -> torch.Tensor:
         while len(self.latents) <= i and not self.steady:
+            before = dict(self.state)             # (the encoder replaces its state's tensors, never edits them)
             z, self.state = self.vae.encode_chunk(self.black, self.state)
-            z = z[0, :, 0]
-            self.steady = torch.equal(z, self.latents[-1]) or len(self.latents) >= Y_STEADY_CAP
-            self.latents.append(z)
+            self.latents.append(z[0, :, 0])
+            # the encoder's causal state came out as it went in: every later black frame meets the same state,
+            # so its latents are these, exactly
+            self.steady = _same_tensors(before, self.state) or len(self.latents) >= Y_STEADY_CAP
         return self.latents[min(i, len(self.latents) - 1)]
 
     def chunk(self, start: int, n: int) -> torch.Tensor:
@@ -128,6 +131,13 @@ class ImageCondition:
         z = torch.stack([self.latent(i) for i in range(start, start + n)], dim=1)
         mask = first_frame_mask(start + n, z.shape[2], z.shape[3])[:, start:]
         return torch.cat([mask, z.cpu()], dim=0)
+
+
+def _same_tensors(a: dict, b: dict) -> bool:
+    """Whether two causal states hold equal tensors under the same keys (other entries, counters, ignored)."""
+    ta = {k: v for k, v in a.items() if isinstance(v, torch.Tensor)}
+    tb = {k: v for k, v in b.items() if isinstance(v, torch.Tensor)}
+    return ta.keys() == tb.keys() and all(torch.equal(v, tb[k]) for k, v in ta.items())
 
 
 class ImageConditions:
