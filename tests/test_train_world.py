@@ -122,3 +122,31 @@ def test_prompt_dropout_needs_an_empty_prompt_row(tmp_path, capsys):
     assert tw.main(["--out", str(tmp_path / "a"), "--prompts", str(tmp_path / "p.safetensors"), "--device", "cpu",
                     "--prompt_dropout", "0.1"]) == 2
     assert "--make_prompts" in capsys.readouterr().err
+
+
+def test_init_from_the_shipped_checkpoint_trains_its_dit_and_keeps_its_vae(tmp_path):
+    """`--init`: the shipped model's VAE (finished, not trained further) and DiT (weights and EMA) to go on
+    training from, e.g. with prompt dropout."""
+    from worldstream.testing.world import WORLD_CHECKPOINT, WorldModel
+
+    shipped = WorldModel.load(WORLD_CHECKPOINT)
+    prompts = tw.all_prompts() + [tw.EMPTY_PROMPT]
+    table = torch.randn(len(prompts), 64, shipped.config.text_dim)
+    s = tw.Settings(height=32, width=48, frames=5, pool_clips=2, dit_batch=2, dit_seconds=0.5, dit_warmup=1,
+                    vae_seconds=5.0, prompt_dropout=0.5, save_every=1e9)
+    trainer = tw.Trainer(s, tmp_path / "run", "cpu", prompts, table, init=WORLD_CHECKPOINT, log=lambda m: None)
+    same = lambda a, b: all(torch.equal(a[k].float(), b[k].float()) for k in a)   # noqa: E731
+    assert same(trainer.dit.state_dict(), shipped.dit.state_dict())
+    assert same(trainer.ema.state_dict(), shipped.dit.state_dict())
+    vae_before = {k: v.clone() for k, v in trainer.vae.state_dict().items()}
+    assert same(vae_before, shipped.vae.state_dict()) and trainer.state["vae_done"]
+    pool = tw.render_pool(s, prompts, "cpu", log=lambda m: None)
+    trainer.train_vae(pool)                                  # finished: nothing happens
+    trainer.train_dit(pool)
+    assert trainer.state["dit_steps"] >= 1 and trainer.state["vae_steps"] == 0
+    assert same(trainer.vae.state_dict(), vae_before)
+    assert not same(trainer.dit.state_dict(), shipped.dit.state_dict())
+    # a checkpoint of another model is refused by name, before anything is trained
+    bad = tw.Settings(vae_dim=8)
+    with pytest.raises(ValueError, match="base width"):
+        tw.Trainer(bad, tmp_path / "bad", "cpu", prompts, table, init=WORLD_CHECKPOINT, log=lambda m: None)

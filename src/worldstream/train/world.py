@@ -406,7 +406,7 @@ class Bar:
 
 class Trainer:
     def __init__(self, s: Settings, out: Path, device, prompts: list[str], table: torch.Tensor,
-                 resume: Path | None = None, log=print):
+                 resume: Path | None = None, log=print, init: Path | None = None):
         self.s, self.out, self.log = s, out, log
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
@@ -426,8 +426,12 @@ class Trainer:
         self.ema = WanDiT(self.cfg).to(self.device).requires_grad_(False)
         self.ema.load_state_dict(self.dit.state_dict())
         self.state = State(s)
+        if resume is not None and init is not None:
+            raise ValueError("--resume and --init: one or the other (a state folder, or an exported checkpoint)")
         if resume is not None:
             self._resume(resume)
+        if init is not None:
+            self._init(init)
         self.last_save = time.perf_counter()
 
     # -- state --
@@ -442,6 +446,23 @@ class Trainer:
             self.ema.load_state_dict({k[len("ema."):]: v.float() for k, v in dit.items() if k.startswith("ema.")})
         self.log(f"resumed from {folder}: VAE {'done' if self.state['vae_done'] else 'not done'} after "
                  f"{self.state['vae_steps']} steps, DiT {self.state['dit_steps']} steps")
+
+    def _init(self, folder: Path) -> None:
+        """Start from an exported checkpoint (the shipped one, say): its VAE, finished (latent statistics folded
+        in), and its DiT as both the trained weights and the EMA. The DiT's training goes on from there."""
+        from ..testing.world import WorldModel   # (testing sits below train)
+
+        model = WorldModel.load(folder, device="cpu", dtype=torch.float32)
+        if model.config.name != self.cfg.name:
+            raise ValueError(f"--init {folder}: a {model.config.name} checkpoint, this trains {self.cfg.name}")
+        if model.vae.cfg.dim != self.s.vae_dim:
+            raise ValueError(f"--init {folder}: its VAE has base width {model.vae.cfg.dim}, --vae_dim is "
+                             f"{self.s.vae_dim}")
+        self.vae.load_state_dict(model.vae.state_dict())
+        self.dit.load_state_dict(model.dit.state_dict())
+        self.ema.load_state_dict(model.dit.state_dict())
+        self.state["vae_done"] = True
+        self.event(f"initialized from the checkpoint {folder}: its VAE (finished) and its DiT (weights and EMA)")
 
     def save(self, what: str = "all") -> None:
         t0 = time.perf_counter()
@@ -778,6 +799,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     a = p.add_argument
     a("--out", required=True, help="folder for the training state (state.json, safetensors), loss.png, log")
     a("--resume", help="state folder to continue from (may equal --out)")
+    a("--init", help="start from an exported checkpoint folder instead (e.g. src/worldstream/assets/tiny_world): "
+                     "its VAE as finished, its DiT as the weights and the EMA to train on")
     a("--prompts", required=True, help="prompt table (safetensors from `--make_prompts`)")
     a("--text_dir", help="folder with the umt5 .pth + tokenizer (for --make_prompts and --export)")
     a("--make_prompts", action="store_true", help="write the prompt table to --prompts from --text_dir and exit")
@@ -822,8 +845,8 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
     t_all = time.perf_counter()
     try:
         trainer = Trainer(s, out, args.device, prompts, table, resume=Path(args.resume) if args.resume else None,
-                          log=log)
-    except ValueError as e:
+                          log=log, init=Path(args.init) if args.init else None)
+    except (ValueError, OSError) as e:
         print(f"worldstream train world: {e}", file=sys.stderr)
         return 2
     log(f"settings: {asdict(s)}")
