@@ -211,8 +211,11 @@ def test_the_shipped_student_is_small_and_in_the_causal_layout(tmp_path):
     assert {f.relative_to(WORLD_STUDENT).as_posix() for f in files} == {
         "transformers/config.json", "transformers/diffusion_pytorch_model.safetensors.index.json",
         "transformers/diffusion_pytorch_model-00001-of-00002.safetensors",
-        "transformers/diffusion_pytorch_model-00002-of-00002.safetensors"}
-    ckpt = check_student(student_checkpoint(tmp_path))
+        "transformers/diffusion_pytorch_model-00002-of-00002.safetensors",
+        "decoder.safetensors"}                   # its tiny decoder (`--decoder tiny`; tests/test_tiny_decoder.py)
+    folder = student_checkpoint(tmp_path)
+    assert (folder / "decoder.safetensors").is_file()
+    ckpt = check_student(folder)
     assert ckpt.config.name == "lingbot-fast-world" and list(ckpt.experts) == ["fast"]
     assert ckpt.config.realtime.chunk == 3 and ckpt.config.realtime.window == 9
 
