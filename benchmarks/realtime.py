@@ -190,39 +190,30 @@ def main() -> None:
     common = dict(device=device, dtype=dtype, vae=wan, h=h, w=w)
     warm14 = -(-big.realtime.window // big.realtime.chunk) + 1            # window full, then one more
     fast_window = dict(window=9, sink=3) if not args.smoke else dict(window=9, sink=3)
-    variants = {
-        "eager-upstream": lambda: run_variant("eager-upstream", big, decoder=wan, chunks=max(chunks // 2, 2),
-                                              warmup=warm14, fuse=False, cache_cls=CloneShiftCache, **common),
-        "exact": lambda: run_variant("exact", big, decoder=wan, chunks=chunks, warmup=warm14, **common),
-        "fast": lambda: run_variant("fast", big, decoder=tae, chunks=chunks, warmup=4, quant="fp8",
-                                    attention="8bit", **fast_window, **common),
-        "fast-1step": lambda: run_variant("fast-1step", big, decoder=tae, chunks=chunks, warmup=4, quant="fp8",
-                                          attention="8bit", steps=1, **fast_window, **common),
-        "1.3b": lambda: run_variant("1.3b", small, decoder=wan, chunks=chunks, warmup=warm14, **common),
-        "1.3b-fast": lambda: run_variant("1.3b-fast", small, decoder=tae, chunks=chunks, warmup=4, quant="fp8",
-                                         attention="8bit", **fast_window, **common),
-        "1.3b-1step": lambda: run_variant("1.3b-1step", small, decoder=tae, chunks=chunks, warmup=4, quant="fp8",
-                                          attention="8bit", steps=1, **fast_window, **common),
-        "fast-graphs": lambda: run_variant("fast-graphs", big, decoder=tae, chunks=chunks, warmup=4, quant="fp8",
-                                           attention="8bit", graphs=True, **fast_window, **common),
-        "fast-1step-graphs": lambda: run_variant("fast-1step-graphs", big, decoder=tae, chunks=chunks, warmup=4,
-                                                 quant="fp8", attention="8bit", steps=1, graphs=True, **fast_window,
-                                                 **common),
-        "1.3b-fast-graphs": lambda: run_variant("1.3b-fast-graphs", small, decoder=tae, chunks=chunks, warmup=4,
-                                                quant="fp8", attention="8bit", graphs=True, **fast_window, **common),
-        "1.3b-1step-graphs": lambda: run_variant("1.3b-1step-graphs", small, decoder=tae, chunks=chunks, warmup=4,
-                                                 quant="fp8", attention="8bit", steps=1, graphs=True, **fast_window,
-                                                 **common),
-        "fast-w7": lambda: run_variant("fast-w7", big, decoder=tae, chunks=chunks, warmup=4, quant="fp8",
-                                       attention="8bit", window=7, sink=3, **common),
-        "fast-w7-graphs": lambda: run_variant("fast-w7-graphs", big, decoder=tae, chunks=chunks, warmup=4,
-                                              quant="fp8", attention="8bit", window=7, sink=3, graphs=True, **common),
-        "graphs-parity": lambda: graphs_parity(small, decoder=tae, chunks=4 if args.smoke else 8, quant="fp8",
-                                               attention="8bit", **fast_window, **common),
-        "long": lambda: run_variant("long", small, decoder=tae, chunks=(10 if args.smoke else args.long) - 4,
-                                    warmup=4, quant="fp8", attention="8bit", steps=1, keep_latency=True,
-                                    **fast_window, **common),
+    fast = dict(decoder=tae, warmup=4, quant="fp8", attention="8bit", **common)     # the fast settings
+    w9, w7 = fast_window, dict(window=7, sink=3)
+    # name -> (model, settings): every row is `run_variant(name, model, chunks=chunks, **settings)`
+    rows = {
+        "eager-upstream": (big, dict(decoder=wan, warmup=warm14, fuse=False, cache_cls=CloneShiftCache,
+                                     chunks=max(chunks // 2, 2), **common)),
+        "exact": (big, dict(decoder=wan, warmup=warm14, **common)),
+        "fast": (big, dict(**fast, **w9)),
+        "fast-1step": (big, dict(**fast, **w9, steps=1)),
+        "1.3b": (small, dict(decoder=wan, warmup=warm14, **common)),
+        "1.3b-fast": (small, dict(**fast, **w9)),
+        "1.3b-1step": (small, dict(**fast, **w9, steps=1)),
+        "fast-w7": (big, dict(**fast, **w7)),
+        "long": (small, dict(**fast, **w9, steps=1, keep_latency=True,
+                             chunks=(10 if args.smoke else args.long) - 4)),
     }
+    for name in ("fast", "fast-1step", "1.3b-fast", "1.3b-1step", "fast-w7"):   # the same with CUDA graphs
+        model, settings = rows[name]
+        rows[f"{name}-graphs"] = (model, dict(settings, graphs=True))
+    variants = {name: (lambda name=name, model=model, settings=settings:
+                       run_variant(name, model, **dict(dict(chunks=chunks), **settings)))
+                for name, (model, settings) in rows.items()}
+    variants["graphs-parity"] = lambda: graphs_parity(small, chunks=4 if args.smoke else 8, **{
+        k: v for k, v in dict(**fast, **w9).items() if k != "warmup"})
     wanted = args.only.split(",") if args.only else list(variants)
     result = {"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name(0) if device.type == "cuda"
               else "cpu", "torch": torch.__version__, "height": h, "width": w,
