@@ -9,9 +9,11 @@ pipelines/realtime.py exactly as `worldstream stream` runs it. Variants, in one 
   fast            fp8 weights, 8-bit self-attention, window 9 / sink 3, TAEHV decoder (random weights), 4 steps
   fast-1step      the same with one denoising step (t = 999) + refresh
   1.3b / 1.3b-fast / 1.3b-1step   the v2 1.3B: bf16 exact; fp8 + 8-bit attention + TAEHV, 4 steps; 1 step
-  long            1.3B fast, 1 step, 500 chunks: per-chunk latency at chunk 500 vs chunk 60
+  long(-graphs)   1.3B fast, 1 step, 500 chunks: per-chunk latency at chunk 500 vs chunk 60
   *-graphs        fast, fast-1step, 1.3b-fast, 1.3b-1step with every chunk forward replayed as a CUDA graph
                   (`--cuda_graphs`, runtime/graphs.py: one launch instead of ~1,000 kernels; same numbers)
+  fast-24gb       the fast settings planned and streamed under a 24 GB cap: FPS, the transfer floor, the planner
+  fast-profile    the fast settings, then one chunk under torch.profiler: GPU time by kernel kind
   fast-w7(-graphs) the fast settings with the smallest window a 4-frame chunk allows beside a sink of 3: 7
                   latent frames (the issue's fast settings allow <= 9): 22 % fewer keys per query
   graphs-parity   the 1.3B fast settings, 8 chunks with and without graphs: the latents must be equal
@@ -42,7 +44,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 from worldstream.models.configs import get_config  # noqa: E402
 from worldstream.models.kv_cache import KVCache  # noqa: E402
 from worldstream.pipelines.realtime import RealtimeSession  # noqa: E402
-from worldstream.testing.random_models import random_inputs, random_runner, random_taehv, random_vae  # noqa: E402
+from worldstream.checkpoints.dit import Checkpoint  # noqa: E402
+from worldstream.runtime.loading import RandomLoader  # noqa: E402
+from worldstream.runtime.planner import Workload  # noqa: E402
+from worldstream.runtime.runner import build_runner  # noqa: E402
+from worldstream.testing.random_models import (EXPERT, RANDOM_ROOT, random_inputs, random_runner,  # noqa: E402
+                                               random_taehv, random_vae)
 
 H, W = 480, 832
 
@@ -95,9 +102,12 @@ def forward_flops(cfg, chunk_tokens: int, keys: int) -> float:
 
 def run_variant(name, cfg, *, device, dtype, decoder, vae, chunks, warmup, steps=None, window=-1, sink=None,
                 quant=None, attention="sdpa", fuse=True, cache_cls=None, h=H, w=W, keep_latency=False,
-                graphs=False):
+                graphs=False, vram=None, profile=False):
     t0 = time.perf_counter()
-    runner = random_runner(cfg, device, dtype, quant, attention, fuse, graphs=graphs)
+    if vram is None:
+        runner = random_runner(cfg, device, dtype, quant, attention, fuse, graphs=graphs)
+    else:   # planned and streamed as `worldstream stream --vram` plans it (the KV cache budgeted beside the weights)
+        runner = budget_runner(cfg, device, dtype, quant, attention, vram, h, w, window)
     image, context = random_inputs(cfg, h, w)
     s = RealtimeSession(runner, cfg, vae, decoder, context, image, h, w, device=device, dtype=dtype,
                         steps=steps, window=window, sink=sink, timing=True)
@@ -145,6 +155,18 @@ def run_variant(name, cfg, *, device, dtype, decoder, vae, chunks, warmup, steps
                graphs=dict(runner.graphs.stats) if runner.graphs is not None else None)
     if keep_latency:
         out["latency_by_chunk"] = [(r["chunk"], r["wall"]) for r in rows]
+    if profile:
+        out["profile"] = profile_chunk(s, keys)
+    if vram is not None:
+        p = runner.plan
+        bw = pinned_bandwidth(device)
+        streamed = len(p.streamed) * p.block_bytes
+        out.update(vram_GB=vram / 1e9, predicted_forward_s=p.step_seconds, resident_blocks=len(p.resident),
+                   streamed_blocks=len(p.streamed), prefetch=p.prefetch, streamed_GB_per_forward=streamed / 1e9,
+                   pinned_h2d_GBps=bw / 1e9, transfer_floor_chunk_s=n_fw * streamed / bw,
+                   measured_forward_s=statistics.mean(out["forward_s"] + [out["refresh_s"]]),
+                   plan=p.describe(), peak_reserved_GB=torch.cuda.max_memory_reserved() / 1e9)
+        torch.cuda.set_per_process_memory_fraction(1.0)
     s.close()
     del s, runner
     if device.type == "cuda":
@@ -152,6 +174,67 @@ def run_variant(name, cfg, *, device, dtype, decoder, vae, chunks, warmup, steps
         torch.cuda.reset_peak_memory_stats()
     print(json.dumps({k: v for k, v in out.items() if k != "latency_by_chunk"}), flush=True)
     return out
+
+
+KERNEL_KINDS = (("fp8 GEMM", ("f8", "e4m3", "scaled_mm", "fp8gemm")), ("attention", ("flash", "fmha", "attn", "sdpa")),
+                ("quantize", ("quant", "amax", "triton_red", "triton_per")), ("GEMM", ("gemm", "nvjet", "cutlass", "sm90_xmma")),
+                ("copy", ("memcpy", "copy")))
+
+
+def profile_chunk(s, keys) -> dict:
+    """One more chunk under torch.profiler: GPU time by kernel (top 30) and by kind, to say where a forward's time
+    goes beyond its FLOP floor (the issue's "fp8 barely helps: find out why")."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = s.device.type == "cuda"      # (on the CPU, the smoke test: operators' CPU time instead of kernels)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        s.step(keys={"w"})
+        sync()
+    kernels = {}
+    for e in prof.events():
+        if e.device_type.name == ("CUDA" if cuda else "CPU"):
+            k = kernels.setdefault(e.name, [0.0, 0])
+            k[0] += e.device_time_total if cuda else e.self_cpu_time_total
+            k[1] += 1
+    kinds = {}
+    for name, (us, n) in kernels.items():
+        low = name.lower()
+        kind = next((k for k, pats in KERNEL_KINDS if any(p in low for p in pats)), "elementwise/other")
+        kinds[kind] = kinds.get(kind, 0.0) + us / 1e6
+    top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:30]
+    return dict(by_kind_s=kinds, total_s=sum(kinds.values()), kernels=sum(n for _, n in kernels.values()),
+                top=[(name[:160], us / 1e6, n) for name, (us, n) in top])
+
+
+def budget_runner(cfg, device, dtype, quant, attention, vram, h, w, window):
+    """The random-weight student planned under `vram` bytes with its KV cache (pipelines/stream.py load_student's
+    workload), the process capped at `vram` (a smaller GPU, simulated)."""
+    rt = cfg.realtime
+    held = rt.window if window == -1 else window
+    vf = cfg.latents.video_frames
+    workload = Workload(frames=vf(rt.chunk), height=h, width=w, guidance=False, keys=cfg.tokens(vf(held), h, w),
+                        cache_bytes=cfg.kv_cache_bytes(held, h, w, torch.finfo(dtype).bits // 8))
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.set_per_process_memory_fraction(min(1.0, vram / torch.cuda.get_device_properties(device).total_memory))
+        torch.cuda.reset_peak_memory_stats()
+    ckpt = Checkpoint(RANDOM_ROOT, "random", {EXPERT: RANDOM_ROOT}, cfg)
+    return build_runner(ckpt, device, dtype, workload, vram=vram, loader=RandomLoader(cfg, quant=quant),
+                        quant=quant, attention=attention)
+
+
+def pinned_bandwidth(device) -> float:
+    """Host (pinned) -> device copy rate in bytes/s, 1 GiB copies."""
+    host = torch.empty(2**30, dtype=torch.uint8, pin_memory=True)
+    dev = torch.empty_like(host, device=device)
+    dev.copy_(host, non_blocking=True)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(5):
+        dev.copy_(host, non_blocking=True)
+    torch.cuda.synchronize()
+    return 5 * 2**30 / (time.perf_counter() - t0)
 
 
 def matmul_tflops(device) -> float | None:
@@ -174,7 +257,8 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny configs on the CPU (the script runs)")
     ap.add_argument("--chunks", type=int, default=20, help="measured chunks per variant (steady state)")
     ap.add_argument("--long", type=int, default=500, help="chunks of the long-run latency check")
-    ap.add_argument("--only", default=None, help="comma list of variants")
+    ap.add_argument("--only", default=None, help="comma list of variants, each NAME or NAME:CHUNKS (its measured "
+                                                  "chunks, instead of --chunks)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "realtime.json"))
     args = ap.parse_args()
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
@@ -203,18 +287,29 @@ def main() -> None:
         "1.3b-fast": (small, dict(**fast, **w9)),
         "1.3b-1step": (small, dict(**fast, **w9, steps=1)),
         "fast-w7": (big, dict(**fast, **w7)),
+        # weights partly streamed: the fast settings under a 24 GB cap (the exact settings' window of 18 latent
+        # frames is a 23 GB KV cache at 480p: no room for a block slot beside it)
+        "fast-24gb": (big, dict(**fast, **w9, **({} if args.smoke else dict(vram=24e9)))),
         "long": (small, dict(**fast, **w9, steps=1, keep_latency=True,
                              chunks=(10 if args.smoke else args.long) - 4)),
+        "long-graphs": (small, dict(**fast, **w9, steps=1, keep_latency=True, graphs=True,
+                                    chunks=(10 if args.smoke else args.long) - 4)),
     }
+    rows["fast-profile"] = (big, dict(**fast, **w9, profile=True))
     for name in ("fast", "fast-1step", "1.3b-fast", "1.3b-1step", "fast-w7"):   # the same with CUDA graphs
         model, settings = rows[name]
         rows[f"{name}-graphs"] = (model, dict(settings, graphs=True))
+    wanted = [item.split(":") for item in args.only.split(",")] if args.only else [[name] for name in rows]
+    counts = {item[0]: (2 if args.smoke else int(item[1])) for item in wanted if len(item) == 2}
     variants = {name: (lambda name=name, model=model, settings=settings:
-                       run_variant(name, model, **dict(dict(chunks=chunks), **settings)))
+                       run_variant(name, model, **dict(dict(chunks=counts.get(name, chunks)), **settings)))
                 for name, (model, settings) in rows.items()}
     variants["graphs-parity"] = lambda: graphs_parity(small, chunks=4 if args.smoke else 8, **{
         k: v for k, v in dict(**fast, **w9).items() if k != "warmup"})
-    wanted = args.only.split(",") if args.only else list(variants)
+    wanted = [item[0] for item in wanted] if args.only else list(variants)
+    unknown = [name for name in wanted if name not in variants]
+    if unknown:
+        raise SystemExit(f"--only: unknown variants {unknown}; known: {', '.join(variants)}")
     result = {"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name(0) if device.type == "cuda"
               else "cpu", "torch": torch.__version__, "height": h, "width": w,
               "bf16_matmul_TFLOPs": matmul_tflops(device), "rows": []}
